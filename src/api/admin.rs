@@ -1,0 +1,326 @@
+//! The admin API: users, keys, usage across users, analytics, export, config reload.
+//! Every route needs `Authorization: Bearer <admin token>`; with no token configured the admin
+//! API is off.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::usage::{daily_rows, records_page};
+use super::{bounded, query_map, read_json};
+use crate::app::App;
+use crate::clock::{Month, rfc3339};
+use crate::error::{ApiError, json_response};
+use crate::identity::{IdentityError, valid_user_id};
+use crate::ledger::record::parse_id;
+use crate::ledger::store::RecordFilter;
+use crate::ledger::{RecordKind, Totals};
+use crate::metering::observer::BoxError;
+use crate::proxy::body::ProxyBody;
+
+fn check_token(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let rt = app.live.load();
+    let Some(expected) = &rt.admin_token else {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "PERMISSION_DENIED", "admin_off", "The admin API is off: set the admin token environment variable."));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    // Compare digests so the comparison time does not depend on the token's content.
+    let ok = given.is_some_and(|g| Sha256::digest(g.as_bytes()) == Sha256::digest(expected.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "admin_token", "Missing or invalid admin token."))
+    }
+}
+
+fn identity_error(e: IdentityError) -> ApiError {
+    match e {
+        IdentityError::Exists(id) => ApiError::new(StatusCode::CONFLICT, "ALREADY_EXISTS", "exists", format!("User {id} already exists.")),
+        IdentityError::NoUser(id) => ApiError::not_found(format!("User {id} not found.")),
+        IdentityError::NoKey(id) => ApiError::not_found(format!("Key {id} not found.")),
+        IdentityError::BadId => ApiError::bad_request(e.to_string()),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("storage: {e}"))
+}
+
+/// Routes `/admin/*`.
+pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let path = req.uri().path().to_string();
+    if path == "/admin/dashboard" {
+        return Err(ApiError::not_found("The admin dashboard is not built yet."));
+    }
+    check_token(app, &req)?;
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (method, segs.as_slice()) {
+        (Method::POST, ["admin", "users"]) => create_user(app, req).await,
+        (Method::GET, ["admin", "users", id]) => {
+            let u = app.registry.user(id).ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
+            let mut v = u.to_json();
+            v["current"] = super::usage::current(app, &u);
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        (Method::PATCH, ["admin", "users", id]) => {
+            let id = id.to_string();
+            let body = read_json(req).await?;
+            let tier = body.get("tier").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
+            known_tier(app, tier)?;
+            let u = app.registry.set_tier(&id, tier).map_err(identity_error)?;
+            app.store.flush().await.map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &u.to_json()))
+        }
+        (Method::DELETE, ["admin", "users", id]) => {
+            let id = id.to_string();
+            app.registry.delete_user(&id).map_err(identity_error)?;
+            let removed = app.recorder.delete_user(&id).await.map_err(storage)?;
+            app.store.flush().await.map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &json!({"deleted": id, "records_deleted": removed})))
+        }
+        (Method::POST, ["admin", "users", id, "keys"]) => {
+            let (key, key_id) = app.registry.create_key(id, app.clock.now()).map_err(identity_error)?;
+            app.store.flush().await.map_err(storage)?;
+            Ok(json_response(StatusCode::CREATED, &json!({"key": key, "key_id": key_id, "user_id": id})))
+        }
+        (Method::GET, ["admin", "users", id, "keys"]) => {
+            let keys = app.registry.list_keys(id).map_err(identity_error)?;
+            Ok(json_response(StatusCode::OK, &json!({"data": keys})))
+        }
+        (Method::DELETE, ["admin", "keys", key_id]) => {
+            app.registry.revoke(key_id, app.clock.now()).map_err(identity_error)?;
+            app.store.flush().await.map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &json!({"revoked": key_id})))
+        }
+        (Method::GET, ["admin", "usage"]) => admin_usage(app, &req),
+        (Method::GET, ["admin", "analytics", "daily"]) => {
+            let days = bounded(&query_map(&req), "days", 30, 366)?;
+            Ok(json_response(StatusCode::OK, &daily_rows(app, None, days)?))
+        }
+        (Method::GET, ["admin", "analytics", "summary"]) => {
+            let m = month_param(app, &req)?;
+            let (t, users) = app.store.month_summary(m).map_err(storage)?;
+            let mut v = t.to_json();
+            v["month"] = json!(m.to_string());
+            v["revenue"] = v["cost"].clone();
+            v["active_users"] = json!(users);
+            v["records"] = json!(t.records);
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        (Method::GET, ["admin", "analytics", "models"]) => {
+            let m = month_param(app, &req)?;
+            let rows = app.store.month_models(m).map_err(storage)?;
+            let data: Vec<Value> = rows.iter().map(|(model, t)| group_row("model", model, t)).collect();
+            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "data": data})))
+        }
+        (Method::GET, ["admin", "analytics", "top-users"]) => {
+            let q = query_map(&req);
+            let m = month_param(app, &req)?;
+            let limit = bounded(&q, "limit", 10, 1000)?;
+            let by = q.get("by").map(String::as_str).unwrap_or("cost");
+            let mut rows = app.store.month_users(m).map_err(storage)?;
+            match by {
+                "cost" => rows.sort_by(|a, b| b.1.cost.cmp(&a.1.cost)),
+                "tokens" => rows.sort_by(|a, b| b.1.tokens.cmp(&a.1.tokens)),
+                "messages" => rows.sort_by(|a, b| b.1.messages.cmp(&a.1.messages)),
+                _ => return Err(ApiError::bad_request("by must be cost, tokens or messages")),
+            }
+            rows.truncate(limit);
+            let data: Vec<Value> = rows.iter().map(|(u, t)| group_row("user_id", u, t)).collect();
+            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "by": by, "data": data})))
+        }
+        (Method::GET, ["admin", "analytics", "tags"]) => {
+            let q = query_map(&req);
+            let m = month_param(app, &req)?;
+            let name = q.get("name").ok_or_else(|| ApiError::bad_request("name is required"))?;
+            let limit = bounded(&q, "limit", 10, 1000)?;
+            let mut rows = app.store.month_tag(m, name).map_err(storage)?;
+            rows.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(b.1.tokens.cmp(&a.1.tokens)));
+            rows.truncate(limit);
+            let data: Vec<Value> = rows.iter().map(|(v, t)| group_row("value", v, t)).collect();
+            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "name": name, "data": data})))
+        }
+        (Method::GET, ["admin", "export"]) => export(app, &req),
+        (Method::POST, ["admin", "reload"]) => {
+            let res = app.live.reload(app.clock.now());
+            let st = app.live.status();
+            let body = json!({"ok": res.is_ok(), "loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error});
+            Ok(json_response(if res.is_ok() { StatusCode::OK } else { StatusCode::BAD_REQUEST }, &body))
+        }
+        (Method::GET, ["admin", "config", "status"]) => {
+            let st = app.live.status();
+            Ok(json_response(StatusCode::OK, &json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error})))
+        }
+        (Method::POST, ["admin", "retention", "run"]) => {
+            let rt = app.live.load();
+            let cutoff = Month::of(app.clock.now()).minus(rt.config.storage.retention_months).start();
+            let n = app.recorder.retention(cutoff).await.map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &json!({"deleted": n, "cutoff": rfc3339(cutoff)})))
+        }
+        _ => Err(ApiError::not_found(format!("No admin route for {path}."))),
+    }
+}
+
+fn group_row(label: &str, name: &str, t: &Totals) -> Value {
+    json!({label: name, "requests": t.records, "messages": t.messages, "tokens": t.tokens, "bytes": t.bytes, "cost": t.cost.normalize().to_string()})
+}
+
+fn known_tier(app: &App, tier: &str) -> Result<(), ApiError> {
+    if app.live.load().tiers.contains_key(tier) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("Unknown tier {tier}.")))
+    }
+}
+
+fn month_param(app: &App, req: &Request<Incoming>) -> Result<Month, ApiError> {
+    match query_map(req).get("month") {
+        Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM")),
+        None => Ok(Month::of(app.clock.now())),
+    }
+}
+
+async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let body = read_json(req).await?;
+    let id = body.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must have an id."))?;
+    if !valid_user_id(id) {
+        return Err(ApiError::bad_request("User ids are 1 to 64 characters of a-z A-Z 0-9 _ - ."));
+    }
+    let tier = body.get("tier").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must have a tier."))?;
+    known_tier(app, tier)?;
+    let email = body.get("email").and_then(Value::as_str);
+    let now = app.clock.now();
+    let u = app.registry.create_user(id, tier, email, now, Month::of(now)).map_err(identity_error)?;
+    app.store.flush().await.map_err(storage)?;
+    Ok(json_response(StatusCode::CREATED, &u.to_json()))
+}
+
+fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let q = query_map(req);
+    let limit = bounded(&q, "limit", 50, 500)?;
+    let time = |name: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+        match q.get(name).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => {
+                if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+                    return Ok(Some(t.with_timezone(&chrono::Utc)));
+                }
+                chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                    .ok()
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|d| Some(d.and_utc()))
+                    .ok_or_else(|| ApiError::bad_request(format!("{name} must be RFC 3339 or YYYY-MM-DD")))
+            }
+        }
+    };
+    let f = RecordFilter {
+        user_id: q.get("user_id").filter(|v| !v.is_empty()).cloned(),
+        kind: match q.get("type").filter(|v| !v.is_empty()) {
+            Some(t) => Some(RecordKind::parse(t).ok_or_else(|| ApiError::bad_request("type must be message_sent, ai_response or file_upload"))?),
+            None => None,
+        },
+        from: time("from")?,
+        to: time("to")?,
+        before: match q.get("cursor").filter(|c| !c.is_empty()) {
+            Some(c) => Some(parse_id(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
+            None => None,
+        },
+    };
+    Ok(json_response(StatusCode::OK, &records_page(app, &f, limit)?))
+}
+
+/// Streams a month of records as CSV or JSON lines, in bounded memory: a blocking task walks
+/// the ledger and sends chunks through a small channel; a slow client slows the walk.
+fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let q = query_map(req);
+    let m = month_param(app, req)?;
+    let csv = match q.get("format").map(String::as_str).unwrap_or("csv") {
+        "csv" => true,
+        "jsonl" => false,
+        _ => return Err(ApiError::bad_request("format must be csv or jsonl")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = String::with_capacity(64 * 1024);
+        if csv {
+            buf.push_str("id,user_id,type,tokens,messages,bytes,cost,metadata,created_at\n");
+        }
+        let mut open = true;
+        let res = store.for_each_record_in(m, |raw| {
+            let Ok(v) = serde_json::from_slice::<Value>(raw) else { return true };
+            if csv {
+                csv_row(&mut buf, &v);
+            } else {
+                buf.push_str(&String::from_utf8_lossy(raw));
+                buf.push('\n');
+            }
+            if buf.len() >= 60 * 1024 {
+                let chunk = Bytes::from(std::mem::take(&mut buf));
+                open = tx.blocking_send(Ok(Frame::data(chunk))).is_ok();
+            }
+            open
+        });
+        if let Err(e) = res {
+            let _ = tx.blocking_send(Err(Box::new(e)));
+            return;
+        }
+        if open && !buf.is_empty() {
+            let _ = tx.blocking_send(Ok(Frame::data(Bytes::from(buf))));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut resp = Response::new(ProxyBody::stream(StreamBody::new(stream)));
+    let (ctype, ext) = if csv { ("text/csv; charset=utf-8", "csv") } else { ("application/x-ndjson", "jsonl") };
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"usage-{m}.{ext}\"")) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+fn csv_field(buf: &mut String, s: &str) {
+    if s.contains([',', '"', '\n', '\r']) {
+        buf.push('"');
+        buf.push_str(&s.replace('"', "\"\""));
+        buf.push('"');
+    } else {
+        buf.push_str(s);
+    }
+}
+
+fn csv_row(buf: &mut String, v: &Value) {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0).to_string();
+    let fields = [
+        s("id"),
+        s("user_id"),
+        s("type"),
+        n("tokens"),
+        n("messages"),
+        n("bytes"),
+        s("cost"),
+        v.get("metadata").map(Value::to_string).unwrap_or_else(|| "{}".into()),
+        s("created_at"),
+    ];
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        csv_field(buf, f);
+    }
+    buf.push('\n');
+}

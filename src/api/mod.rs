@@ -1,0 +1,88 @@
+//! The gateway's own routes: the usage API (caller's key), the admin API (admin token),
+//! health and metrics.
+
+pub mod admin;
+pub mod usage;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::error::{ApiError, json_response};
+use crate::proxy::body::ProxyBody;
+
+/// Largest JSON body the admin API reads.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// Routes a request that is not proxied.
+pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path().to_string();
+    let result = match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/healthz") => Ok(health(&app)),
+        (_, p) if p.starts_with("/api/usage/") => usage::route(&app, req).await,
+        (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
+        _ => Err(ApiError::not_found(format!("No route for {path}."))),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+fn health(app: &App) -> Response<ProxyBody> {
+    let stats = &app.recorder.stats;
+    let degraded = stats.degraded.load(std::sync::atomic::Ordering::Relaxed);
+    let last_error = stats.last_error.lock().ok().and_then(|g| g.clone());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "status": if degraded { "degraded" } else { "ok" },
+            "storage": {
+                "queued_records": stats.queued.load(std::sync::atomic::Ordering::Relaxed),
+                "last_error": last_error,
+            },
+        }),
+    )
+}
+
+/// The query string as a map (first value wins).
+pub fn query_map(req: &Request<Incoming>) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    if let Some(q) = req.uri().query() {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, _) = pair.split_once('=').unwrap_or((pair, ""));
+            if let Some(v) = crate::proxy::headers::query_param(q, k) {
+                m.entry(k.to_string()).or_insert(v);
+            }
+        }
+    }
+    m
+}
+
+/// Reads a small JSON body.
+pub async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request("The request body could not be read or is too large."))?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
+}
+
+/// Parses a positive integer query parameter with a default and a maximum.
+pub fn bounded(q: &HashMap<String, String>, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(|n| n.min(max))
+            .ok_or_else(|| ApiError::bad_request(format!("{name} must be a positive integer"))),
+    }
+}

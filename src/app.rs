@@ -1,0 +1,86 @@
+//! The shared state of a running gateway, and how it is assembled.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::clock::{Month, SharedClock};
+use crate::config::Config;
+use crate::identity::{IdentityError, Registry, User};
+use crate::ledger::{Record, RecordIds, Recorder, RecorderHandle, SledStore, StoreError, Totals};
+use crate::proxy::client::{UpstreamClient, build as build_client};
+use crate::proxy::upload::UploadSessions;
+use crate::runtime::{Live, Runtime, RuntimeError};
+
+/// Errors of assembling the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config or the environment is not usable.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Storage could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Users and keys could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct App {
+    /// The live config snapshot.
+    pub live: Arc<Live>,
+    /// Users and keys.
+    pub registry: Registry,
+    /// Where records go.
+    pub recorder: RecorderHandle,
+    /// The store (reads for the APIs).
+    pub store: SledStore,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Record id generator.
+    pub ids: RecordIds,
+    /// The pooled upstream client.
+    pub upstream: UpstreamClient,
+    /// Upload sessions started here.
+    pub uploads: UploadSessions,
+    /// Announces the user id after each change of their usage (for live updates).
+    pub usage_events: broadcast::Sender<Arc<str>>,
+}
+
+impl App {
+    /// Opens storage, loads users, keys and this month's counters, and builds the runtime.
+    /// The returned recorder must be spawned.
+    pub fn open(config: Config, config_path: Option<PathBuf>, clock: SharedClock) -> Result<(Arc<App>, Recorder), StartError> {
+        let now = clock.now();
+        let rt = Runtime::build(config, None, now)?;
+        let store = SledStore::open(&rt.config.storage.path)?;
+        let registry = Registry::load(store.clone(), Month::of(now))?;
+        let upstream = build_client(&rt.config.upstream);
+        let (recorder, handle) = Recorder::new(store.clone());
+        let (usage_events, _) = broadcast::channel(1024);
+        let app = App {
+            live: Arc::new(Live::new(rt, config_path)),
+            registry,
+            recorder: handle,
+            store,
+            clock,
+            ids: RecordIds::new(),
+            upstream,
+            uploads: UploadSessions::default(),
+            usage_events,
+        };
+        Ok((Arc::new(app), recorder))
+    }
+
+    /// Settles one record: counters now, ledger later (batched by the recorder).
+    /// `reserved_message` says the record's message was already counted at admission.
+    pub fn settle_record(&self, user: &User, rec: Record, reserved_message: bool) {
+        user.usage.add(rec.month(), &Totals::of(&rec), reserved_message);
+        self.recorder.record(rec);
+        // Nobody listening is the common case; that is not an error.
+        let _ = self.usage_events.send(user.id.clone());
+    }
+}

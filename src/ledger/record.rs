@@ -1,0 +1,217 @@
+//! One usage record: the unit of billing, written once and never changed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use crate::clock::{Month, rfc3339_ms};
+
+/// What a record bills for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A request admitted and answered (messages = 1), or refused upstream (messages = 0).
+    MessageSent,
+    /// The tokens of one model response.
+    AiResponse,
+    /// File bytes sent upstream.
+    FileUpload,
+}
+
+impl RecordKind {
+    /// The wire name (`message_sent`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::MessageSent => "message_sent",
+            RecordKind::AiResponse => "ai_response",
+            RecordKind::FileUpload => "file_upload",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "message_sent" => Some(RecordKind::MessageSent),
+            "ai_response" => Some(RecordKind::AiResponse),
+            "file_upload" => Some(RecordKind::FileUpload),
+            _ => None,
+        }
+    }
+}
+
+/// A usage record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Unique, time-sortable id.
+    pub id: u128,
+    /// The user billed.
+    pub user_id: Arc<str>,
+    /// What is billed.
+    pub kind: RecordKind,
+    /// Tokens.
+    pub tokens: u64,
+    /// Messages.
+    pub messages: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Exact cost.
+    pub cost: Decimal,
+    /// Details (model, token breakdown, status, tags, ...).
+    pub metadata: Map<String, Value>,
+    /// When the usage happened.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Record {
+    /// The month the record counts in.
+    pub fn month(&self) -> Month {
+        Month::of(self.created_at)
+    }
+
+    /// Bytes of response streamed back, from the metadata.
+    pub fn response_bytes(&self) -> u64 {
+        self.metadata
+            .get("response_bytes")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// The model named in the metadata, if any.
+    pub fn model(&self) -> Option<&str> {
+        self.metadata.get("model").and_then(Value::as_str)
+    }
+
+    /// The id as rendered in APIs: 32 lowercase hex digits (sorts as the time it encodes).
+    pub fn id_string(&self) -> String {
+        format_id(self.id)
+    }
+
+    /// The JSON form used by the APIs and stored on disk.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::with_capacity(9);
+        m.insert("id".into(), Value::String(self.id_string()));
+        m.insert("user_id".into(), Value::String(self.user_id.to_string()));
+        m.insert("type".into(), Value::String(self.kind.as_str().into()));
+        m.insert("tokens".into(), self.tokens.into());
+        m.insert("messages".into(), self.messages.into());
+        m.insert("bytes".into(), self.bytes.into());
+        m.insert("cost".into(), Value::String(self.cost.normalize().to_string()));
+        m.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        m.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at)));
+        Value::Object(m)
+    }
+
+    /// Parses the stored JSON form back; `None` when it is not a record.
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let cost: Decimal = v.get("cost")?.as_str()?.parse().ok()?;
+        Some(Record {
+            id: parse_id(v.get("id")?.as_str()?)?,
+            user_id: Arc::from(v.get("user_id")?.as_str()?),
+            kind: RecordKind::parse(v.get("type")?.as_str()?)?,
+            tokens: v.get("tokens")?.as_u64()?,
+            messages: v.get("messages")?.as_u64()?,
+            bytes: v.get("bytes")?.as_u64()?,
+            cost,
+            metadata: v.get("metadata")?.as_object()?.clone(),
+            created_at: DateTime::parse_from_rfc3339(v.get("created_at")?.as_str()?)
+                .ok()?
+                .with_timezone(&Utc),
+        })
+    }
+}
+
+/// Renders a record id.
+pub fn format_id(id: u128) -> String {
+    format!("{id:032x}")
+}
+
+/// Parses a rendered record id.
+pub fn parse_id(s: &str) -> Option<u128> {
+    if s.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(s, 16).ok()
+}
+
+/// The time encoded in a record id.
+pub fn id_time(id: u128) -> DateTime<Utc> {
+    let ms = (id >> 80) as i64;
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// Issues record ids: 48 bits of milliseconds, 16 random bits per process, 64-bit counter.
+/// Unique across processes and restarts; ordered by time, and within a process by issue order.
+#[derive(Debug)]
+pub struct RecordIds {
+    node: u128,
+    seq: AtomicU64,
+}
+
+impl RecordIds {
+    /// A generator with a random node id.
+    pub fn new() -> Self {
+        let mut b = [0u8; 10];
+        // Falls back to the time if the OS has no randomness; ids stay unique in practice.
+        if getrandom::fill(&mut b).is_err() {
+            let t = Utc::now().timestamp_nanos_opt().unwrap_or(0) as u128;
+            b.copy_from_slice(&t.to_be_bytes()[6..]);
+        }
+        let node = u16::from_be_bytes([b[0], b[1]]) as u128;
+        let seq = u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]) >> 1;
+        Self { node, seq: AtomicU64::new(seq) }
+    }
+
+    /// The next id, stamped with `at`.
+    pub fn next(&self, at: DateTime<Utc>) -> u128 {
+        let ms = (at.timestamp_millis().max(0) as u128) & ((1 << 48) - 1);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) as u128;
+        (ms << 80) | (self.node << 64) | seq
+    }
+}
+
+impl Default for RecordIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_time_ordered() {
+        let ids = RecordIds::new();
+        let t0 = Utc::now();
+        let a = ids.next(t0);
+        let b = ids.next(t0);
+        let c = ids.next(t0 + chrono::Duration::milliseconds(1));
+        assert!(a != b && b != c);
+        assert!(c > a && c > b);
+        assert_eq!(parse_id(&format_id(a)), Some(a));
+        assert_eq!(id_time(a).timestamp_millis(), t0.timestamp_millis());
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let r = Record {
+            id: RecordIds::new().next(Utc::now()),
+            user_id: Arc::from("u1"),
+            kind: RecordKind::AiResponse,
+            tokens: 1644,
+            messages: 0,
+            bytes: 0,
+            cost: "0.0011912".parse().unwrap(),
+            metadata: serde_json::json!({"model": "gemini-2.5-flash", "response_bytes": 10})
+                .as_object()
+                .unwrap()
+                .clone(),
+            created_at: DateTime::parse_from_rfc3339("2026-11-28T10:00:00.123Z").unwrap().with_timezone(&Utc),
+        };
+        let back = Record::from_json(&r.to_json()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(r.to_json()["cost"], "0.0011912");
+    }
+}

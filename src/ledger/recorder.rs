@@ -1,0 +1,219 @@
+//! The recorder: a background task that writes records to the store in batches.
+//!
+//! The hot path hands records over a channel and never waits. The task takes whatever has
+//! queued up, writes it as one atomic batch (records plus aggregates), flushes, and repeats: a
+//! record reaches disk within one flush of being handed over, and under load batches grow on
+//! their own. A failing write is retried with backoff, never dropped.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::Record;
+use super::store::{SledStore, StoreError};
+
+/// Largest batch written at once.
+const MAX_BATCH: usize = 20_000;
+
+enum Msg {
+    Record(Box<Record>),
+    Barrier(oneshot::Sender<()>),
+    DeleteUser(String, oneshot::Sender<Result<u64, StoreError>>),
+    Retention(DateTime<Utc>, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// Health of the write path, shown by `/healthz` and metrics.
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    /// Records handed over and not yet on disk.
+    pub queued: AtomicU64,
+    /// Records written since start.
+    pub written: AtomicU64,
+    /// Batches written since start.
+    pub batches: AtomicU64,
+    /// Duration of the last flush, in microseconds.
+    pub last_flush_us: AtomicU64,
+    /// True while writes are failing.
+    pub degraded: AtomicBool,
+    /// The last write error, if writes are failing.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Cheap handle used by the hot path to hand records over.
+#[derive(Clone)]
+pub struct RecorderHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    /// Counters about the write path.
+    pub stats: Arc<RecorderStats>,
+}
+
+impl std::fmt::Debug for RecorderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecorderHandle").finish_non_exhaustive()
+    }
+}
+
+/// Errors of recorder requests.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    /// The recorder task has stopped.
+    #[error("the recorder has stopped")]
+    Stopped,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RecorderHandle {
+    /// Hands a record over; never blocks. Returns false only if the recorder has stopped.
+    pub fn record(&self, r: Record) -> bool {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let ok = self.tx.send(Msg::Record(Box::new(r))).is_ok();
+        if !ok {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!("usage record handed to a stopped recorder");
+        }
+        ok
+    }
+
+    /// Waits until every record handed over before this call is on disk.
+    pub async fn sync(&self) -> Result<(), RecorderError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Barrier(tx)).map_err(|_| RecorderError::Stopped)?;
+        rx.await.map_err(|_| RecorderError::Stopped)
+    }
+
+    /// Deletes a user's usage, after every record handed over before.
+    pub async fn delete_user(&self, user: &str) -> Result<u64, RecorderError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::DeleteUser(user.to_string(), tx))
+            .map_err(|_| RecorderError::Stopped)?;
+        Ok(rx.await.map_err(|_| RecorderError::Stopped)??)
+    }
+
+    /// Deletes records older than `cutoff`, in order with the writes.
+    pub async fn retention(&self, cutoff: DateTime<Utc>) -> Result<u64, RecorderError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Retention(cutoff, tx)).map_err(|_| RecorderError::Stopped)?;
+        Ok(rx.await.map_err(|_| RecorderError::Stopped)??)
+    }
+}
+
+/// The recorder task.
+pub struct Recorder {
+    store: SledStore,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    stats: Arc<RecorderStats>,
+}
+
+impl Recorder {
+    /// Creates the recorder and its handle; run it with [`Recorder::run`].
+    pub fn new(store: SledStore) -> (Recorder, RecorderHandle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(RecorderStats::default());
+        (
+            Recorder { store, rx, stats: stats.clone() },
+            RecorderHandle { tx, stats },
+        )
+    }
+
+    /// Runs until every handle is dropped and the queue is drained.
+    pub async fn run(mut self) {
+        let mut buf: Vec<Record> = Vec::with_capacity(1024);
+        let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
+        while let Some(first) = self.rx.recv().await {
+            let mut op = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Record(r) => buf.push(*r),
+                    Msg::Barrier(b) => barriers.push(b),
+                    other => {
+                        // Admin operations run after the records queued before them.
+                        op = Some(other);
+                        break;
+                    }
+                }
+                if buf.len() >= MAX_BATCH {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            if !buf.is_empty() {
+                self.write(&buf).await;
+                self.stats.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
+                buf.clear();
+            }
+            for b in barriers.drain(..) {
+                let _ = b.send(());
+            }
+            match op {
+                Some(Msg::DeleteUser(user, reply)) => {
+                    let res = self.store.delete_user_usage(&user);
+                    let res = match res {
+                        Ok(n) => self.store.flush().await.map(|_| n),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(res);
+                }
+                Some(Msg::Retention(cutoff, reply)) => {
+                    let res = self.store.delete_records_before(cutoff);
+                    let res = match res {
+                        Ok(n) => self.store.flush().await.map(|_| n),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(res);
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    /// Writes one batch, retrying until it is applied and flushed. Applying twice would double
+    /// the aggregates, so the apply and the flush are retried separately.
+    async fn write(&self, batch: &[Record]) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.write_records(batch) {
+                Ok(()) => break,
+                Err(e) => self.failed(&e, &mut backoff).await,
+            }
+        }
+        loop {
+            let t0 = Instant::now();
+            match self.store.flush().await {
+                Ok(()) => {
+                    self.stats.last_flush_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => self.failed(&e, &mut backoff).await,
+            }
+        }
+        self.stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if self.stats.degraded.swap(false, Ordering::Relaxed) {
+            tracing::warn!("storage writes recovered");
+            if let Ok(mut g) = self.stats.last_error.lock() {
+                *g = None;
+            }
+        }
+    }
+
+    async fn failed(&self, e: &StoreError, backoff: &mut Duration) {
+        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "storage write failed; retrying (nothing is dropped)");
+        self.stats.degraded.store(true, Ordering::Relaxed);
+        if let Ok(mut g) = self.stats.last_error.lock() {
+            *g = Some(e.to_string());
+        }
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,18 @@
+//! gemini-meter: a metering gateway for the Gemini API.
+//!
+//! Requests flow one way: `proxy` identifies the caller (`identity`), admits it (`admission`),
+//! forwards it, meters the response as it streams (`metering`) and settles the usage into the
+//! in-memory counters and the durable ledger (`ledger`). `api` serves the usage and admin routes.
+
+pub mod admission;
+pub mod api;
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod ledger;
+pub mod metering;
+pub mod mock;
+pub mod proxy;
+pub mod runtime;

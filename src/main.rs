@@ -1,0 +1,264 @@
+//! The `gemini-meter` binary: parse the command, build the state, run.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gemini_meter::app::App;
+use gemini_meter::clock::{Month, SharedClock, SystemClock};
+use gemini_meter::config::Config;
+use gemini_meter::mock::{MockOptions, MockServer};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "gemini-meter", version, about = "A metering gateway for the Gemini API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the gateway.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = "config/gemini-meter.toml")]
+        config: PathBuf,
+    },
+    /// Runs the mock upstream and the gateway in one process, with a demo user and key.
+    Demo,
+    /// Runs the built-in mock of the Gemini API.
+    MockUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// Delay before the first byte, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        ttfb_ms: u64,
+        /// Number of chunks in a streamed answer.
+        #[arg(long, default_value_t = 5)]
+        chunks: u32,
+        /// Gap between chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        chunk_interval_ms: u64,
+    },
+    /// Validates a config file.
+    CheckConfig {
+        /// Config file.
+        #[arg(long, default_value = "config/gemini-meter.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::CheckConfig { config } = &cli.command {
+        return check_config(config);
+    }
+    // rustls needs exactly one process-wide provider; ignore "already installed".
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    if matches!(cli.command, Command::Demo) {
+        prepare_demo_env();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gemini-meter: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config } => serve(&config).await,
+            Command::Demo => demo().await,
+            Command::MockUpstream { listen, ttfb_ms, chunks, chunk_interval_ms } => {
+                let opts = MockOptions {
+                    ttfb: Duration::from_millis(ttfb_ms),
+                    chunks,
+                    chunk_interval: Duration::from_millis(chunk_interval_ms),
+                    ..MockOptions::default()
+                };
+                let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+                let addr = listener.local_addr()?;
+                tracing::info!("mock upstream listening on {addr}");
+                tokio::select! {
+                    r = gemini_meter::mock::serve(listener, opts) => r.context("mock upstream failed"),
+                    _ = shutdown_signal() => Ok(()),
+                }
+            }
+            Command::CheckConfig { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gemini-meter: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            println!("{}: valid ({} tiers, {} priced models)", path.display(), cfg.tiers.len(), cfg.pricing.models.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the gateway until a signal, then drains and flushes every record.
+async fn run_gateway(app: Arc<App>, recorder: gemini_meter::ledger::Recorder, clock: SharedClock, reloadable: bool) -> Result<()> {
+    let rt = app.live.load();
+    let listen = rt.config.server.listen;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let recorder_task = tokio::spawn(recorder.run());
+    if reloadable {
+        app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
+        #[cfg(unix)]
+        {
+            let live = app.live.clone();
+            let clock = clock.clone();
+            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the config");
+                        let _ = live.reload(clock.now());
+                    }
+                });
+            }
+        }
+    }
+    spawn_retention(app.clone());
+    tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
+    gemini_meter::proxy::serve(app.clone(), listener, shutdown_signal()).await;
+    tracing::info!("draining done; flushing usage records");
+    app.recorder.sync().await.context("flushing usage records")?;
+    app.store.flush().await.context("flushing storage")?;
+    drop(recorder_task);
+    tracing::info!("stopped cleanly; every usage record is on disk");
+    Ok(())
+}
+
+/// Deletes records older than the retention period once a day.
+fn spawn_retention(app: Arc<App>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+        loop {
+            tick.tick().await;
+            let months = app.live.load().config.storage.retention_months;
+            let cutoff = Month::of(app.clock.now()).minus(months).start();
+            match app.recorder.retention(cutoff).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "retention failed"),
+            }
+        }
+    });
+}
+
+async fn serve(path: &Path) -> Result<()> {
+    let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let clock: SharedClock = Arc::new(SystemClock::from_env().context("GEMINI_METER_FAKE_NOW")?);
+    let (app, recorder) = App::open(cfg, Some(path.to_path_buf()), clock.clone())?;
+    run_gateway(app, recorder, clock, true).await
+}
+
+const DEMO_UPSTREAM_KEY: &str = "demo-upstream-key";
+
+/// Sets the demo's environment before any thread starts.
+fn prepare_demo_env() {
+    let cfg = Config::demo_default();
+    // SAFETY: called from main before the async runtime or any other thread exists.
+    unsafe {
+        if std::env::var_os(&cfg.upstream.api_key_env).is_none() {
+            std::env::set_var(&cfg.upstream.api_key_env, DEMO_UPSTREAM_KEY);
+        }
+        if std::env::var_os(&cfg.server.admin_token_env).is_none()
+            && let Ok(t) = gemini_meter::identity::keys::random_base62(32)
+        {
+            std::env::set_var(&cfg.server.admin_token_env, format!("adm_{t}"));
+        }
+    }
+}
+
+async fn demo() -> Result<()> {
+    let mock = MockServer::start("127.0.0.1:0".parse()?, MockOptions::default()).await.context("starting the mock upstream")?;
+    let mut cfg = Config::demo_default();
+    cfg.upstream.base_url = format!("http://{}", mock.addr).parse()?;
+    cfg.storage.path = PathBuf::from("data-demo");
+    if std::net::TcpListener::bind(cfg.server.listen).is_err() {
+        cfg.server.listen = "127.0.0.1:0".parse()?;
+    }
+    let clock: SharedClock = Arc::new(SystemClock::default());
+    let (app, recorder) = App::open(cfg, None, clock.clone())?;
+    let now = clock.now();
+    if app.registry.user("demo").is_none() {
+        app.registry.create_user("demo", "free", None, now, Month::of(now))?;
+    }
+    let (key, _) = app.registry.create_key("demo", now)?;
+    app.store.flush().await?;
+    let rt = app.live.load();
+    let listen = rt.config.server.listen;
+    // Bind first so the printed address is the real one.
+    let probe = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    let mut cfg2 = (*rt.config).clone();
+    cfg2.server.listen = addr;
+    app.live.store(gemini_meter::runtime::Runtime::build(cfg2, Some(&rt), now)?);
+    println!();
+    println!("gemini-meter demo: a mock Gemini API at http://{} and the gateway at http://{addr}", mock.addr);
+    println!("demo user: demo (tier free), key: {key}");
+    if let Some(t) = &rt.admin_token {
+        println!("admin token: {t}");
+    }
+    println!("try:");
+    println!(
+        "  curl -s http://{addr}/v1beta/models/gemini-2.5-flash:generateContent -H 'x-goog-api-key: {key}' -H 'Content-Type: application/json' -d '{{\"contents\":[{{\"parts\":[{{\"text\":\"Hello\"}}]}}]}}'"
+    );
+    println!("  curl -s http://{addr}/api/usage/current -H 'x-goog-api-key: {key}'");
+    println!();
+    run_gateway(app, recorder, clock, false).await
+}

@@ -1,0 +1,239 @@
+//! The response-body observer: forwards every frame untouched and at once, feeds the bytes to
+//! the scanner, and settles exactly once however the body ends: at its end, on an upstream
+//! error, or when dropped because the client went away (dropping it also drops the upstream
+//! body, which closes the upstream connection so the upstream stops generating).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body::{Body, Frame, SizeHint};
+use serde_json::{Map, Value};
+
+use super::decode::DecodingScanner;
+use super::pricing::{TokenSource, Tokens, response_cost};
+use super::scan::{Format, ScanSummary};
+use crate::app::App;
+use crate::identity::User;
+use crate::ledger::{Record, RecordKind};
+
+/// Boxed error type of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a metered body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The upstream body ended cleanly.
+    Complete,
+    /// The upstream body broke off (reset, truncated chunked body).
+    UpstreamCut,
+    /// The client went away before the end.
+    ClientClosed,
+}
+
+/// Everything needed to settle one metered response.
+#[derive(Debug)]
+pub struct Meter {
+    /// Shared state.
+    pub app: Arc<App>,
+    /// Who pays.
+    pub user: Arc<User>,
+    /// The key used.
+    pub key_id: Arc<str>,
+    /// The requested model id.
+    pub model: String,
+    /// Framing of the response.
+    pub format: Format,
+    /// Upstream HTTP status.
+    pub upstream_status: u16,
+    /// Tags from `x-meter-tag-*` headers.
+    pub tags: Option<Map<String, Value>>,
+    /// Characters of prompt text seen in the request body (for estimates).
+    pub prompt_chars: Arc<AtomicU64>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// When it was admitted.
+    pub admitted_at: DateTime<Utc>,
+}
+
+/// A response body that meters what passes through it.
+pub struct MeteredBody<B> {
+    inner: B,
+    scanner: DecodingScanner,
+    response_bytes: u64,
+    meter: Option<Meter>,
+    /// Set after forwarding an in-band error object of a 2xx stream: the next poll fails, so
+    /// the client's stream ends as an error, not as a clean end.
+    fail_next: bool,
+}
+
+impl<B> MeteredBody<B> {
+    /// Wraps `inner`; `content_encoding` is the response's Content-Encoding.
+    pub fn new(inner: B, content_encoding: Option<&str>, meter: Meter) -> Self {
+        let scanner = DecodingScanner::new(content_encoding, meter.format);
+        Self { inner, scanner, response_bytes: 0, meter: Some(meter), fail_next: false }
+    }
+
+    fn settle(&mut self, ending: Ending) {
+        if let Some(m) = self.meter.take() {
+            settle(m, &self.scanner.summary(), self.response_bytes, ending);
+        }
+    }
+}
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.fail_next {
+            this.fail_next = false;
+            this.settle(Ending::Complete);
+            return Poll::Ready(Some(Err("the upstream reported an error inside the stream".into())));
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.response_bytes += data.len() as u64;
+                    this.scanner.feed(data);
+                    let ok_stream = this.meter.as_ref().is_some_and(|m| m.upstream_status < 300 && m.format != Format::UnaryJson && m.format != Format::OpenAiJson);
+                    if ok_stream && this.scanner.has_error() {
+                        this.fail_next = true;
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                }
+                // hyper may never poll again once the body says it has ended.
+                if this.inner.is_end_stream() {
+                    this.settle(Ending::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.settle(Ending::UpstreamCut);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                this.settle(Ending::Complete);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.fail_next && self.meter.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        self.settle(Ending::ClientClosed);
+    }
+}
+
+/// Settles a request the client abandoned before the upstream answered: the prompt was sent,
+/// so its tokens are estimated and recorded.
+pub fn settle_unanswered(m: Meter) {
+    settle(m, &ScanSummary::default(), 0, Ending::ClientClosed);
+}
+
+/// Builds the `ai_response` record of a finished response and hands it over.
+fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
+    let openai = matches!(m.format, Format::OpenAiJson | Format::OpenAiSse);
+    let failed_status = m.upstream_status >= 400;
+    let status = if failed_status || (ending == Ending::Complete && s.error.is_some()) {
+        "upstream_error"
+    } else {
+        match ending {
+            Ending::Complete => "ok",
+            Ending::UpstreamCut => "upstream_closed",
+            Ending::ClientClosed => "client_closed",
+        }
+    };
+    let (tokens, source) = if s.usage_seen {
+        let t = if openai { Tokens::from_openai(&s.usage) } else { Tokens::from_native(&s.usage) };
+        (t, TokenSource::Upstream)
+    } else if failed_status {
+        // An error status bills nothing (Gemini does not charge failed requests).
+        (Tokens::default(), TokenSource::Upstream)
+    } else {
+        (Tokens::estimated(m.prompt_chars.load(Ordering::Relaxed), s.text_chars), TokenSource::Estimated)
+    };
+    let rt = m.app.live.load();
+    let pricing = &rt.config.pricing;
+    let price_model = match (&s.model_version, pricing.model(&m.model)) {
+        (Some(v), None) if pricing.model(v).is_some() => v.as_str(),
+        _ => m.model.as_str(),
+    };
+    let cost = response_cost(pricing, price_model, &tokens);
+    let now = m.app.clock.now();
+
+    let mut md = Map::with_capacity(20);
+    md.insert("model".into(), m.model.clone().into());
+    if let Some(v) = &s.model_version {
+        md.insert("model_version".into(), v.clone().into());
+    }
+    md.insert("prompt_tokens".into(), tokens.prompt.into());
+    md.insert("output_tokens".into(), tokens.output.into());
+    md.insert("thoughts_tokens".into(), tokens.thoughts.into());
+    md.insert("cached_tokens".into(), tokens.cached.into());
+    md.insert("tool_use_prompt_tokens".into(), tokens.tool_use.into());
+    md.insert("response_bytes".into(), response_bytes.into());
+    md.insert("stream".into(), matches!(m.format, Format::Sse | Format::JsonArray | Format::OpenAiSse).into());
+    md.insert("format".into(), format_name(m.format).into());
+    md.insert("upstream_status".into(), m.upstream_status.into());
+    md.insert("status".into(), status.into());
+    md.insert("token_source".into(), source.as_str().into());
+    md.insert("key_id".into(), (&*m.key_id).into());
+    md.insert("duration_ms".into(), (m.started.elapsed().as_millis() as u64).into());
+    if let Some(e) = &s.error {
+        let mut em = Map::new();
+        if let Some(c) = e.code {
+            em.insert("code".into(), c.into());
+        }
+        if let Some(st) = &e.status {
+            em.insert("status".into(), st.clone().into());
+        }
+        md.insert("error".into(), Value::Object(em));
+    }
+    if let Some(tags) = m.tags {
+        md.insert("tags".into(), Value::Object(tags));
+    }
+    let rec = Record {
+        id: m.app.ids.next(now),
+        user_id: m.user.id.clone(),
+        kind: RecordKind::AiResponse,
+        tokens: tokens.total,
+        messages: 0,
+        bytes: 0,
+        cost,
+        metadata: md,
+        created_at: now,
+    };
+    if let Some(tpm) = rt.tiers.get(m.user.tier().as_str()).and_then(|t| t.tier.tokens_per_minute) {
+        m.user.tpm.add(tokens.total, Some(tpm));
+    }
+    m.app.settle_record(&m.user, rec, false);
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::UnaryJson => "json",
+        Format::Sse => "sse",
+        Format::JsonArray => "json_array",
+        Format::OpenAiJson => "openai_json",
+        Format::OpenAiSse => "openai_sse",
+    }
+}

@@ -1,0 +1,831 @@
+//! The built-in mock of the Gemini API upstream (`gemini-meter mock-upstream`, the demo, the
+//! integration tests and the load tests).
+//!
+//! It owns: a fake `generativelanguage.googleapis.com` that speaks the real wire format
+//! (gemini-wire.md: unary, SSE and JSON-array streams, OpenAI compat, countTokens, models,
+//! files, resumable uploads, Google's error envelopes) with deterministic usage, failure
+//! injection by model id, and counters that show what reached it.
+//!
+//! It must not: log per request, take a lock on the request path (only upload sessions use a
+//! mutex), or store API keys. It is the baseline of the gateway's load tests, so it stays cheap.
+//!
+//! Deterministic usage: prompt = max(1, ceil(request body bytes / 4)); each of `chunks` pieces
+//! is the text `"lorem ipsum "` worth 3 output tokens; thoughts = 7 when the model id contains
+//! "thinking"; total = prompt + candidates + thoughts; nothing is cached.
+//!
+//! Failure injection by model id: `error-500`, `error-503`, `error-429`, `error-400`,
+//! `midstream-error`, `cut`, `final-usage-only`, `gzip-always`, `slow` (see [`MockOptions`]).
+
+mod body;
+#[cfg(test)]
+mod tests;
+mod upload;
+mod wire;
+
+use std::collections::hash_map::RandomState;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    ACCEPT_ENCODING, ALT_SVC, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST, SERVER,
+    USER_AGENT,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use body::{Ending, EventStream, Framing, MockBody, StreamPlan};
+use wire::Tokens;
+
+/// Pause between events for the `slow` model, whatever `chunk_interval` says.
+const SLOW_INTERVAL: Duration = Duration::from_millis(200);
+/// Largest JSON body the mock buffers (OpenAI compat); inline media can reach ~100 MB.
+const MAX_JSON_BODY: usize = 160 << 20;
+const JSON: &str = "application/json; charset=UTF-8";
+
+/// Options of the mock upstream (mirrors `gemini-meter mock-upstream` flags).
+///
+/// Model ids with a special meaning: `error-500`, `error-503`, `error-429`, `error-400` answer
+/// that status with Google's envelope; `midstream-error` streams 2 events then an error object;
+/// `cut` streams 2 events then aborts the body; `final-usage-only` streams with LF endings and
+/// usage on the last event only; `gzip-always` gzips the answer; `slow` waits 200 ms between
+/// events. A model id containing `thinking` reports 7 thoughts tokens.
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    /// Delay before the response headers of generate calls (time to first byte).
+    pub ttfb: Duration,
+    /// Number of text pieces per answer (streamed events); 0 is treated as 1.
+    pub chunks: u32,
+    /// Gap between streamed events.
+    pub chunk_interval: Duration,
+    /// The only accepted API key; `None` accepts any non-empty key.
+    pub api_key: Option<String>,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            ttfb: Duration::ZERO,
+            chunks: 5,
+            chunk_interval: Duration::ZERO,
+            api_key: None,
+        }
+    }
+}
+
+/// Counters the mock keeps so tests can see what reached it (also at `GET /mock/stats`,
+/// zeroed by `POST /mock/reset`). `/mock/*` requests themselves are not counted.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    /// Every request outside `/mock/*`.
+    pub requests: AtomicU64,
+    /// Authenticated generateContent, streamGenerateContent and OpenAI chat calls.
+    pub generate_requests: AtomicU64,
+    /// Stream bodies handed to the server.
+    pub streams_started: AtomicU64,
+    /// Streams whose last byte was handed to the server (midstream-error included).
+    pub streams_completed: AtomicU64,
+    /// Streams whose body was dropped before its end: the client (or gateway) went away.
+    /// A `cut` stream is neither completed nor cancelled.
+    pub streams_cancelled: AtomicU64,
+    /// Bytes accepted by upload chunk requests.
+    pub upload_bytes: AtomicU64,
+    /// Requests where a header value or the query held a token starting with `gm_`
+    /// (a gateway-issued key that leaked upstream).
+    pub leaked_gateway_keys: AtomicU64,
+}
+
+impl MockStats {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 7] {
+        [
+            ("requests", &self.requests),
+            ("generate_requests", &self.generate_requests),
+            ("streams_started", &self.streams_started),
+            ("streams_completed", &self.streams_completed),
+            ("streams_cancelled", &self.streams_cancelled),
+            ("upload_bytes", &self.upload_bytes),
+            ("leaked_gateway_keys", &self.leaked_gateway_keys),
+        ]
+    }
+
+    /// All counters as a JSON object keyed by field name.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let map = self
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v.load(Relaxed))))
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
+    /// Sets every counter to zero.
+    pub fn reset(&self) {
+        for (_, v) in self.fields() {
+            v.store(0, Relaxed);
+        }
+    }
+}
+
+/// A running mock; dropping it (or [`MockServer::shutdown`]) stops the listener and closes
+/// every connection.
+#[derive(Debug)]
+pub struct MockServer {
+    /// The bound address (the real port when started on port 0).
+    pub addr: SocketAddr,
+    /// The live counters.
+    pub stats: Arc<MockStats>,
+    // Dropping the sender tells every connection task to close.
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Binds `addr` (use 127.0.0.1:0 in tests) and serves in a spawned tokio task until the
+    /// handle is dropped or `shutdown()` is called.
+    pub async fn start(addr: SocketAddr, opts: MockOptions) -> io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(opts)?);
+        let stats = shared.stats.clone();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, shared, rx));
+        Ok(MockServer {
+            addr,
+            stats,
+            shutdown: tx,
+            task,
+        })
+    }
+
+    /// Stops the mock (same as dropping the handle).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.task.abort();
+    }
+}
+
+/// Runs the mock on an already-bound listener until the process ends (used by the CLI
+/// `mock-upstream`).
+pub async fn serve(listener: TcpListener, opts: MockOptions) -> io::Result<()> {
+    let shared = Arc::new(Shared::new(opts)?);
+    // Kept alive for as long as the accept loop runs, so connections are never told to stop.
+    let (_tx, rx) = watch::channel(false);
+    accept_loop(listener, shared, rx).await;
+    Ok(())
+}
+
+/// State shared by all connections; read-only except for atomics and upload sessions.
+struct Shared {
+    opts: MockOptions,
+    chunks: u32,
+    stats: Arc<MockStats>,
+    // Pre-built bodies and texts.
+    unary_text: String,
+    models_list: Bytes,
+    uploads: upload::Sessions,
+}
+
+impl Shared {
+    fn new(opts: MockOptions) -> io::Result<Self> {
+        let chunks = opts.chunks.max(1);
+        let models = wire::ModelList {
+            models: [
+                ("models/gemini-2.5-flash", "Gemini 2.5 Flash"),
+                ("models/gemini-2.5-pro", "Gemini 2.5 Pro"),
+                ("models/gemini-2.5-flash-lite", "Gemini 2.5 Flash-Lite"),
+            ]
+            .into_iter()
+            .map(|(n, d)| wire::Model::new(n, d))
+            .collect(),
+        };
+        let models_list = serde_json::to_vec_pretty(&models).map_err(io::Error::other)?;
+        Ok(Shared {
+            unary_text: wire::PIECE.repeat(chunks as usize),
+            chunks,
+            opts,
+            stats: Arc::new(MockStats::default()),
+            models_list: Bytes::from(models_list),
+            uploads: upload::Sessions::default(),
+        })
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; not per request.
+                tracing::warn!(error = %e, "mock upstream: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Events must leave at once, not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(shared.clone(), req));
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                res = conn => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "mock upstream: connection ended with an error");
+                    }
+                }
+                _ = shutdown.changed() => {}
+            }
+        });
+    }
+}
+
+/// A parsed request target, owned so that the request can be consumed afterwards.
+enum Route {
+    Generate { model: String, stream: bool },
+    CountTokens { model: String },
+    OpenAiChat,
+    ListModels,
+    GetModel { name: String, id: String },
+    ListFiles,
+    GetFile { id: String },
+    DeleteFile,
+    UploadStart,
+    UploadChunk { upload_id: String },
+    NotFound,
+}
+
+fn is_version(v: &str) -> bool {
+    matches!(v, "v1" | "v1beta" | "v1alpha")
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['/', ':'])
+}
+
+fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
+    if let Some(rest) = path.strip_prefix("/upload/") {
+        return match rest.split_once('/') {
+            Some((v, "files")) if is_version(v) && method == Method::POST => {
+                match query_param(query, "upload_id") {
+                    Some(id) => Route::UploadChunk {
+                        upload_id: id.to_owned(),
+                    },
+                    None => Route::UploadStart,
+                }
+            }
+            _ => Route::NotFound,
+        };
+    }
+    let Some((v, rest)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return Route::NotFound;
+    };
+    if !is_version(v) {
+        return Route::NotFound;
+    }
+    match (method, rest) {
+        (&Method::POST, "openai/chat/completions") => return Route::OpenAiChat,
+        (&Method::GET, "models") => return Route::ListModels,
+        (&Method::GET, "files") => return Route::ListFiles,
+        _ => {}
+    }
+    if let Some(id) = rest.strip_prefix("files/").filter(|id| is_id(id)) {
+        return match *method {
+            Method::GET => Route::GetFile { id: id.to_owned() },
+            Method::DELETE => Route::DeleteFile,
+            _ => Route::NotFound,
+        };
+    }
+    let Some((collection, target)) = rest.split_once('/') else {
+        return Route::NotFound;
+    };
+    if collection != "models" && collection != "tunedModels" {
+        return Route::NotFound;
+    }
+    match (method, target.split_once(':')) {
+        (&Method::GET, None) if is_id(target) => Route::GetModel {
+            name: rest.to_owned(),
+            id: target.to_owned(),
+        },
+        (&Method::POST, Some((id, verb))) if is_id(id) => {
+            let model = id.to_owned();
+            match verb {
+                "generateContent" => Route::Generate {
+                    model,
+                    stream: false,
+                },
+                "streamGenerateContent" => Route::Generate {
+                    model,
+                    stream: true,
+                },
+                "countTokens" => Route::CountTokens { model },
+                _ => Route::NotFound,
+            }
+        }
+        _ => Route::NotFound,
+    }
+}
+
+/// The first value of `name` in a raw query string (no percent-decoding: keys, ids and
+/// `alt` values are plain).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+    if let Some(admin) = req.uri().path().strip_prefix("/mock/") {
+        return Ok(admin_route(&shared, req.method(), admin));
+    }
+    shared.stats.requests.fetch_add(1, Relaxed);
+    if leaks_gateway_key(&req) {
+        shared.stats.leaked_gateway_keys.fetch_add(1, Relaxed);
+    }
+    let route = parse_route(req.method(), req.uri().path(), req.uri().query());
+    let mut resp = match route {
+        Route::Generate { model, stream } => generate(&shared, req, model, stream).await,
+        Route::CountTokens { model } => count_tokens(&shared, req, &model).await,
+        Route::OpenAiChat => openai_chat(&shared, req).await,
+        Route::ListModels => match check_native(&shared, &req) {
+            Ok(()) => json(StatusCode::OK, shared.models_list.clone()),
+            Err(r) => r,
+        },
+        Route::GetModel { name, id } => match check_native(&shared, &req) {
+            Ok(()) => match serde_json::to_vec_pretty(&wire::Model::new(&name, &id)) {
+                Ok(b) => json(StatusCode::OK, b),
+                Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+            },
+            Err(r) => r,
+        },
+        Route::ListFiles | Route::DeleteFile => match check_native(&shared, &req) {
+            // An empty list is `{}` on the real API, not `{"files": []}`.
+            Ok(()) => json(StatusCode::OK, Bytes::from_static(b"{}")),
+            Err(r) => r,
+        },
+        Route::GetFile { id } => match check_native(&shared, &req) {
+            Ok(()) => {
+                let host = request_host(&req);
+                match upload::file_json(&host, &id, None, "application/octet-stream", 0, false) {
+                    Ok(b) => json(StatusCode::OK, b),
+                    Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+                }
+            }
+            Err(r) => r,
+        },
+        Route::UploadStart => match check_native(&shared, &req) {
+            Ok(()) => upload::start(&shared, req).await,
+            Err(r) => r,
+        },
+        Route::UploadChunk { upload_id } => upload::chunk(&shared, req, &upload_id).await,
+        Route::NotFound => error_json(StatusCode::NOT_FOUND, wire::ERR_NOT_FOUND),
+    };
+    // What Google's front end adds; alt-svc lets gateway tests check that it is stripped.
+    let h = resp.headers_mut();
+    h.insert(SERVER, HeaderValue::from_static("scaffolding on HTTPServer2"));
+    h.insert(
+        ALT_SVC,
+        HeaderValue::from_static("h3=\":443\"; ma=2592000,h3-29=\":443\"; ma=2592000"),
+    );
+    Ok(resp)
+}
+
+fn admin_route(shared: &Shared, method: &Method, path: &str) -> Response<MockBody> {
+    match (method, path) {
+        (&Method::GET, "stats") => match serde_json::to_vec_pretty(&shared.stats.snapshot()) {
+            Ok(b) => json(StatusCode::OK, b),
+            Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+        },
+        (&Method::POST, "reset") => {
+            shared.stats.reset();
+            json(StatusCode::OK, Bytes::from_static(b"{}"))
+        }
+        _ => error_json(StatusCode::NOT_FOUND, wire::ERR_NOT_FOUND),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+
+fn non_empty(v: Option<&str>) -> Option<&str> {
+    v.map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The API key of a native call: `x-goog-api-key`, else `?key=`.
+fn native_key<B>(req: &Request<B>) -> Option<&str> {
+    non_empty(
+        req.headers()
+            .get("x-goog-api-key")
+            .and_then(|v| v.to_str().ok()),
+    )
+    .or_else(|| non_empty(query_param(req.uri().query(), "key")))
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    let v = h.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        non_empty(Some(token))
+    } else {
+        None
+    }
+}
+
+fn check_key(shared: &Shared, key: Option<&str>) -> Result<(), Response<MockBody>> {
+    match (key, shared.opts.api_key.as_deref()) {
+        (None, _) => Err(error_json(StatusCode::FORBIDDEN, wire::ERR_UNREGISTERED)),
+        (Some(k), Some(expected)) if k != expected => {
+            Err(error_json(StatusCode::BAD_REQUEST, wire::ERR_KEY_INVALID))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Native paths take the key from `x-goog-api-key` or `?key=`. A Bearer token alone is an
+/// OAuth attempt, which the real API rejects with 401 for an API key.
+fn check_native<B>(shared: &Shared, req: &Request<B>) -> Result<(), Response<MockBody>> {
+    let key = native_key(req);
+    if key.is_none() && bearer(req.headers()).is_some() {
+        return Err(error_json(StatusCode::UNAUTHORIZED, wire::ERR_OAUTH_EXPECTED));
+    }
+    check_key(shared, key)
+}
+
+/// The OpenAI-compat endpoint takes `Authorization: Bearer KEY` (or the native forms).
+fn check_openai<B>(shared: &Shared, req: &Request<B>) -> Result<(), Response<MockBody>> {
+    check_key(shared, bearer(req.headers()).or_else(|| native_key(req)))
+}
+
+/// True when a header value or the query holds a token that starts with `gm_`.
+fn leaks_gateway_key<B>(req: &Request<B>) -> bool {
+    req.headers().values().any(|v| has_gm_token(v.as_bytes()))
+        || req.uri().query().is_some_and(|q| has_gm_token(q.as_bytes()))
+}
+
+fn has_gm_token(s: &[u8]) -> bool {
+    s.windows(3).enumerate().any(|(i, w)| {
+        w == b"gm_" && (i == 0 || !(s[i - 1].is_ascii_alphanumeric() || s[i - 1] == b'_'))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generate, stream, countTokens, OpenAI compat
+
+fn prompt_tokens(body_len: u64) -> u64 {
+    body_len.div_ceil(4).max(1)
+}
+
+fn thoughts_for(model: &str) -> u64 {
+    if model.contains("thinking") {
+        wire::THINKING_TOKENS
+    } else {
+        0
+    }
+}
+
+/// Google's rule: gzip when `Accept-Encoding` has gzip and the User-Agent contains "gzip".
+fn client_wants_gzip(h: &HeaderMap) -> bool {
+    let has = |name, needle: &str| {
+        h.get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.contains(needle)))
+    };
+    has(ACCEPT_ENCODING, "gzip") && has(USER_AGENT, "gzip")
+}
+
+/// The injected error of a model id, if it has one.
+fn injected_error(model: &str) -> Option<(StatusCode, &'static str)> {
+    Some(match model {
+        "error-500" => (StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+        "error-503" => (StatusCode::SERVICE_UNAVAILABLE, wire::ERR_OVERLOADED),
+        "error-429" => (StatusCode::TOO_MANY_REQUESTS, wire::ERR_QUOTA),
+        "error-400" => (StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST),
+        _ => return None,
+    })
+}
+
+async fn ttfb(shared: &Shared) {
+    if !shared.opts.ttfb.is_zero() {
+        tokio::time::sleep(shared.opts.ttfb).await;
+    }
+}
+
+async fn generate(
+    shared: &Shared,
+    req: Request<Incoming>,
+    model: String,
+    stream: bool,
+) -> Response<MockBody> {
+    if let Err(r) = check_native(shared, &req) {
+        return r;
+    }
+    shared.stats.generate_requests.fetch_add(1, Relaxed);
+    let sse = query_param(req.uri().query(), "alt") == Some("sse");
+    let gzip = model == "gzip-always" || client_wants_gzip(req.headers());
+    let Ok(len) = count_body(req.into_body()).await else {
+        return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
+    };
+    ttfb(shared).await;
+    if let Some((status, body)) = injected_error(&model) {
+        // A failed JSON-array stream answers its error as an array too (gemini-wire.md §3.2).
+        return if stream && !sse {
+            json(status, format!("[{body}\r\n]"))
+        } else {
+            error_json(status, body)
+        };
+    }
+    let prompt = prompt_tokens(len);
+    let thoughts = thoughts_for(&model);
+    let response_id = random_id(16);
+    if !stream {
+        let tokens = Tokens {
+            prompt,
+            candidates: wire::TOKENS_PER_PIECE * u64::from(shared.chunks),
+            thoughts,
+        };
+        let answer = wire::GenerateResponse::new(
+            &shared.unary_text,
+            true,
+            Some(tokens),
+            &model,
+            &response_id,
+        );
+        let mut out = Vec::with_capacity(1024);
+        return match wire::write_pretty_json(&mut out, &answer) {
+            Ok(()) => json_gz(out, gzip),
+            Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+        };
+    }
+    let final_only = model == "final-usage-only";
+    let framing = if sse {
+        // final-usage-only mimics fixtures/stream-sse-lf-final-usage.txt: LF line endings.
+        Framing::Sse { crlf: !final_only }
+    } else {
+        Framing::JsonArray
+    };
+    let plan = stream_plan(shared, framing, model, response_id, prompt, thoughts, gzip);
+    let plan = StreamPlan {
+        usage_last_only: final_only,
+        ..plan
+    };
+    let content_type = if sse { "text/event-stream" } else { JSON };
+    stream_response(shared, plan, content_type)
+}
+
+fn stream_plan(
+    shared: &Shared,
+    framing: Framing,
+    model: String,
+    response_id: String,
+    prompt: u64,
+    thoughts: u64,
+    gzip: bool,
+) -> StreamPlan {
+    let ending = match model.as_str() {
+        "midstream-error" => Ending::MidstreamError,
+        "cut" => Ending::Cut,
+        _ => Ending::Complete,
+    };
+    StreamPlan {
+        framing,
+        ending,
+        events: if ending == Ending::Complete {
+            shared.chunks
+        } else {
+            2
+        },
+        interval: if model == "slow" {
+            SLOW_INTERVAL
+        } else {
+            shared.opts.chunk_interval
+        },
+        model,
+        response_id,
+        created: wire::unix_now(),
+        prompt,
+        thoughts,
+        usage_last_only: false,
+        gzip,
+    }
+}
+
+fn stream_response(
+    shared: &Shared,
+    plan: StreamPlan,
+    content_type: &'static str,
+) -> Response<MockBody> {
+    let gzip = plan.gzip;
+    let body = EventStream::new(plan, shared.stats.clone());
+    let mut r = Response::new(MockBody::Stream(Box::new(body)));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if gzip {
+        h.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    r
+}
+
+async fn count_tokens(shared: &Shared, req: Request<Incoming>, model: &str) -> Response<MockBody> {
+    if let Err(r) = check_native(shared, &req) {
+        return r;
+    }
+    let Ok(len) = count_body(req.into_body()).await else {
+        return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
+    };
+    if let Some((status, body)) = injected_error(model) {
+        return error_json(status, body);
+    }
+    let answer = wire::CountTokens {
+        total_tokens: prompt_tokens(len),
+    };
+    match serde_json::to_vec_pretty(&answer) {
+        Ok(b) => json(StatusCode::OK, b),
+        Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+async fn openai_chat(shared: &Shared, req: Request<Incoming>) -> Response<MockBody> {
+    if let Err(r) = check_openai(shared, &req) {
+        return r;
+    }
+    shared.stats.generate_requests.fetch_add(1, Relaxed);
+    let client_gzip = client_wants_gzip(req.headers());
+    let body = match read_all(req.into_body(), MAX_JSON_BODY).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Ok(chat) = serde_json::from_slice::<ChatRequest>(&body) else {
+        return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_JSON);
+    };
+    let Some(model) = chat.model.filter(|m| !m.is_empty()) else {
+        return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
+    };
+    // The compat layer accepts both `gemini-x` and `models/gemini-x`.
+    let model = match model.strip_prefix("models/") {
+        Some(m) => m.to_owned(),
+        None => model,
+    };
+    let gzip = client_gzip || model == "gzip-always";
+    ttfb(shared).await;
+    if let Some((status, body)) = injected_error(&model) {
+        return error_json(status, body);
+    }
+    let prompt = prompt_tokens(body.len() as u64);
+    let thoughts = thoughts_for(&model);
+    let id = format!("chatcmpl-{}", random_id(16));
+    if chat.stream != Some(true) {
+        let tokens = Tokens {
+            prompt,
+            candidates: wire::TOKENS_PER_PIECE * u64::from(shared.chunks),
+            thoughts,
+        };
+        let answer = wire::ChatCompletion {
+            id: &id,
+            object: "chat.completion",
+            created: wire::unix_now(),
+            model: &model,
+            choices: [wire::Choice {
+                index: 0,
+                message: wire::Message {
+                    role: "assistant",
+                    content: &shared.unary_text,
+                },
+                finish_reason: "stop",
+            }],
+            usage: tokens.into(),
+        };
+        return match serde_json::to_vec(&answer) {
+            Ok(b) => json_gz(b, gzip),
+            Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+        };
+    }
+    let plan = stream_plan(shared, Framing::OpenAi, model, id, prompt, thoughts, gzip);
+    stream_response(shared, plan, "text/event-stream")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers shared with `upload`
+
+/// A JSON response.
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<MockBody> {
+    let mut r = Response::new(MockBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    r
+}
+
+/// A Google error envelope (a static body: no allocation).
+fn error_json(status: StatusCode, body: &'static str) -> Response<MockBody> {
+    json(status, Bytes::from_static(body.as_bytes()))
+}
+
+/// A 200 JSON response, gzipped when asked.
+fn json_gz(body: Vec<u8>, gzip: bool) -> Response<MockBody> {
+    if !gzip {
+        return json(StatusCode::OK, body);
+    }
+    match body::gzip_all(&body) {
+        Ok(gz) => {
+            let mut r = json(StatusCode::OK, gz);
+            r.headers_mut()
+                .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            r
+        }
+        Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+    }
+}
+
+/// Reads and discards a request body, returning its length (the prompt-token formula needs
+/// only the size, so nothing is buffered).
+async fn count_body(mut body: Incoming) -> Result<u64, ()> {
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.map_err(|_| ())?.data_ref() {
+            n += d.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// Buffers a request body of at most `limit` bytes.
+async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, Response<MockBody>> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST));
+        };
+        if let Some(d) = frame.data_ref() {
+            if out.len() + d.len() > limit {
+                return Err(error_json(StatusCode::PAYLOAD_TOO_LARGE, wire::ERR_TOO_LARGE));
+            }
+            out.extend_from_slice(d);
+        }
+    }
+    Ok(out)
+}
+
+/// The authority the client used (Host header, or the h2 `:authority`).
+fn request_host<B>(req: &Request<B>) -> String {
+    req.headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or("localhost")
+        .to_owned()
+}
+
+/// A random-looking base62 id (not cryptographic: upload ids of a local mock).
+fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        // RandomState gives fresh random keys per process and thread; the counter makes each
+        // draw distinct.
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Relaxed));
+        let mut x = h.finish();
+        for _ in 0..10 {
+            if out.len() == len {
+                break;
+            }
+            out.push(char::from(ALPHABET[(x % 62) as usize]));
+            x /= 62;
+        }
+    }
+    out
+}

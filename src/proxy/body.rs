@@ -1,0 +1,148 @@
+//! Body types of the gateway: a whole buffer, or a stream passed through.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+
+use crate::metering::observer::BoxError;
+use crate::metering::scan::TextCounter;
+
+/// The body of every response the gateway sends and every request it forwards.
+pub enum ProxyBody {
+    /// A whole body (or none).
+    Full(Option<Bytes>),
+    /// A streamed body.
+    Stream(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxyBody::Full(b) => write!(f, "Full({:?} bytes)", b.as_ref().map(Bytes::len)),
+            ProxyBody::Stream(_) => write!(f, "Stream"),
+        }
+    }
+}
+
+impl ProxyBody {
+    /// A whole body.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        if b.is_empty() { ProxyBody::Full(None) } else { ProxyBody::Full(Some(b)) }
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        ProxyBody::Full(None)
+    }
+
+    /// A streamed body.
+    pub fn stream<B>(b: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        ProxyBody::Stream(b.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// What a request body told us as it went upstream.
+#[derive(Debug, Default)]
+pub struct RequestTally {
+    /// Bytes passed upstream.
+    pub bytes: AtomicU64,
+    /// Characters of prompt text seen (generate calls only).
+    pub text_chars: Arc<AtomicU64>,
+    /// Set when the body went over the size limit.
+    pub too_large: AtomicBool,
+}
+
+/// A request body on its way upstream: counts bytes, enforces the size limit, and (for model
+/// calls) counts prompt text for estimates. Frames pass through unchanged.
+pub struct CountingBody<B> {
+    inner: B,
+    tally: Arc<RequestTally>,
+    limit: u64,
+    seen: u64,
+    text: Option<TextCounter>,
+}
+
+impl<B> CountingBody<B> {
+    /// Wraps a request body.
+    pub fn new(inner: B, tally: Arc<RequestTally>, limit: u64, count_text: bool) -> Self {
+        Self { inner, tally, limit, seen: 0, text: count_text.then(TextCounter::new) }
+    }
+}
+
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.seen += d.len() as u64;
+                    if this.seen > this.limit {
+                        this.tally.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err("request body too large".into())));
+                    }
+                    this.tally.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    if let Some(tc) = &mut this.text {
+                        tc.feed(d);
+                        this.tally.text_chars.store(tc.chars(), Ordering::Relaxed);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,448 @@
+//! Forwarding one proxied request: identify, admit, rewrite, send, meter, settle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{Map, Value};
+
+use super::body::{CountingBody, ProxyBody, RequestTally};
+use super::headers::{caller_key, strip_hop_by_hop, strip_key_param, take_tags};
+use super::route::{Route, classify};
+use super::upload::rewrite_upload_url;
+use crate::admission::{Admitted, Ask, admit};
+use crate::app::App;
+use crate::clock::Month;
+use crate::error::ApiError;
+use crate::identity::KeyEntry;
+use crate::ledger::{Record, RecordKind};
+use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
+use crate::metering::pricing::upload_cost;
+use crate::metering::scan::{Format, TextCounter};
+
+/// Forwards a proxied request; every failure becomes a Gemini error envelope.
+pub async fn forward(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    match forward_inner(&app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A metered request between admission and the upstream's answer. If it is dropped there (the
+/// client left while the upstream was still thinking), the reserved message is given back and
+/// what was sent is recorded, estimated.
+struct Pending {
+    app: Arc<App>,
+    key: Arc<KeyEntry>,
+    model: String,
+    month: Month,
+    at: DateTime<Utc>,
+    reserved: bool,
+    tags: Option<Map<String, Value>>,
+    prompt_chars: Arc<AtomicU64>,
+    started: Instant,
+    armed: bool,
+}
+
+impl Pending {
+    fn message_record(&self, messages: u64, status: &str, upstream_status: Option<u16>) -> Record {
+        let rt = self.app.live.load();
+        let mut md = Map::new();
+        md.insert("model".into(), self.model.clone().into());
+        md.insert("status".into(), status.into());
+        if let Some(s) = upstream_status {
+            md.insert("upstream_status".into(), s.into());
+        }
+        md.insert("key_id".into(), (&*self.key.key_id).into());
+        if let Some(t) = &self.tags {
+            md.insert("tags".into(), Value::Object(t.clone()));
+        }
+        Record {
+            id: self.app.ids.next(self.at),
+            user_id: self.key.user.id.clone(),
+            kind: RecordKind::MessageSent,
+            tokens: 0,
+            messages,
+            bytes: 0,
+            cost: if messages > 0 { rt.config.pricing.message_sent } else { Default::default() },
+            metadata: md,
+            created_at: self.at,
+        }
+    }
+
+    fn meter(&mut self, upstream_status: u16, format: Format) -> Meter {
+        Meter {
+            app: self.app.clone(),
+            user: self.key.user.clone(),
+            key_id: self.key.key_id.clone(),
+            model: self.model.clone(),
+            format,
+            upstream_status,
+            tags: self.tags.take(),
+            prompt_chars: self.prompt_chars.clone(),
+            started: self.started,
+            admitted_at: self.at,
+        }
+    }
+
+    /// The upstream answered: the message counts if it answered with success.
+    fn responded(mut self, status: StatusCode, format: Format) -> Meter {
+        self.armed = false;
+        let ok = status.is_success();
+        if !ok && self.reserved {
+            self.key.user.usage.release(self.month);
+        }
+        let status_label = if ok { "ok" } else { "upstream_error" };
+        let rec = self.message_record(u64::from(ok), status_label, Some(status.as_u16()));
+        self.app.settle_record(&self.key.user, rec, ok && self.reserved);
+        self.meter(status.as_u16(), format)
+    }
+
+    /// The upstream could not be reached: the message is given back, the attempt recorded.
+    fn failed(mut self, status: StatusCode) {
+        self.armed = false;
+        if self.reserved {
+            self.key.user.usage.release(self.month);
+        }
+        let rec = self.message_record(0, "upstream_unavailable", Some(status.as_u16()));
+        self.app.settle_record(&self.key.user, rec, false);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.reserved {
+            self.key.user.usage.release(self.month);
+        }
+        let rec = self.message_record(0, "client_closed", None);
+        self.app.settle_record(&self.key.user, rec, false);
+        let meter = self.meter(0, Format::UnaryJson);
+        settle_unanswered(meter);
+    }
+}
+
+async fn forward_inner(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let started = Instant::now();
+    let rt = app.live.load();
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let route = classify(&parts.method, &path, query.as_deref(), &parts.headers);
+    let max = rt.config.server.max_request_bytes;
+    if content_length(&parts.headers).is_some_and(|n| n > max) {
+        return Err(ApiError::too_large(max));
+    }
+
+    // Who is calling. Chunks of a session started here belong to the key that started it.
+    let presented = caller_key(&parts.headers, query.as_deref());
+    let mut session_chunk = false;
+    let key = match &route {
+        Route::UploadChunk { upload_id } => match app.uploads.get(upload_id) {
+            Some(s) if app.registry.key_active(&s.key.key_id) => {
+                session_chunk = true;
+                s.key.clone()
+            }
+            Some(_) => return Err(ApiError::invalid_key()),
+            None => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+        },
+        _ => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+    };
+    let tags = take_tags(&mut parts.headers);
+    let gateway_base = gateway_base(&rt.config.server.public_url, &parts);
+
+    // The OpenAI-compatible endpoint names its model in the body: read it (bounded).
+    let tally = Arc::new(RequestTally::default());
+    let mut openai: Option<(String, bool)> = None;
+    let upstream_body = if route == Route::OpenAiChat {
+        let bytes = match Limited::new(body, max as usize).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::too_large(max)),
+            Err(_) => return Err(ApiError::bad_request("The request body could not be read.")),
+        };
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
+        let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
+        let model = model.strip_prefix("models/").unwrap_or(model).to_string();
+        if model.is_empty() {
+            return Err(ApiError::bad_request("The request body names no model."));
+        }
+        let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let mut tc = TextCounter::new();
+        tc.feed(&bytes);
+        tally.text_chars.store(tc.chars(), Ordering::Relaxed);
+        tally.bytes.store(bytes.len() as u64, Ordering::Relaxed);
+        openai = Some((model, stream));
+        ProxyBody::full(bytes)
+    } else {
+        let count_text = matches!(route, Route::Generate { .. });
+        ProxyBody::stream(CountingBody::new(body, tally.clone(), max, count_text))
+    };
+
+    // Admission: nothing goes upstream before this passes.
+    let now = app.clock.now();
+    let model: Option<&str> = match (&route, &openai) {
+        (Route::Generate { model, .. }, _) => Some(model),
+        (_, Some((m, _))) => Some(m),
+        _ => None,
+    };
+    let ask = match &route {
+        Route::Generate { model, .. } => Ask::Generate { model },
+        Route::OpenAiChat => Ask::Generate { model: model.unwrap_or_default() },
+        Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
+        Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,
+        Route::Other { model } => Ask::Other { model: model.as_deref() },
+    };
+    // Chunks of an admitted session are not refused halfway (size was checked at start).
+    let admitted = if session_chunk {
+        Admitted { month: Month::of(now), at: now, reserved_message: false, headers: Vec::new() }
+    } else {
+        admit(&rt, &key, &ask, now)?
+    };
+    let mut pending = model.filter(|_| matches!(ask, Ask::Generate { .. })).map(|m| Pending {
+        app: app.clone(),
+        key: key.clone(),
+        model: m.to_string(),
+        month: admitted.month,
+        at: admitted.at,
+        reserved: admitted.reserved_message,
+        tags: tags.clone(),
+        prompt_chars: tally.text_chars.clone(),
+        started,
+        armed: true,
+    });
+
+    // Rewrite: upstream URI, the real key instead of the caller's, no hop-by-hop headers.
+    let uri = upstream_uri(&rt.config.upstream.base_url, &path, query.as_deref())?;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    parts.headers.remove(header::AUTHORIZATION);
+    let mut upstream_key = HeaderValue::from_str(&rt.upstream_key)
+        .map_err(|_| ApiError::internal("The upstream key is not a valid header value."))?;
+    upstream_key.set_sensitive(true);
+    if openai.is_some() {
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", rt.upstream_key))
+            .map_err(|_| ApiError::internal("The upstream key is not a valid header value."))?;
+        bearer.set_sensitive(true);
+        parts.headers.insert(header::AUTHORIZATION, bearer);
+    }
+    parts.headers.insert("x-goog-api-key", upstream_key);
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let up_req = Request::from_parts(parts, upstream_body);
+
+    let fut = app.upstream.request(up_req);
+    let result = match rt.config.upstream.read_timeout {
+        Some(d) => match tokio::time::timeout(d, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                if let Some(p) = pending.take() {
+                    p.failed(StatusCode::GATEWAY_TIMEOUT);
+                }
+                return Err(ApiError::upstream_timeout());
+            }
+        },
+        None => fut.await,
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if tally.too_large.load(Ordering::Relaxed) {
+                if let Some(mut p) = pending.take() {
+                    // Refused by us, not the upstream: give the message back, record nothing.
+                    p.armed = false;
+                    if p.reserved {
+                        p.key.user.usage.release(p.month);
+                    }
+                }
+                return Err(ApiError::too_large(max));
+            }
+            let err = upstream_error(&e);
+            tracing::warn!(error = %err.message, "upstream request failed");
+            if let Some(p) = pending.take() {
+                p.failed(err.status);
+            }
+            return Err(err);
+        }
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    // Browsers would try HTTP/3 on our host otherwise.
+    rparts.headers.remove(header::ALT_SVC);
+    for (n, v) in admitted.headers {
+        rparts.headers.insert(n, v);
+    }
+    let status = rparts.status;
+    let body = match route {
+        Route::Generate { .. } | Route::OpenAiChat if pending.is_some() => {
+            let is_openai = openai.is_some();
+            let sse = rparts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            let stream = matches!(route, Route::Generate { stream: true, .. }) || openai.as_ref().is_some_and(|o| o.1);
+            let format = match (is_openai, status.is_success() && (stream || sse), sse) {
+                (true, true, _) => Format::OpenAiSse,
+                (true, false, _) => Format::OpenAiJson,
+                (false, true, true) => Format::Sse,
+                (false, true, false) => Format::JsonArray,
+                (false, false, _) => Format::UnaryJson,
+            };
+            let ce = rparts.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let meter = match pending.take() {
+                Some(p) => p.responded(status, format),
+                None => return Err(ApiError::internal("metering state lost")),
+            };
+            ProxyBody::stream(MeteredBody::new(rbody, ce.as_deref(), meter))
+        }
+        Route::UploadStart { declared } => {
+            if status.is_success()
+                && let Some(url) = rparts.headers.get("x-goog-upload-url").and_then(|v| v.to_str().ok()).map(str::to_string)
+            {
+                if let Some(id) = url.split_once('?').and_then(|(_, q)| super::headers::query_param(q, "upload_id")) {
+                    app.uploads.insert(id, key.clone(), declared);
+                }
+                let prefix = rt.config.upstream.base_url.path();
+                if let Some(new) = rewrite_upload_url(&url, &gateway_base, prefix)
+                    && let Ok(v) = HeaderValue::from_str(&new)
+                {
+                    rparts.headers.insert("x-goog-upload-url", v);
+                }
+            }
+            ProxyBody::stream(rbody)
+        }
+        Route::UploadChunk { ref upload_id } => {
+            record_upload(app, &key, &rparts, &tally, tags, Some(upload_id));
+            if rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) == Some("final") {
+                app.uploads.remove(upload_id);
+            }
+            ProxyBody::stream(rbody)
+        }
+        Route::UploadOther => {
+            record_upload(app, &key, &rparts, &tally, tags, None);
+            ProxyBody::stream(rbody)
+        }
+        _ => ProxyBody::stream(rbody),
+    };
+    Ok(Response::from_parts(rparts, body))
+}
+
+fn identify(app: &App, key: Option<&str>) -> Result<Arc<KeyEntry>, ApiError> {
+    let key = key.ok_or_else(ApiError::missing_key)?;
+    app.registry.identify(key).ok_or_else(ApiError::invalid_key)
+}
+
+/// The base URL callers reach the gateway at.
+fn gateway_base(public_url: &Option<String>, parts: &http::request::Parts) -> String {
+    if let Some(p) = public_url {
+        return p.clone();
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "localhost".into());
+    format!("http://{host}")
+}
+
+fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+    let scheme = base.scheme_str().unwrap_or("https");
+    let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
+    let prefix = base.path().trim_end_matches('/');
+    let mut s = String::with_capacity(scheme.len() + authority.len() + prefix.len() + path.len() + 64);
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(authority);
+    s.push_str(prefix);
+    s.push_str(path);
+    if let Some(q) = query {
+        let q = strip_key_param(q);
+        if !q.is_empty() {
+            s.push('?');
+            s.push_str(&q);
+        }
+    }
+    s.parse().map_err(|_| ApiError::bad_request("The request path is not valid."))
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> ApiError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut timed_out = false;
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            timed_out = true;
+        }
+        if s.to_string().contains("timed out") {
+            timed_out = true;
+        }
+        src = s.source();
+    }
+    if timed_out {
+        ApiError::upstream_timeout()
+    } else if e.is_connect() {
+        ApiError::upstream_unavailable("could not connect to the upstream API.")
+    } else {
+        ApiError::upstream_unavailable("the upstream connection failed before it answered.")
+    }
+}
+
+/// Records the file bytes of an upload request the upstream accepted.
+fn record_upload(
+    app: &Arc<App>,
+    key: &Arc<KeyEntry>,
+    rparts: &http::response::Parts,
+    tally: &RequestTally,
+    tags: Option<Map<String, Value>>,
+    upload_id: Option<&str>,
+) {
+    let sent = tally.bytes.load(Ordering::Relaxed);
+    let ok = rparts.status.is_success();
+    let bytes = if ok { sent } else { 0 };
+    let now = app.clock.now();
+    let rt = app.live.load();
+    let mut md = Map::new();
+    md.insert("upstream_status".into(), rparts.status.as_u16().into());
+    md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
+    md.insert("bytes_sent".into(), sent.into());
+    md.insert("key_id".into(), (&*key.key_id).into());
+    if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
+        md.insert("upload_status".into(), s.into());
+    }
+    if let Some(id) = upload_id {
+        // The upload id is a bearer capability: keep only a fingerprint of it.
+        let fp = hex::encode(&crate::identity::hash_key(id)[..8]);
+        md.insert("upload_session".into(), fp.into());
+    }
+    if let Some(t) = tags {
+        md.insert("tags".into(), Value::Object(t));
+    }
+    let rec = Record {
+        id: app.ids.next(now),
+        user_id: key.user.id.clone(),
+        kind: RecordKind::FileUpload,
+        tokens: 0,
+        messages: 0,
+        bytes,
+        cost: upload_cost(&rt.config.pricing, bytes),
+        metadata: md,
+        created_at: now,
+    };
+    app.settle_record(&key.user, rec, false);
+}

@@ -1,0 +1,127 @@
+//! What a proxied request is, from its method, path and headers.
+
+use http::{HeaderMap, Method};
+
+use super::headers::query_param;
+
+/// The kind of a proxied request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `models/{model}:generateContent` or `:streamGenerateContent`.
+    Generate {
+        /// Model id, e.g. `gemini-2.5-flash` (or `tunedModels/x`).
+        model: String,
+        /// True for `streamGenerateContent`.
+        stream: bool,
+    },
+    /// `POST /v1beta/openai/chat/completions` (model and stream flag are in the body).
+    OpenAiChat,
+    /// Start of a resumable upload.
+    UploadStart {
+        /// Declared size (`X-Goog-Upload-Header-Content-Length`).
+        declared: Option<u64>,
+    },
+    /// Bytes of a resumable upload session.
+    UploadChunk {
+        /// The session id.
+        upload_id: String,
+    },
+    /// Any other upload request (bytes are metered, caller key required).
+    UploadOther,
+    /// Anything else: forwarded, authenticated and rate limited, not metered.
+    Other {
+        /// The model the path names, if any.
+        model: Option<String>,
+    },
+}
+
+/// True when the path is forwarded upstream.
+pub fn is_proxied(path: &str) -> bool {
+    path.starts_with("/v1beta/") || path.starts_with("/v1/") || path.starts_with("/v1alpha/") || path.starts_with("/upload/")
+}
+
+/// The model id and method named by a path such as `/v1beta/models/x:generateContent`.
+pub fn model_and_method(path: &str) -> Option<(String, String)> {
+    let (prefix, rest) = if let Some(i) = path.find("/models/") {
+        ("", &path[i + "/models/".len()..])
+    } else if let Some(i) = path.find("/tunedModels/") {
+        ("tunedModels/", &path[i + "/tunedModels/".len()..])
+    } else {
+        return None;
+    };
+    let rest = rest.replace("%3A", ":").replace("%3a", ":");
+    let (model, method) = match rest.split_once(':') {
+        Some((m, meth)) => (m.to_string(), meth.to_string()),
+        None => (rest.clone(), String::new()),
+    };
+    if model.is_empty() || model.contains('/') {
+        return None;
+    }
+    Some((format!("{prefix}{model}"), method))
+}
+
+/// Classifies a proxied request.
+pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Route {
+    if path.starts_with("/upload/") {
+        if let Some(id) = query.and_then(|q| query_param(q, "upload_id")) {
+            return Route::UploadChunk { upload_id: id };
+        }
+        let command = headers.get("x-goog-upload-command").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if command.to_ascii_lowercase().contains("start") {
+            let declared = headers
+                .get("x-goog-upload-header-content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            return Route::UploadStart { declared };
+        }
+        return Route::UploadOther;
+    }
+    if method == Method::POST && path.ends_with("/openai/chat/completions") {
+        return Route::OpenAiChat;
+    }
+    match model_and_method(path) {
+        Some((model, m)) if method == Method::POST && m == "generateContent" => Route::Generate { model, stream: false },
+        Some((model, m)) if method == Method::POST && m == "streamGenerateContent" => Route::Generate { model, stream: true },
+        Some((model, _)) => Route::Other { model: Some(model) },
+        None => Route::Other { model: None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_the_contract_routes() {
+        let h = HeaderMap::new();
+        assert_eq!(
+            classify(&Method::POST, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", Some("alt=sse"), &h),
+            Route::Generate { model: "gemini-2.5-flash".into(), stream: true }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1/models/gemini-2.5-flash:generateContent", None, &h),
+            Route::Generate { model: "gemini-2.5-flash".into(), stream: false }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1beta/tunedModels/my-tune:generateContent", None, &h),
+            Route::Generate { model: "tunedModels/my-tune".into(), stream: false }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1beta/models/gemini-2.5-flash:countTokens", None, &h),
+            Route::Other { model: Some("gemini-2.5-flash".into()) }
+        );
+        assert_eq!(classify(&Method::GET, "/v1beta/models", None, &h), Route::Other { model: None });
+        assert_eq!(classify(&Method::POST, "/v1beta/openai/chat/completions", None, &h), Route::OpenAiChat);
+        assert_eq!(
+            classify(&Method::POST, "/upload/v1beta/files", Some("upload_id=abc&upload_protocol=resumable"), &h),
+            Route::UploadChunk { upload_id: "abc".into() }
+        );
+        let mut h2 = HeaderMap::new();
+        h2.insert("x-goog-upload-command", "start".parse().unwrap());
+        h2.insert("x-goog-upload-header-content-length", "2010585".parse().unwrap());
+        assert_eq!(
+            classify(&Method::POST, "/upload/v1beta/files", None, &h2),
+            Route::UploadStart { declared: Some(2010585) }
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! The live configuration: an immutable snapshot (config, upstream key, rate limiters) swapped
+//! atomically on reload, so a request sees the old or the new config, never a mix.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, ConfigError, Tier};
+
+/// Errors of building a runtime from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The config file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The upstream key variable is unset.
+    #[error("environment variable {0} (upstream.api_key_env) is not set: the gateway needs the real Gemini API key")]
+    MissingUpstreamKey(String),
+}
+
+/// A per-key requests-per-minute limiter.
+pub type KeyLimiter = DefaultKeyedRateLimiter<u64>;
+
+/// A tier with its limiters.
+#[derive(Debug)]
+pub struct TierRuntime {
+    /// The tier's limits.
+    pub tier: Tier,
+    /// Per-key limiter when the tier sets `requests_per_minute`.
+    pub rpm: Option<Arc<KeyLimiter>>,
+}
+
+/// One immutable snapshot of the running configuration.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Tiers by name.
+    pub tiers: HashMap<String, TierRuntime>,
+    /// The real upstream key (never logged).
+    pub upstream_key: Arc<str>,
+    /// The admin token, when the admin API is on.
+    pub admin_token: Option<Arc<str>>,
+    /// When this snapshot was loaded.
+    pub loaded_at: DateTime<Utc>,
+}
+
+impl Runtime {
+    /// Builds a snapshot. Limiters of tiers whose rate is unchanged are carried over from
+    /// `previous`, so a reload does not reset anyone's rate-limit state.
+    pub fn build(config: Config, previous: Option<&Runtime>, now: DateTime<Utc>) -> Result<Runtime, RuntimeError> {
+        let upstream_key = match std::env::var(&config.upstream.api_key_env) {
+            Ok(v) if !v.is_empty() => Arc::<str>::from(v),
+            _ => return Err(RuntimeError::MissingUpstreamKey(config.upstream.api_key_env.clone())),
+        };
+        let admin_token = std::env::var(&config.server.admin_token_env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Arc::<str>::from);
+        let mut tiers = HashMap::with_capacity(config.tiers.len());
+        for (name, tier) in &config.tiers {
+            let rpm = tier.requests_per_minute.map(|rpm| {
+                let reuse = previous
+                    .and_then(|p| p.tiers.get(name))
+                    .filter(|old| old.tier.requests_per_minute == Some(rpm))
+                    .and_then(|old| old.rpm.clone());
+                reuse.unwrap_or_else(|| Arc::new(RateLimiter::keyed(Quota::per_minute(rpm))))
+            });
+            tiers.insert(name.clone(), TierRuntime { tier: tier.clone(), rpm });
+        }
+        Ok(Runtime { config: Arc::new(config), tiers, upstream_key, admin_token, loaded_at: now })
+    }
+}
+
+/// Result of the last reload attempt.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    /// When the running config was loaded.
+    pub loaded_at: Option<DateTime<Utc>>,
+    /// The error of the last failed reload, until a valid one clears it.
+    pub last_error: Option<String>,
+}
+
+/// The live config and how to reload it.
+#[derive(Debug)]
+pub struct Live {
+    current: ArcSwap<Runtime>,
+    path: Option<PathBuf>,
+    status: Mutex<ReloadStatus>,
+    fingerprint: Mutex<Option<[u8; 32]>>,
+}
+
+impl Live {
+    /// Wraps the first snapshot; `path` is the file to reload from (None: no reload).
+    pub fn new(rt: Runtime, path: Option<PathBuf>) -> Self {
+        let fp = path.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| Sha256::digest(&b).into());
+        let status = ReloadStatus { loaded_at: Some(rt.loaded_at), last_error: None };
+        Live { current: ArcSwap::from_pointee(rt), path, status: Mutex::new(status), fingerprint: Mutex::new(fp) }
+    }
+
+    /// The snapshot for a new request.
+    pub fn load(&self) -> Arc<Runtime> {
+        self.current.load_full()
+    }
+
+    /// The reload status.
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the snapshot (tests and demo).
+    pub fn store(&self, rt: Runtime) {
+        self.current.store(Arc::new(rt));
+    }
+
+    /// Reloads from the file. An invalid file changes nothing and is reported.
+    pub fn reload(&self, now: DateTime<Utc>) -> Result<(), String> {
+        let Some(path) = &self.path else { return Err("no config file to reload from".into()) };
+        let bytes = std::fs::read(path);
+        let result = Config::load(path)
+            .map_err(RuntimeError::from)
+            .and_then(|cfg| {
+                let old = self.current.load();
+                warn_restart_only(&old.config, &cfg);
+                Runtime::build(cfg, Some(&old), now)
+            });
+        let mut st = match self.status.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Ok(b) = bytes
+            && let Ok(mut fp) = self.fingerprint.lock()
+        {
+            *fp = Some(Sha256::digest(&b).into());
+        }
+        match result {
+            Ok(rt) => {
+                st.loaded_at = Some(rt.loaded_at);
+                st.last_error = None;
+                self.current.store(Arc::new(rt));
+                tracing::info!(path = %path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "config reload rejected; the running config stays");
+                st.last_error = Some(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+
+    /// Reloads when the file's content changed since the last attempt.
+    pub fn reload_if_changed(&self, now: DateTime<Utc>) {
+        let Some(path) = &self.path else { return };
+        let Ok(bytes) = std::fs::read(path) else { return };
+        let fp: [u8; 32] = Sha256::digest(&bytes).into();
+        let changed = self.fingerprint.lock().map(|g| *g != Some(fp)).unwrap_or(false);
+        if changed {
+            let _ = self.reload(now);
+        }
+    }
+
+    /// Polls the file every `every` and reloads on change (a poll needs no extra crate and
+    /// works on every filesystem, including bind mounts and editors that replace the file).
+    pub fn spawn_watcher(self: &Arc<Self>, every: Duration, clock: crate::clock::SharedClock) {
+        let live = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let live = live.clone();
+                let now = clock.now();
+                let _ = tokio::task::spawn_blocking(move || live.reload_if_changed(now)).await;
+            }
+        });
+    }
+}
+
+fn warn_restart_only(old: &Config, new: &Config) {
+    if old.server.listen != new.server.listen {
+        tracing::warn!("server.listen changed: takes effect after a restart");
+    }
+    if old.storage.path != new.storage.path {
+        tracing::warn!("storage.path changed: takes effect after a restart");
+    }
+}
