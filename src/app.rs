@@ -11,7 +11,7 @@ use crate::identity::{IdentityError, Registry, User};
 use crate::ledger::{Record, RecordIds, Recorder, RecorderHandle, SledStore, StoreError, Totals};
 use crate::proxy::client::{UpstreamClient, build as build_client};
 use crate::proxy::upload::UploadSessions;
-use crate::runtime::{Live, Runtime, RuntimeError};
+use crate::runtime::{EnvLookup, Live, Runtime, RuntimeError};
 
 /// Errors of assembling the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -53,16 +53,16 @@ pub struct App {
 impl App {
     /// Opens storage, loads users, keys and this month's counters, and builds the runtime.
     /// The returned recorder must be spawned.
-    pub fn open(config: Config, config_path: Option<PathBuf>, clock: SharedClock) -> Result<(Arc<App>, Recorder), StartError> {
+    pub fn open(config: Config, config_path: Option<PathBuf>, clock: SharedClock, env: EnvLookup) -> Result<(Arc<App>, Recorder), StartError> {
         let now = clock.now();
-        let rt = Runtime::build(config, None, now)?;
+        let rt = Runtime::build(config, None, now, &env)?;
         let store = SledStore::open(&rt.config.storage.path)?;
         let registry = Registry::load(store.clone(), Month::of(now))?;
         let upstream = build_client(&rt.config.upstream);
         let (recorder, handle) = Recorder::new(store.clone());
         let (usage_events, _) = broadcast::channel(1024);
         let app = App {
-            live: Arc::new(Live::new(rt, config_path)),
+            live: Arc::new(Live::new(rt, config_path, env)),
             registry,
             recorder: handle,
             store,

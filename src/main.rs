@@ -12,6 +12,7 @@ use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SharedClock, SystemClock};
 use gemini_meter::config::Config;
 use gemini_meter::mock::{MockOptions, MockServer};
+use gemini_meter::runtime::process_env;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -201,7 +202,7 @@ fn spawn_retention(app: Arc<App>) {
 async fn serve(path: &Path) -> Result<()> {
     let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let clock: SharedClock = Arc::new(SystemClock::from_env().context("GEMINI_METER_FAKE_NOW")?);
-    let (app, recorder) = App::open(cfg, Some(path.to_path_buf()), clock.clone())?;
+    let (app, recorder) = App::open(cfg, Some(path.to_path_buf()), clock.clone(), process_env())?;
     run_gateway(app, recorder, clock, true).await
 }
 
@@ -232,7 +233,7 @@ async fn demo() -> Result<()> {
         cfg.server.listen = "127.0.0.1:0".parse()?;
     }
     let clock: SharedClock = Arc::new(SystemClock::default());
-    let (app, recorder) = App::open(cfg, None, clock.clone())?;
+    let (app, recorder) = App::open(cfg, None, clock.clone(), process_env())?;
     let now = clock.now();
     if app.registry.user("demo").is_none() {
         app.registry.create_user("demo", "free", None, now, Month::of(now))?;
@@ -247,7 +248,7 @@ async fn demo() -> Result<()> {
     drop(probe);
     let mut cfg2 = (*rt.config).clone();
     cfg2.server.listen = addr;
-    app.live.store(gemini_meter::runtime::Runtime::build(cfg2, Some(&rt), now)?);
+    app.live.replace(cfg2, now)?;
     println!();
     println!("gemini-meter demo: a mock Gemini API at http://{} and the gateway at http://{addr}", mock.addr);
     println!("demo user: demo (tier free), key: {key}");

@@ -24,6 +24,14 @@ pub enum RuntimeError {
     MissingUpstreamKey(String),
 }
 
+/// Reads an environment variable (the process environment, or a map in tests).
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The process environment.
+pub fn process_env() -> EnvLookup {
+    Arc::new(|name| std::env::var(name).ok())
+}
+
 /// A per-key requests-per-minute limiter.
 pub type KeyLimiter = DefaultKeyedRateLimiter<u64>;
 
@@ -54,13 +62,12 @@ pub struct Runtime {
 impl Runtime {
     /// Builds a snapshot. Limiters of tiers whose rate is unchanged are carried over from
     /// `previous`, so a reload does not reset anyone's rate-limit state.
-    pub fn build(config: Config, previous: Option<&Runtime>, now: DateTime<Utc>) -> Result<Runtime, RuntimeError> {
-        let upstream_key = match std::env::var(&config.upstream.api_key_env) {
-            Ok(v) if !v.is_empty() => Arc::<str>::from(v),
+    pub fn build(config: Config, previous: Option<&Runtime>, now: DateTime<Utc>, env: &EnvLookup) -> Result<Runtime, RuntimeError> {
+        let upstream_key = match env(&config.upstream.api_key_env) {
+            Some(v) if !v.is_empty() => Arc::<str>::from(v),
             _ => return Err(RuntimeError::MissingUpstreamKey(config.upstream.api_key_env.clone())),
         };
-        let admin_token = std::env::var(&config.server.admin_token_env)
-            .ok()
+        let admin_token = env(&config.server.admin_token_env)
             .filter(|v| !v.is_empty())
             .map(Arc::<str>::from);
         let mut tiers = HashMap::with_capacity(config.tiers.len());
@@ -88,9 +95,9 @@ pub struct ReloadStatus {
 }
 
 /// The live config and how to reload it.
-#[derive(Debug)]
 pub struct Live {
     current: ArcSwap<Runtime>,
+    env: EnvLookup,
     path: Option<PathBuf>,
     status: Mutex<ReloadStatus>,
     fingerprint: Mutex<Option<[u8; 32]>>,
@@ -98,10 +105,10 @@ pub struct Live {
 
 impl Live {
     /// Wraps the first snapshot; `path` is the file to reload from (None: no reload).
-    pub fn new(rt: Runtime, path: Option<PathBuf>) -> Self {
+    pub fn new(rt: Runtime, path: Option<PathBuf>, env: EnvLookup) -> Self {
         let fp = path.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| Sha256::digest(&b).into());
         let status = ReloadStatus { loaded_at: Some(rt.loaded_at), last_error: None };
-        Live { current: ArcSwap::from_pointee(rt), path, status: Mutex::new(status), fingerprint: Mutex::new(fp) }
+        Live { current: ArcSwap::from_pointee(rt), env, path, status: Mutex::new(status), fingerprint: Mutex::new(fp) }
     }
 
     /// The snapshot for a new request.
@@ -114,9 +121,11 @@ impl Live {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Replaces the snapshot (tests and demo).
-    pub fn store(&self, rt: Runtime) {
+    /// Replaces the snapshot with one built from `config` (tests and demo).
+    pub fn replace(&self, config: Config, now: DateTime<Utc>) -> Result<(), RuntimeError> {
+        let rt = Runtime::build(config, Some(&self.current.load()), now, &self.env)?;
         self.current.store(Arc::new(rt));
+        Ok(())
     }
 
     /// Reloads from the file. An invalid file changes nothing and is reported.
@@ -128,7 +137,7 @@ impl Live {
             .and_then(|cfg| {
                 let old = self.current.load();
                 warn_restart_only(&old.config, &cfg);
-                Runtime::build(cfg, Some(&old), now)
+                Runtime::build(cfg, Some(&old), now, &self.env)
             });
         let mut st = match self.status.lock() {
             Ok(g) => g,
@@ -181,6 +190,12 @@ impl Live {
                 let _ = tokio::task::spawn_blocking(move || live.reload_if_changed(now)).await;
             }
         });
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
