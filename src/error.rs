@@ -17,7 +17,7 @@ pub struct ApiError {
     /// Human-readable message; SDKs display it.
     pub message: String,
     /// An `ErrorInfo` detail (reason and metadata), when there is one.
-    pub reason: Option<(&'static str, Value)>,
+    pub reason: Option<Box<(&'static str, Value)>>,
     /// Seconds for the `Retry-After` header (429 only).
     pub retry_after: Option<u64>,
     /// Low-cardinality label for metrics and logs.
@@ -102,7 +102,7 @@ impl ApiError {
 
     /// Attaches an `ErrorInfo` detail.
     pub fn with_reason(mut self, reason: &'static str, metadata: Value) -> Self {
-        self.reason = Some((reason, metadata));
+        self.reason = Some(Box::new((reason, metadata)));
         self
     }
 
@@ -113,7 +113,8 @@ impl ApiError {
             "status": self.rpc_status,
             "message": self.message,
         });
-        if let Some((reason, metadata)) = &self.reason {
+        if let Some(r) = &self.reason {
+            let (reason, metadata) = &**r;
             error["details"] = json!([{
                 "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                 "reason": reason,

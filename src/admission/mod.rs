@@ -221,7 +221,7 @@ fn quota_headers(tier: &crate::config::Tier, t: &Totals) -> Vec<(HeaderName, Hea
         if let Some(l) = limit {
             h.push((HeaderName::from_static(limit_header(name)), HeaderValue::from(l)));
             h.push((HeaderName::from_static(remaining_header(name)), HeaderValue::from(l.saturating_sub(used))));
-            let pct = if l == 0 { 100 } else { used.saturating_mul(100) / l };
+            let pct = used.saturating_mul(100).checked_div(l).unwrap_or(100);
             if pct >= 90 && warn.is_none_or(|(_, p)| pct > p) {
                 warn = Some((name, pct));
             }

@@ -133,9 +133,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             let by = q.get("by").map(String::as_str).unwrap_or("cost");
             let mut rows = app.store.month_users(m).map_err(storage)?;
             match by {
-                "cost" => rows.sort_by(|a, b| b.1.cost.cmp(&a.1.cost)),
-                "tokens" => rows.sort_by(|a, b| b.1.tokens.cmp(&a.1.tokens)),
-                "messages" => rows.sort_by(|a, b| b.1.messages.cmp(&a.1.messages)),
+                "cost" => rows.sort_by_key(|r| std::cmp::Reverse(r.1.cost)),
+                "tokens" => rows.sort_by_key(|r| std::cmp::Reverse(r.1.tokens)),
+                "messages" => rows.sort_by_key(|r| std::cmp::Reverse(r.1.messages)),
                 _ => return Err(ApiError::bad_request("by must be cost, tokens or messages")),
             }
             rows.truncate(limit);

@@ -18,6 +18,9 @@ use tokio::time::{Instant, Sleep};
 use super::MockStats;
 use super::wire::{self, Tokens};
 
+/// Minimum pause before a `cut` stream aborts.
+const CUT_PAUSE: Duration = Duration::from_millis(10);
+
 /// Why a mock body ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MockBodyError {
@@ -304,7 +307,10 @@ impl EventStream {
         Poll::Ready(Some(Err(e)))
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
         loop {
             if self.sleeping {
                 if let Some(sleep) = self.sleep.as_mut() {
@@ -319,8 +325,14 @@ impl EventStream {
                 self.settle(true);
                 return Poll::Ready(None);
             };
-            if self.pos > 0 && step.paced() && !self.waited && !self.plan.interval.is_zero() {
-                let deadline = Instant::now() + self.plan.interval;
+            let pause = match step {
+                // Give the server time to flush the headers and events before the abort, or
+                // the client would see no response at all instead of a truncated one.
+                Step::Cut => self.plan.interval.max(CUT_PAUSE),
+                _ => self.plan.interval,
+            };
+            if self.pos > 0 && step.paced() && !self.waited && !pause.is_zero() {
+                let deadline = Instant::now() + pause;
                 match self.sleep.as_mut() {
                     Some(s) => s.as_mut().reset(deadline),
                     None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),

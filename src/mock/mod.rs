@@ -156,6 +156,9 @@ pub struct MockServer {
 impl MockServer {
     /// Binds `addr` (use 127.0.0.1:0 in tests) and serves in a spawned tokio task until the
     /// handle is dropped or `shutdown()` is called.
+    ///
+    /// # Errors
+    /// When the address cannot be bound. Must be called within a tokio runtime.
     pub async fn start(addr: SocketAddr, opts: MockOptions) -> io::Result<MockServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -186,6 +189,9 @@ impl Drop for MockServer {
 
 /// Runs the mock on an already-bound listener until the process ends (used by the CLI
 /// `mock-upstream`).
+///
+/// # Errors
+/// Only if the static bodies cannot be built; accept errors are retried, never returned.
 pub async fn serve(listener: TcpListener, opts: MockOptions) -> io::Result<()> {
     let shared = Arc::new(Shared::new(opts)?);
     // Kept alive for as long as the accept loop runs, so connections are never told to stop.
@@ -358,7 +364,10 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
     if let Some(admin) = req.uri().path().strip_prefix("/mock/") {
         return Ok(admin_route(&shared, req.method(), admin));
     }
@@ -371,42 +380,45 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Route::Generate { model, stream } => generate(&shared, req, model, stream).await,
         Route::CountTokens { model } => count_tokens(&shared, req, &model).await,
         Route::OpenAiChat => openai_chat(&shared, req).await,
-        Route::ListModels => match check_native(&shared, &req) {
-            Ok(()) => json(StatusCode::OK, shared.models_list.clone()),
-            Err(r) => r,
+        Route::ListModels => match reject_native(&shared, &req) {
+            None => json(StatusCode::OK, shared.models_list.clone()),
+            Some(r) => r,
         },
-        Route::GetModel { name, id } => match check_native(&shared, &req) {
-            Ok(()) => match serde_json::to_vec_pretty(&wire::Model::new(&name, &id)) {
+        Route::GetModel { name, id } => match reject_native(&shared, &req) {
+            None => match serde_json::to_vec_pretty(&wire::Model::new(&name, &id)) {
                 Ok(b) => json(StatusCode::OK, b),
                 Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
             },
-            Err(r) => r,
+            Some(r) => r,
         },
-        Route::ListFiles | Route::DeleteFile => match check_native(&shared, &req) {
+        Route::ListFiles | Route::DeleteFile => match reject_native(&shared, &req) {
             // An empty list is `{}` on the real API, not `{"files": []}`.
-            Ok(()) => json(StatusCode::OK, Bytes::from_static(b"{}")),
-            Err(r) => r,
+            None => json(StatusCode::OK, Bytes::from_static(b"{}")),
+            Some(r) => r,
         },
-        Route::GetFile { id } => match check_native(&shared, &req) {
-            Ok(()) => {
+        Route::GetFile { id } => match reject_native(&shared, &req) {
+            None => {
                 let host = request_host(&req);
                 match upload::file_json(&host, &id, None, "application/octet-stream", 0, false) {
                     Ok(b) => json(StatusCode::OK, b),
                     Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
                 }
             }
-            Err(r) => r,
+            Some(r) => r,
         },
-        Route::UploadStart => match check_native(&shared, &req) {
-            Ok(()) => upload::start(&shared, req).await,
-            Err(r) => r,
+        Route::UploadStart => match reject_native(&shared, &req) {
+            None => upload::start(&shared, req).await,
+            Some(r) => r,
         },
         Route::UploadChunk { upload_id } => upload::chunk(&shared, req, &upload_id).await,
         Route::NotFound => error_json(StatusCode::NOT_FOUND, wire::ERR_NOT_FOUND),
     };
     // What Google's front end adds; alt-svc lets gateway tests check that it is stripped.
     let h = resp.headers_mut();
-    h.insert(SERVER, HeaderValue::from_static("scaffolding on HTTPServer2"));
+    h.insert(
+        SERVER,
+        HeaderValue::from_static("scaffolding on HTTPServer2"),
+    );
     h.insert(
         ALT_SVC,
         HeaderValue::from_static("h3=\":443\"; ma=2592000,h3-29=\":443\"; ma=2592000"),
@@ -455,35 +467,42 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
     }
 }
 
-fn check_key(shared: &Shared, key: Option<&str>) -> Result<(), Response<MockBody>> {
+/// The rejection of a call with this key, if any.
+fn reject_key(shared: &Shared, key: Option<&str>) -> Option<Response<MockBody>> {
     match (key, shared.opts.api_key.as_deref()) {
-        (None, _) => Err(error_json(StatusCode::FORBIDDEN, wire::ERR_UNREGISTERED)),
+        (None, _) => Some(error_json(StatusCode::FORBIDDEN, wire::ERR_UNREGISTERED)),
         (Some(k), Some(expected)) if k != expected => {
-            Err(error_json(StatusCode::BAD_REQUEST, wire::ERR_KEY_INVALID))
+            Some(error_json(StatusCode::BAD_REQUEST, wire::ERR_KEY_INVALID))
         }
-        _ => Ok(()),
+        _ => None,
     }
 }
 
 /// Native paths take the key from `x-goog-api-key` or `?key=`. A Bearer token alone is an
 /// OAuth attempt, which the real API rejects with 401 for an API key.
-fn check_native<B>(shared: &Shared, req: &Request<B>) -> Result<(), Response<MockBody>> {
+fn reject_native<B>(shared: &Shared, req: &Request<B>) -> Option<Response<MockBody>> {
     let key = native_key(req);
     if key.is_none() && bearer(req.headers()).is_some() {
-        return Err(error_json(StatusCode::UNAUTHORIZED, wire::ERR_OAUTH_EXPECTED));
+        return Some(error_json(
+            StatusCode::UNAUTHORIZED,
+            wire::ERR_OAUTH_EXPECTED,
+        ));
     }
-    check_key(shared, key)
+    reject_key(shared, key)
 }
 
 /// The OpenAI-compat endpoint takes `Authorization: Bearer KEY` (or the native forms).
-fn check_openai<B>(shared: &Shared, req: &Request<B>) -> Result<(), Response<MockBody>> {
-    check_key(shared, bearer(req.headers()).or_else(|| native_key(req)))
+fn reject_openai<B>(shared: &Shared, req: &Request<B>) -> Option<Response<MockBody>> {
+    reject_key(shared, bearer(req.headers()).or_else(|| native_key(req)))
 }
 
 /// True when a header value or the query holds a token that starts with `gm_`.
 fn leaks_gateway_key<B>(req: &Request<B>) -> bool {
     req.headers().values().any(|v| has_gm_token(v.as_bytes()))
-        || req.uri().query().is_some_and(|q| has_gm_token(q.as_bytes()))
+        || req
+            .uri()
+            .query()
+            .is_some_and(|q| has_gm_token(q.as_bytes()))
 }
 
 fn has_gm_token(s: &[u8]) -> bool {
@@ -540,7 +559,7 @@ async fn generate(
     model: String,
     stream: bool,
 ) -> Response<MockBody> {
-    if let Err(r) = check_native(shared, &req) {
+    if let Some(r) = reject_native(shared, &req) {
         return r;
     }
     shared.stats.generate_requests.fetch_add(1, Relaxed);
@@ -650,7 +669,7 @@ fn stream_response(
 }
 
 async fn count_tokens(shared: &Shared, req: Request<Incoming>, model: &str) -> Response<MockBody> {
-    if let Err(r) = check_native(shared, &req) {
+    if let Some(r) = reject_native(shared, &req) {
         return r;
     }
     let Ok(len) = count_body(req.into_body()).await else {
@@ -677,14 +696,14 @@ struct ChatRequest {
 }
 
 async fn openai_chat(shared: &Shared, req: Request<Incoming>) -> Response<MockBody> {
-    if let Err(r) = check_openai(shared, &req) {
+    if let Some(r) = reject_openai(shared, &req) {
         return r;
     }
     shared.stats.generate_requests.fetch_add(1, Relaxed);
     let client_gzip = client_wants_gzip(req.headers());
     let body = match read_all(req.into_body(), MAX_JSON_BODY).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.response(),
     };
     let Ok(chat) = serde_json::from_slice::<ChatRequest>(&body) else {
         return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_JSON);
@@ -780,16 +799,30 @@ async fn count_body(mut body: Incoming) -> Result<u64, ()> {
     Ok(n)
 }
 
+/// Why a request body could not be buffered.
+#[derive(Debug, Clone, Copy)]
+enum ReadError {
+    TooLarge,
+    Broken,
+}
+
+impl ReadError {
+    fn response(self) -> Response<MockBody> {
+        match self {
+            ReadError::TooLarge => error_json(StatusCode::PAYLOAD_TOO_LARGE, wire::ERR_TOO_LARGE),
+            ReadError::Broken => error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST),
+        }
+    }
+}
+
 /// Buffers a request body of at most `limit` bytes.
-async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, Response<MockBody>> {
+async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, ReadError> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return Err(error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST));
-        };
+        let frame = frame.map_err(|_| ReadError::Broken)?;
         if let Some(d) = frame.data_ref() {
             if out.len() + d.len() > limit {
-                return Err(error_json(StatusCode::PAYLOAD_TOO_LARGE, wire::ERR_TOO_LARGE));
+                return Err(ReadError::TooLarge);
             }
             out.extend_from_slice(d);
         }
@@ -802,7 +835,7 @@ fn request_host<B>(req: &Request<B>) -> String {
     req.headers()
         .get(HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
         .filter(|h| !h.is_empty())
         .unwrap_or("localhost")
         .to_owned()

@@ -13,7 +13,7 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const FLASH: &str = "/v1beta/models/gemini-2.5-flash";
 // 40 bytes: 10 prompt tokens.
-const BODY40: &str = r#"{"contents":[{"parts":[{"text":"hi!!"}]}]}"#;
+const BODY40: &str = r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
 
 async fn mock(opts: MockOptions) -> io::Result<MockServer> {
     MockServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), opts).await
@@ -27,7 +27,11 @@ fn stat(m: &MockServer, f: fn(&MockStats) -> &AtomicU64) -> u64 {
     f(&m.stats).load(Relaxed)
 }
 
-async fn post(m: &MockServer, path: &str, body: &'static str) -> reqwest::Result<reqwest::Response> {
+async fn post(
+    m: &MockServer,
+    path: &str,
+    body: &'static str,
+) -> reqwest::Result<reqwest::Response> {
     reqwest::Client::new()
         .post(url(m, path))
         .header("x-goog-api-key", "AIzaTEST")
@@ -70,7 +74,6 @@ struct SseShape {
     single_line_events: bool,
     /// `": "` after keys (native style) vs none (OpenAI style).
     colon_space: bool,
-    comma_space: bool,
     /// Which events carry usage (`usageMetadata` or `usage`).
     usage_on: Vec<bool>,
     /// Which events carry a finish reason.
@@ -106,7 +109,6 @@ fn sse_shape(body: &[u8]) -> SseShape {
         eol,
         single_line_events: !events.is_empty(),
         colon_space: json_events.iter().all(|e| e.contains("\": ")),
-        comma_space: json_events.iter().any(|e| e.contains(", ")),
         usage_on: values
             .iter()
             .map(|v| v.get("usageMetadata").is_some() || v.get("usage").is_some())
@@ -159,7 +161,12 @@ fn array_shape(body: &[u8]) -> ArrayShape {
 #[tokio::test]
 async fn unary_body_is_pretty_and_deterministic() -> TestResult {
     let m = mock(MockOptions::default()).await?;
-    let resp = post(&m, "/v1beta/models/gemini-2.5-flash-thinking:generateContent", BODY40).await?;
+    let resp = post(
+        &m,
+        "/v1beta/models/gemini-2.5-flash-thinking:generateContent",
+        BODY40,
+    )
+    .await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()[CONTENT_TYPE], JSON);
     assert!(resp.headers()[ALT_SVC].to_str()?.starts_with("h3="));
@@ -226,7 +233,12 @@ async fn sse_stream_events_are_separate_frames_with_cumulative_usage() -> TestRe
         ..MockOptions::default()
     };
     let m = mock(opts).await?;
-    let resp = post(&m, &format!("{FLASH}:streamGenerateContent?alt=sse"), BODY40).await?;
+    let resp = post(
+        &m,
+        &format!("{FLASH}:streamGenerateContent?alt=sse"),
+        BODY40,
+    )
+    .await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()[CONTENT_TYPE], "text/event-stream");
     assert!(resp.headers().get("content-length").is_none());
@@ -302,7 +314,12 @@ async fn midstream_error_both_framings() -> TestResult {
         assert_eq!(shape, sse_shape(&fx));
     }
 
-    let resp = post(&m, "/v1beta/models/midstream-error:streamGenerateContent", BODY40).await?;
+    let resp = post(
+        &m,
+        "/v1beta/models/midstream-error:streamGenerateContent",
+        BODY40,
+    )
+    .await?;
     let body = resp.bytes().await?;
     let shape = array_shape(&body);
     assert_eq!(shape.elements, 3);
@@ -341,7 +358,10 @@ async fn cut_aborts_the_body() -> TestResult {
     ] {
         let resp = post(&m, path, BODY40).await?;
         assert_eq!(resp.status(), 200);
-        assert!(resp.bytes().await.is_err(), "{path}: truncated body must fail");
+        assert!(
+            resp.bytes().await.is_err(),
+            "{path}: truncated body must fail"
+        );
     }
     assert_eq!(stat(&m, |s| &s.streams_started), 2);
     assert_eq!(stat(&m, |s| &s.streams_completed), 0);
@@ -352,7 +372,12 @@ async fn cut_aborts_the_body() -> TestResult {
 #[tokio::test]
 async fn client_drop_mid_stream_counts_cancelled() -> TestResult {
     let m = mock(MockOptions::default()).await?;
-    let mut resp = post(&m, "/v1beta/models/slow:streamGenerateContent?alt=sse", BODY40).await?;
+    let mut resp = post(
+        &m,
+        "/v1beta/models/slow:streamGenerateContent?alt=sse",
+        BODY40,
+    )
+    .await?;
     let first = resp.chunk().await?.unwrap_or_default();
     assert!(text(&first).starts_with("data: "));
     drop(resp);
@@ -427,7 +452,10 @@ async fn other_routes() -> TestResult {
     let c = reqwest::Client::new();
     let get = |p: &str| c.get(url(&m, p)).header("x-goog-api-key", "k").send();
 
-    let v: Value = post(&m, &format!("{FLASH}:countTokens"), "123456789").await?.json().await?;
+    let v: Value = post(&m, &format!("{FLASH}:countTokens"), "123456789")
+        .await?
+        .json()
+        .await?;
     assert_eq!(v, serde_json::json!({"totalTokens": 3}));
 
     let v: Value = get("/v1beta/models").await?.json().await?;
@@ -445,14 +473,22 @@ async fn other_routes() -> TestResult {
         format!("http://{}/v1beta/files/abc123", m.addr).as_str()
     );
 
-    for p in ["/v1beta/nothing", "/v2/models", "/", "/v1beta/models/x:nope"] {
+    for p in [
+        "/v1beta/nothing",
+        "/v2/models",
+        "/",
+        "/v1beta/models/x:nope",
+    ] {
         let resp = get(p).await?;
         assert_eq!(resp.status(), 404, "{p}");
         let v: Value = resp.json().await?;
         assert_eq!(v["error"]["status"], "NOT_FOUND");
     }
     // GET on a POST method is not found either.
-    assert_eq!(get(&format!("{FLASH}:generateContent")).await?.status(), 404);
+    assert_eq!(
+        get(&format!("{FLASH}:generateContent")).await?.status(),
+        404
+    );
     Ok(())
 }
 
@@ -470,22 +506,41 @@ async fn auth_errors_like_google() -> TestResult {
     assert_eq!(resp.status(), 403);
     let v: Value = resp.json().await?;
     assert_eq!(v["error"]["status"], "PERMISSION_DENIED");
-    assert!(v["error"]["message"].as_str().is_some_and(|s| s.starts_with("Method doesn't allow unregistered callers")));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Method doesn't allow unregistered callers"))
+    );
 
-    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "bad").send().await?;
+    let resp = c
+        .post(url(&m, &path))
+        .header("x-goog-api-key", "bad")
+        .send()
+        .await?;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await?;
     assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
-    assert_eq!(v["error"]["message"], "API key not valid. Please pass a valid API key.");
+    assert_eq!(
+        v["error"]["message"],
+        "API key not valid. Please pass a valid API key."
+    );
     assert_eq!(v["error"]["details"][0]["reason"], "API_KEY_INVALID");
 
     let resp = c.post(url(&m, &format!("{path}?key=good"))).send().await?;
     assert_eq!(resp.status(), 200);
-    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "good").send().await?;
+    let resp = c
+        .post(url(&m, &path))
+        .header("x-goog-api-key", "good")
+        .send()
+        .await?;
     assert_eq!(resp.status(), 200);
     let resp = c.post(url(&m, &path)).bearer_auth("good").send().await?;
     assert_eq!(resp.status(), 401);
-    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "").send().await?;
+    let resp = c
+        .post(url(&m, &path))
+        .header("x-goog-api-key", "")
+        .send()
+        .await?;
     assert_eq!(resp.status(), 403);
     // Only authenticated calls count as generate requests.
     assert_eq!(stat(&m, |s| &s.generate_requests), 2);
@@ -518,7 +573,12 @@ async fn injected_errors() -> TestResult {
             }
         }
         // Without alt=sse the error comes as an array.
-        let resp = post(&m, &format!("/v1beta/models/{model}:streamGenerateContent"), BODY40).await?;
+        let resp = post(
+            &m,
+            &format!("/v1beta/models/{model}:streamGenerateContent"),
+            BODY40,
+        )
+        .await?;
         assert_eq!(resp.status(), code);
         let v: Value = resp.json().await?;
         assert_eq!(v[0]["error"]["code"], code);
@@ -527,7 +587,10 @@ async fn injected_errors() -> TestResult {
         .await?
         .json()
         .await?;
-    assert_eq!(v["error"]["message"], "The model is overloaded. Please try again later.");
+    assert_eq!(
+        v["error"]["message"],
+        "The model is overloaded. Please try again later."
+    );
     assert_eq!(stat(&m, |s| &s.streams_started), 0);
     Ok(())
 }
@@ -537,8 +600,13 @@ async fn leaked_gateway_keys_are_counted() -> TestResult {
     let m = mock(MockOptions::default()).await?;
     let c = reqwest::Client::new();
     let path = format!("{FLASH}:generateContent");
-    c.post(url(&m, &path)).header("x-goog-api-key", "gm_live_abc").send().await?;
-    c.post(url(&m, &format!("{path}?key=gm_abc"))).send().await?;
+    c.post(url(&m, &path))
+        .header("x-goog-api-key", "gm_live_abc")
+        .send()
+        .await?;
+    c.post(url(&m, &format!("{path}?key=gm_abc")))
+        .send()
+        .await?;
     c.post(url(&m, &path))
         .header("x-goog-api-key", "k")
         .header("x-trace", "Bearer gm_xyz")
@@ -615,7 +683,11 @@ async fn resumable_upload_with_absolute_url() -> TestResult {
     assert!(r.bytes().await?.is_empty());
     let r = chunk("upload", 3, "lo").await?;
     assert_eq!(r.status(), 400);
-    assert!(r.headers()[CONTENT_TYPE].to_str()?.starts_with("text/plain"));
+    assert!(
+        r.headers()[CONTENT_TYPE]
+            .to_str()?
+            .starts_with("text/plain")
+    );
     let r = chunk("upload, finalize", 5, " world").await?;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-goog-upload-status"], "final");
@@ -635,7 +707,11 @@ async fn resumable_upload_with_absolute_url() -> TestResult {
     // The session is gone after finalize.
     let r = chunk("upload", 11, "x").await?;
     assert_eq!(r.status(), 404);
-    assert!(r.headers()[CONTENT_TYPE].to_str()?.starts_with("text/plain"));
+    assert!(
+        r.headers()[CONTENT_TYPE]
+            .to_str()?
+            .starts_with("text/plain")
+    );
 
     // The URL names the host the client used.
     let start = c
@@ -701,7 +777,11 @@ async fn gzip_by_google_rule_and_by_model() -> TestResult {
         dec.write_all(f)?;
         dec.flush()?;
         let so_far = text(dec.get_ref());
-        assert_eq!(so_far.matches("\r\n\r\n").count(), i + 1, "event {i} decodable at once");
+        assert_eq!(
+            so_far.matches("\r\n\r\n").count(),
+            i + 1,
+            "event {i} decodable at once"
+        );
     }
     let all = dec.finish()?;
     assert_eq!(sse_shape(&all).usage_on, vec![true; 5]);
@@ -745,6 +825,27 @@ async fn h2c_prior_knowledge() -> TestResult {
         .await?;
     let u = r.headers()["x-goog-upload-url"].to_str()?;
     assert!(u.starts_with(&format!("http://{}/upload/", m.addr)), "{u}");
+
+    // A cut stream fails the h2 stream; a dropped h2 stream cancels the body.
+    let r = c
+        .post(url(&m, "/v1beta/models/cut:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", "k")
+        .send()
+        .await?;
+    assert!(r.bytes().await.is_err());
+    let mut r = c
+        .post(url(&m, "/v1beta/models/slow:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", "k")
+        .send()
+        .await?;
+    assert!(r.chunk().await?.is_some());
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&m, |s| &s.streams_cancelled) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stat(&m, |s| &s.streams_cancelled), 1);
+    assert_eq!(stat(&m, |s| &s.streams_completed), 1);
     Ok(())
 }
 
@@ -757,10 +858,18 @@ async fn ttfb_and_chunk_count_options() -> TestResult {
     };
     let m = mock(opts).await?;
     let t0 = Instant::now();
-    let r = post(&m, &format!("{FLASH}:streamGenerateContent?alt=sse"), BODY40).await?;
+    let r = post(
+        &m,
+        &format!("{FLASH}:streamGenerateContent?alt=sse"),
+        BODY40,
+    )
+    .await?;
     assert!(t0.elapsed() >= Duration::from_millis(150));
     assert_eq!(sse_shape(&r.bytes().await?).usage_on.len(), 2);
-    let v: Value = post(&m, &format!("{FLASH}:generateContent"), BODY40).await?.json().await?;
+    let v: Value = post(&m, &format!("{FLASH}:generateContent"), BODY40)
+        .await?
+        .json()
+        .await?;
     assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 6);
     Ok(())
 }
@@ -826,7 +935,76 @@ async fn bench_unary() -> TestResult {
     }
     let n = (TOTAL / CONCURRENCY) * CONCURRENCY;
     let secs = t0.elapsed().as_secs_f64();
-    println!("bench_unary: {n} requests in {secs:.2}s = {:.0} req/s", n as f64 / secs);
+    println!(
+        "bench_unary: {n} requests in {secs:.2}s = {:.0} req/s",
+        n as f64 / secs
+    );
+    assert_eq!(stat(&m, |s| &s.generate_requests), n as u64);
+    Ok(())
+}
+
+/// Raw speed with a minimal keep-alive HTTP/1.1 client (reqwest costs more than the mock):
+/// `cargo test --release -- --ignored --nocapture bench_unary_raw`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_unary_raw() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TOTAL: usize = 100_000;
+    const CONCURRENCY: usize = 64;
+    let m = mock(MockOptions::default()).await?;
+    let request = format!(
+        "POST {FLASH}:generateContent HTTP/1.1\r\nhost: {}\r\nx-goog-api-key: k\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY40}",
+        m.addr,
+        BODY40.len()
+    );
+    let request = Arc::new(request.into_bytes());
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let request = request.clone();
+        let addr = m.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let mut buf = Vec::with_capacity(4096);
+            for _ in 0..TOTAL / CONCURRENCY {
+                s.write_all(&request).await?;
+                buf.clear();
+                // Read headers, then exactly content-length bytes.
+                let (head_end, len) = loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await?;
+                    assert!(n > 0, "server closed");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = text(&buf[..i]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .expect("content-length");
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await?;
+                    assert!(n > 0, "server closed");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+            Ok::<_, io::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let n = (TOTAL / CONCURRENCY) * CONCURRENCY;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "bench_unary_raw: {n} requests in {secs:.2}s = {:.0} req/s",
+        n as f64 / secs
+    );
     assert_eq!(stat(&m, |s| &s.generate_requests), n as u64);
     Ok(())
 }

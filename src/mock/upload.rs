@@ -95,7 +95,7 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
     let host = request_host(&req);
     let body = match read_all(req.into_body(), MAX_START_BODY).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.response(),
     };
     // Lenient: an empty or unparsable body just means no metadata.
     let meta = serde_json::from_slice::<StartBody>(&body)
@@ -109,7 +109,9 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
         .or(body_mime)
         .unwrap_or_else(|| "application/octet-stream".to_owned());
     let upload_id = random_id(32);
-    let url = format!("http://{host}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable");
+    let url = format!(
+        "http://{host}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+    );
     let Ok(url) = HeaderValue::from_str(&url) else {
         return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
     };
@@ -146,7 +148,9 @@ pub(crate) async fn chunk(
     upload_id: &str,
 ) -> Response<MockBody> {
     let h = req.headers();
-    let command = header(h, "x-goog-upload-command").unwrap_or("").to_ascii_lowercase();
+    let command = header(h, "x-goog-upload-command")
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let mut upload = false;
     let mut finalize = false;
     let mut query = false;

@@ -147,7 +147,10 @@ impl serde_json::ser::Formatter for SseFormatter {
 
 /// Appends `v` in Google's single-line SSE style.
 pub(crate) fn write_sse_json<T: Serialize>(out: &mut Vec<u8>, v: &T) -> serde_json::Result<()> {
-    v.serialize(&mut serde_json::Serializer::with_formatter(out, SseFormatter))
+    v.serialize(&mut serde_json::Serializer::with_formatter(
+        out,
+        SseFormatter,
+    ))
 }
 
 /// Appends `v` pretty-printed with two-space indents (unary bodies, JSON-array elements).
@@ -468,7 +471,10 @@ mod tests {
             thoughts: 0,
         };
         let mut out = Vec::new();
-        write_sse_json(&mut out, &GenerateResponse::new("Hi", true, Some(t), "m", "r"))?;
+        write_sse_json(
+            &mut out,
+            &GenerateResponse::new("Hi", true, Some(t), "m", "r"),
+        )?;
         assert_eq!(
             String::from_utf8_lossy(&out),
             r#"{"candidates": [{"content": {"parts": [{"text": "Hi"}],"role": "model"},"index": 0,"finishReason": "STOP"}],"usageMetadata": {"promptTokenCount": 7,"candidatesTokenCount": 3,"totalTokenCount": 10,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 7}]},"modelVersion": "m","responseId": "r"}"#

@@ -29,10 +29,10 @@ pub fn caller_key(headers: &HeaderMap, query: Option<&str>) -> Option<(String, K
             return Some((v.to_string(), KeySource::Header));
         }
     }
-    if let Some(k) = query.and_then(|q| query_param(q, "key")) {
-        if !k.is_empty() {
-            return Some((k, KeySource::Query));
-        }
+    if let Some(k) = query.and_then(|q| query_param(q, "key"))
+        && !k.is_empty()
+    {
+        return Some((k, KeySource::Query));
     }
     if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
