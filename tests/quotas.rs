@@ -396,7 +396,8 @@ async fn monthly_token_quota_refuses_once_used() {
         used,
         r1.body["usageMetadata"]["totalTokenCount"]
             .as_u64()
-            .unwrap()
+            .unwrap(),
+        "tokens used are the upstream's usageMetadata.totalTokenCount"
     );
     assert_eq!(gen_requests(&h), 1);
 }
@@ -456,7 +457,8 @@ async fn quota_headers_are_present_exactly_for_limited_quotas() {
     assert_eq!(s.header("x-quota-messages-remaining"), Some("8"));
     assert_eq!(
         s.header("x-quota-tokens-remaining"),
-        Some((100000 - tokens).to_string().as_str())
+        Some((100000 - tokens).to_string().as_str()),
+        "tokens counted are the upstream's usageMetadata.totalTokenCount"
     );
     assert!(dec(&s, "x-quota-cost-remaining") < Decimal::from(5));
     // Every proxied response, not only metered ones.
@@ -602,6 +604,14 @@ async fn tier_change_applies_to_the_next_request() {
     )
     .await;
     assert_eq!(dup.status, 409, "duplicate: {}", dup.text);
+    let ghost = admin_json(
+        &h,
+        Method::PATCH,
+        "/admin/users/ghost",
+        Some(json!({"tier": "free"})),
+    )
+    .await;
+    assert_eq!(ghost.status, 404, "unknown user: {}", ghost.text);
     let u = admin_json(&h, Method::GET, "/admin/users/noah", None).await;
     assert_eq!(
         u.body["tier"], "one",

@@ -19,7 +19,7 @@ use crate::ledger::Totals;
 use crate::runtime::Runtime;
 
 /// What kind of request is being admitted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ask<'a> {
     /// A metered model call: reserves a message; tokens and cost must not be used up.
     Generate {
