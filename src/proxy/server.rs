@@ -80,8 +80,12 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         .max_header_list_size(cfg.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    // Connection tasks are kept so that, past the drain timeout, they can be aborted *before*
+    // the final flush: an aborted stream settles (client_closed) instead of vanishing unrecorded.
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -104,7 +108,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         let svc = service_fn(move |req| handle(app.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _ = conn.await;
             drop(permit);
         });
@@ -113,7 +117,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(cfg.drain_timeout) => {
-            tracing::warn!(timeout_ms = cfg.drain_timeout.as_millis() as u64, "drain timeout reached; closing the remaining connections");
+            tracing::warn!(timeout_ms = cfg.drain_timeout.as_millis() as u64, open = conns.len(), "drain timeout reached; closing the remaining connections");
         }
     }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
