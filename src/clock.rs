@@ -14,14 +14,14 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 /// The real clock, optionally shifted by a fixed offset (for tests of a running binary).
 #[derive(Debug, Default)]
 pub struct SystemClock {
-    offset_ms: AtomicI64,
+    offset_ns: AtomicI64,
 }
 
 impl SystemClock {
     /// A clock shifted by `offset_ms` milliseconds from the system time.
     pub fn with_offset_ms(offset_ms: i64) -> Self {
         Self {
-            offset_ms: AtomicI64::new(offset_ms),
+            offset_ns: AtomicI64::new(offset_ms.saturating_mul(1_000_000)),
         }
     }
 
@@ -41,20 +41,21 @@ impl SystemClock {
 
     /// Moves the clock by `delta_ms` (tests).
     pub fn advance_ms(&self, delta_ms: i64) {
-        self.offset_ms.fetch_add(delta_ms, Ordering::Relaxed);
+        self.offset_ns.fetch_add(delta_ms.saturating_mul(1_000_000), Ordering::Relaxed);
     }
 
-    /// Sets the clock so that `now()` returns about `at` (tests).
+    /// Sets the clock so that `now()` returns `at` from this moment on (tests). Kept in
+    /// nanoseconds so that setting it to a month's first instant never reads as the month before.
     pub fn set(&self, at: DateTime<Utc>) {
-        self.offset_ms
-            .store((at - Utc::now()).num_milliseconds(), Ordering::Relaxed);
+        let off = (at - Utc::now()).num_nanoseconds().unwrap_or(0);
+        self.offset_ns.store(off, Ordering::Relaxed);
     }
 }
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
-        let off = self.offset_ms.load(Ordering::Relaxed);
-        Utc::now() + chrono::Duration::milliseconds(off)
+        let off = self.offset_ns.load(Ordering::Relaxed);
+        Utc::now() + chrono::Duration::nanoseconds(off)
     }
 }
 

@@ -154,7 +154,7 @@ async fn run_gateway(app: Arc<App>, recorder: gemini_meter::ledger::Recorder, cl
     let listen = rt.config.server.listen;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let recorder_task = tokio::spawn(recorder.run());
+    let recorder_task = recorder.spawn().context("starting the recorder thread")?;
     if reloadable {
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]

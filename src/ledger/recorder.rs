@@ -1,6 +1,7 @@
-//! The recorder: a background task that writes records to the store in batches.
+//! The recorder: a background thread that writes records to the store in batches.
 //!
-//! The hot path hands records over a channel and never waits. The task takes whatever has
+//! The hot path hands records over a channel and never waits. The thread (its own OS thread,
+//! since sled's writes and fsyncs block and must not stall the async workers) takes whatever has
 //! queued up, writes it as one atomic batch (records plus aggregates), flushes, and repeats: a
 //! record reaches disk within one flush of being handed over, and under load batches grow on
 //! their own. A failing write is retried with backoff, never dropped.
@@ -122,11 +123,16 @@ impl Recorder {
         )
     }
 
-    /// Runs until every handle is dropped and the queue is drained.
-    pub async fn run(mut self) {
+    /// Starts the recorder on its own thread; it runs until every handle is dropped.
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("gm-recorder".into()).spawn(move || self.run())
+    }
+
+    /// Runs until every handle is dropped and the queue is drained (blocking).
+    pub fn run(mut self) {
         let mut buf: Vec<Record> = Vec::with_capacity(1024);
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
-        while let Some(first) = self.rx.recv().await {
+        while let Some(first) = self.rx.blocking_recv() {
             let mut op = None;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
@@ -145,7 +151,7 @@ impl Recorder {
                 next = self.rx.try_recv().ok();
             }
             if !buf.is_empty() {
-                self.write(&buf).await;
+                self.write(&buf);
                 self.stats.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
                 buf.clear();
             }
@@ -156,7 +162,7 @@ impl Recorder {
                 Some(Msg::DeleteUser(user, reply)) => {
                     let res = self.store.delete_user_usage(&user);
                     let res = match res {
-                        Ok(n) => self.store.flush().await.map(|_| n),
+                        Ok(n) => self.store.flush_sync().map(|_| n),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(res);
@@ -164,7 +170,7 @@ impl Recorder {
                 Some(Msg::Retention(cutoff, reply)) => {
                     let res = self.store.delete_records_before(cutoff);
                     let res = match res {
-                        Ok(n) => self.store.flush().await.map(|_| n),
+                        Ok(n) => self.store.flush_sync().map(|_| n),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(res);
@@ -172,29 +178,29 @@ impl Recorder {
                 _ => {}
             }
         }
-        if let Err(e) = self.store.flush().await {
+        if let Err(e) = self.store.flush_sync() {
             tracing::error!(error = %e, "final flush failed");
         }
     }
 
     /// Writes one batch, retrying until it is applied and flushed. Applying twice would double
     /// the aggregates, so the apply and the flush are retried separately.
-    async fn write(&self, batch: &[Record]) {
+    fn write(&self, batch: &[Record]) {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.store.write_records(batch) {
                 Ok(()) => break,
-                Err(e) => self.failed(&e, &mut backoff).await,
+                Err(e) => self.failed(&e, &mut backoff),
             }
         }
         loop {
             let t0 = Instant::now();
-            match self.store.flush().await {
+            match self.store.flush_sync() {
                 Ok(()) => {
                     self.stats.last_flush_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                     break;
                 }
-                Err(e) => self.failed(&e, &mut backoff).await,
+                Err(e) => self.failed(&e, &mut backoff),
             }
         }
         self.stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -207,13 +213,13 @@ impl Recorder {
         }
     }
 
-    async fn failed(&self, e: &StoreError, backoff: &mut Duration) {
+    fn failed(&self, e: &StoreError, backoff: &mut Duration) {
         tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "storage write failed; retrying (nothing is dropped)");
         self.stats.degraded.store(true, Ordering::Relaxed);
         if let Ok(mut g) = self.stats.last_error.lock() {
             *g = Some(e.to_string());
         }
-        tokio::time::sleep(*backoff).await;
+        std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -96,7 +96,7 @@ impl Harness {
         let env: HashMap<&str, &str> = [("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY), ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN)].into();
         let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
         let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
-        tokio::spawn(recorder.run());
+        recorder.spawn().unwrap();
         let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let base = format!("http://{}", server.addr);
         Harness { mock, app, server: Some(server), base, dir, config_path, clock, http: reqwest::Client::new() }
@@ -202,29 +202,57 @@ impl Harness {
     /// not talk to it (note: `write_config_extra` would point the gateway back at the mock).
     pub async fn start_against(upstream: SocketAddr, extra: &str) -> Harness {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let opts = MockOptions { api_key: Some(UPSTREAM_KEY.into()), ..MockOptions::default() };
-        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+        let opts = MockOptions {
+            api_key: Some(UPSTREAM_KEY.into()),
+            ..MockOptions::default()
+        };
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts)
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(upstream, &dir.path().join("data"), extra);
         std::fs::write(&config_path, &text).unwrap();
         let cfg = Config::load(&config_path).unwrap();
         let clock = Arc::new(SystemClock::default());
-        let env: HashMap<&str, &str> = [("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY), ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN)].into();
+        let env: HashMap<&str, &str> = [
+            ("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY),
+            ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN),
+        ]
+        .into();
         let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
-        tokio::spawn(recorder.run());
-        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (app, recorder) =
+            App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
+        recorder.spawn().unwrap();
+        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let base = format!("http://{}", server.addr);
-        Harness { mock, app, server: Some(server), base, dir, config_path, clock, http: reqwest::Client::new() }
+        Harness {
+            mock,
+            app,
+            server: Some(server),
+            base,
+            dir,
+            config_path,
+            clock,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Creates a user and issues a key, returning `(key, key_id)`.
     pub async fn user_with_key_id(&self, id: &str, tier: &str) -> (String, String) {
         self.create_user(id, tier).await;
-        let r = self.admin(reqwest::Method::POST, &format!("/admin/users/{id}/keys")).send().await.unwrap();
+        let r = self
+            .admin(reqwest::Method::POST, &format!("/admin/users/{id}/keys"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
-        (v["key"].as_str().unwrap().to_string(), v["key_id"].as_str().unwrap().to_string())
+        (
+            v["key"].as_str().unwrap().to_string(),
+            v["key_id"].as_str().unwrap().to_string(),
+        )
     }
 }
