@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::broadcast;
 
 use crate::clock::{Month, SharedClock};
 use crate::config::Config;
 use crate::identity::{IdentityError, Registry, User};
+use crate::metrics::Metrics;
 use crate::ledger::{Record, RecordIds, Recorder, RecorderHandle, SledStore, StoreError, Totals};
 use crate::proxy::client::{UpstreamClient, build as build_client};
 use crate::proxy::upload::UploadSessions;
@@ -46,6 +48,8 @@ pub struct App {
     pub upstream: UpstreamClient,
     /// Upload sessions started here.
     pub uploads: UploadSessions,
+    /// Operational metrics.
+    pub metrics: Metrics,
     /// Announces the user id after each change of their usage (for live updates).
     pub usage_events: broadcast::Sender<Arc<str>>,
 }
@@ -71,6 +75,7 @@ impl App {
             upstream,
             uploads: UploadSessions::default(),
             usage_events,
+            metrics: Metrics::default(),
         };
         Ok((Arc::new(app), recorder))
     }
@@ -79,6 +84,12 @@ impl App {
     /// `reserved_message` says the record's message was already counted at admission.
     pub fn settle_record(&self, user: &User, rec: Record, reserved_message: bool) {
         user.usage.add(rec.month(), &Totals::of(&rec), reserved_message);
+        let m = &self.metrics;
+        m.records.fetch_add(1, Relaxed);
+        m.tokens.fetch_add(rec.tokens, Relaxed);
+        m.upload_bytes.fetch_add(rec.bytes, Relaxed);
+        let nanos = (rec.cost * rust_decimal::Decimal::from(1_000_000_000u32)).trunc();
+        m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
         self.recorder.record(rec);
         // Nobody listening is the common case; that is not an error.
         let _ = self.usage_events.send(user.id.clone());

@@ -13,6 +13,7 @@ pub mod error;
 pub mod identity;
 pub mod ledger;
 pub mod metering;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod runtime;

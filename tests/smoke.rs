@@ -27,3 +27,27 @@ async fn unary_call_is_forwarded_and_metered_once() {
     assert!(!std::fs::read_dir(h.dir.path()).unwrap().any(|_| false));
     let _ = UPSTREAM_KEY;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_refusals_and_tokens() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("mia", "free").await;
+    assert_eq!(h.generate(&key, "gemini-2.5-flash", true).await.status(), 200);
+    let r = h.http.post(h.url("/v1beta/models/gemini-2.5-flash:generateContent")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    h.sync().await;
+    let text = h.http.get(h.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+    };
+    assert_eq!(value("gm_requests_total{route=\"stream\",status=\"2xx\"}"), 1.0);
+    assert_eq!(value("gm_admission_refusals_total{reason=\"missing_key\"}"), 1.0);
+    let recs = h.records("mia").await;
+    let tokens: u64 = recs.iter().map(|r| r.tokens).sum();
+    assert!(tokens > 0);
+    assert_eq!(value("gm_tokens_total"), tokens as f64);
+    assert_eq!(value("gm_upstream_latency_seconds_count"), 1.0);
+    assert_eq!(value("gm_open_streams"), 0.0);
+}

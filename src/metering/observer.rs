@@ -75,11 +75,13 @@ impl<B> MeteredBody<B> {
     /// Wraps `inner`; `content_encoding` is the response's Content-Encoding.
     pub fn new(inner: B, content_encoding: Option<&str>, meter: Meter) -> Self {
         let scanner = DecodingScanner::new(content_encoding, meter.format);
+        meter.app.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
         Self { inner, scanner, response_bytes: 0, meter: Some(meter), fail_next: false }
     }
 
     fn settle(&mut self, ending: Ending) {
         if let Some(m) = self.meter.take() {
+            m.app.metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
             settle(m, &self.scanner.summary(), self.response_bytes, ending);
         }
     }
@@ -103,6 +105,11 @@ where
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
+                    if this.response_bytes == 0
+                        && let Some(m) = &this.meter
+                    {
+                        m.app.metrics.ttfb.observe(m.started.elapsed());
+                    }
                     this.response_bytes += data.len() as u64;
                     this.scanner.feed(data);
                     let ok_stream = this.meter.as_ref().is_some_and(|m| m.upstream_status < 300 && m.format != Format::UnaryJson && m.format != Format::OpenAiJson);
@@ -169,6 +176,7 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
         // An error status bills nothing (Gemini does not charge failed requests).
         (Tokens::default(), TokenSource::Upstream)
     } else {
+        m.app.metrics.estimated.fetch_add(1, Ordering::Relaxed);
         (Tokens::estimated(m.prompt_chars.load(Ordering::Relaxed), s.text_chars), TokenSource::Estimated)
     };
     let rt = m.app.live.load();

@@ -24,13 +24,22 @@ use crate::ledger::{Record, RecordKind};
 use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
 use crate::metering::pricing::upload_cost;
 use crate::metering::scan::{Format, TextCounter};
+use crate::metrics::route_index;
 
 /// Forwards a proxied request; every failure becomes a Gemini error envelope.
 pub async fn forward(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
-    match forward_inner(&app, req).await {
+    let mut route_idx = route_index("other");
+    let resp = match forward_inner(&app, req, &mut route_idx).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+        Err(e) => {
+            if e.status.is_client_error() {
+                app.metrics.refusal(e.label);
+            }
+            e.into_response()
+        }
+    };
+    app.metrics.request(route_idx, resp.status().as_u16());
+    resp
 }
 
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
@@ -133,13 +142,20 @@ impl Drop for Pending {
     }
 }
 
-async fn forward_inner(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut usize) -> Result<Response<ProxyBody>, ApiError> {
     let started = Instant::now();
     let rt = app.live.load();
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
     let route = classify(&parts.method, &path, query.as_deref(), &parts.headers);
+    *route_idx = route_index(match &route {
+        Route::Generate { stream: false, .. } => "generate",
+        Route::Generate { stream: true, .. } => "stream",
+        Route::OpenAiChat => "openai",
+        Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
+        Route::Other { .. } => "other",
+    });
     let max = rt.config.server.max_request_bytes;
     if content_length(&parts.headers).is_some_and(|n| n > max) {
         return Err(ApiError::too_large(max));
@@ -242,6 +258,7 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>) -> Result<Respons
     parts.version = http::Version::HTTP_11;
     let up_req = Request::from_parts(parts, upstream_body);
 
+    let sent_at = Instant::now();
     let fut = app.upstream.request(up_req);
     let result = match rt.config.upstream.read_timeout {
         Some(d) => match tokio::time::timeout(d, fut).await {
@@ -277,6 +294,7 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>) -> Result<Respons
         }
     };
 
+    app.metrics.upstream_latency.observe(sent_at.elapsed());
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     // Browsers would try HTTP/3 on our host otherwise.
