@@ -65,6 +65,7 @@ impl App {
         let upstream = build_client(&rt.config.upstream);
         let (recorder, handle) = Recorder::new(store.clone());
         let (usage_events, _) = broadcast::channel(1024);
+        let uploads = UploadSessions::new(store.meta().clone());
         let app = App {
             live: Arc::new(Live::new(rt, config_path, env)),
             registry,
@@ -73,7 +74,7 @@ impl App {
             clock,
             ids: RecordIds::new(),
             upstream,
-            uploads: UploadSessions::default(),
+            uploads,
             usage_events,
             metrics: Metrics::default(),
         };

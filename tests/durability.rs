@@ -1191,6 +1191,76 @@ async fn restart_keeps_users_and_keys_and_revocations() {
     assert_eq!(recs.iter().filter(|r| is_ok_message(r)).count(), 3);
 }
 
+/// An upload started before a restart can be finished after it, keyless, and is billed to the
+/// key that started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_session_survives_a_restart() {
+    let site = Site::new().await;
+    let port = free_port();
+    let cfg = site.config("a.toml", port, "", "");
+    let g = Gateway::start(&site, &cfg, port, Opts::default()).await;
+    let key = g.user_with_key("uploader", "free").await;
+    let data = vec![7u8; 5000];
+    let r = g
+        .http
+        .post(g.url("/upload/v1beta/files"))
+        .header("x-goog-api-key", &key)
+        .header("X-Goog-Upload-Protocol", "resumable")
+        .header("X-Goog-Upload-Command", "start")
+        .header(
+            "X-Goog-Upload-Header-Content-Length",
+            data.len().to_string(),
+        )
+        .json(&serde_json::json!({"file": {"displayName": "a"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = r.headers()["x-goog-upload-url"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let path_and_query = url
+        .split_once(&format!("127.0.0.1:{port}"))
+        .unwrap()
+        .1
+        .to_string();
+    let mut g = g;
+    g.signal("TERM");
+    assert!(
+        g.wait_exit(Duration::from_secs(10))
+            .await
+            .expect("exit")
+            .success()
+    );
+
+    let port = free_port();
+    let cfg = site.config("b.toml", port, "", "");
+    let g = Gateway::start(&site, &cfg, port, Opts::default()).await;
+    let r = g
+        .http
+        .post(g.url(&path_and_query))
+        .header("X-Goog-Upload-Command", "upload, finalize")
+        .header("X-Goog-Upload-Offset", "0")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "keyless chunk after restart: {}",
+        r.text().await.unwrap()
+    );
+    let recs = assert_counters_equal_ledger(&g, "uploader", &key).await;
+    let bytes: u64 = recs
+        .iter()
+        .filter(|r| r["type"] == "file_upload")
+        .map(|r| r["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(bytes, data.len() as u64);
+}
+
 /// Size of the files under `dir`.
 fn dir_bytes(dir: &Path) -> u64 {
     let mut n = 0;

@@ -184,6 +184,12 @@ impl Registry {
         self.by_key_id.contains_key(key_id)
     }
 
+    /// The active key with this id.
+    pub fn entry_by_key_id(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
+        let hash = *self.by_key_id.get(key_id)?;
+        self.by_hash.get(&hash).map(|e| e.value().clone())
+    }
+
     /// A user by id.
     pub fn user(&self, id: &str) -> Option<Arc<User>> {
         self.users.get(id).map(|u| u.value().clone())

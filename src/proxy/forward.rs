@@ -165,7 +165,7 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut u
     let presented = caller_key(&parts.headers, query.as_deref());
     let mut session_chunk = false;
     let key = match &route {
-        Route::UploadChunk { upload_id } => match app.uploads.get(upload_id) {
+        Route::UploadChunk { upload_id } => match app.uploads.get(upload_id, &app.registry) {
             Some(s) if app.registry.key_active(&s.key.key_id) => {
                 session_chunk = true;
                 s.key.clone()

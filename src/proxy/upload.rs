@@ -1,12 +1,15 @@
 //! Resumable upload sessions started through the gateway: which key started each one, so that
 //! chunk requests (python-genai sends them without a key) are billed to the right user.
+//! Sessions are also kept in sled (under a hash of the upload id, which is a bearer
+//! capability), so an upload survives a restart of the gateway.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use serde_json::{Value, json};
 
-use crate::identity::KeyEntry;
+use crate::identity::{KeyEntry, Registry, hash_key};
 
 /// Sessions older than this are forgotten (Gemini keeps uploads for 48 hours at most).
 const SESSION_TTL: Duration = Duration::from_secs(48 * 3600);
@@ -23,31 +26,66 @@ pub struct UploadSession {
 }
 
 /// Upload sessions by `upload_id`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UploadSessions {
     map: DashMap<String, Arc<UploadSession>>,
+    tree: sled::Tree,
+}
+
+fn stored_key(upload_id: &str) -> Vec<u8> {
+    let mut k = b"upload/".to_vec();
+    k.extend_from_slice(hex::encode(hash_key(upload_id)).as_bytes());
+    k
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl UploadSessions {
+    /// Sessions kept in memory and in `tree`.
+    pub fn new(tree: sled::Tree) -> Self {
+        Self { map: DashMap::new(), tree }
+    }
+
     /// Remembers a session.
     pub fn insert(&self, upload_id: String, key: Arc<KeyEntry>, declared: Option<u64>) {
         if self.map.len() > 10_000 {
             self.map.retain(|_, s| s.started.elapsed() < SESSION_TTL);
         }
+        let rec = json!({"key_id": &*key.key_id, "declared": declared, "started": unix_now()});
+        if let Err(e) = self.tree.insert(stored_key(&upload_id), rec.to_string().into_bytes()) {
+            tracing::warn!(error = %e, "upload session not persisted; it lasts until a restart");
+        }
         self.map.insert(upload_id, Arc::new(UploadSession { key, declared, started: Instant::now() }));
     }
 
-    /// The session of an `upload_id`, if it was started here and is not stale.
-    pub fn get(&self, upload_id: &str) -> Option<Arc<UploadSession>> {
-        self.map
-            .get(upload_id)
-            .map(|s| s.value().clone())
-            .filter(|s| s.started.elapsed() < SESSION_TTL)
+    /// The session of an `upload_id`, if it was started here (before or since the last
+    /// restart) and is not stale.
+    pub fn get(&self, upload_id: &str, registry: &Registry) -> Option<Arc<UploadSession>> {
+        if let Some(s) = self.map.get(upload_id).map(|s| s.value().clone()) {
+            return (s.started.elapsed() < SESSION_TTL).then_some(s);
+        }
+        let raw = self.tree.get(stored_key(upload_id)).ok()??;
+        let v: Value = serde_json::from_slice(&raw).ok()?;
+        let age = unix_now().saturating_sub(v["started"].as_u64()?);
+        if age >= SESSION_TTL.as_secs() {
+            return None;
+        }
+        let key = registry.entry_by_key_id(v["key_id"].as_str()?)?;
+        let started = Instant::now().checked_sub(std::time::Duration::from_secs(age)).unwrap_or_else(Instant::now);
+        let s = Arc::new(UploadSession { key, declared: v["declared"].as_u64(), started });
+        self.map.insert(upload_id.to_string(), s.clone());
+        Some(s)
     }
 
     /// Forgets a finished session.
     pub fn remove(&self, upload_id: &str) {
         self.map.remove(upload_id);
+        let _ = self.tree.remove(stored_key(upload_id));
     }
 }
 
