@@ -42,6 +42,8 @@ pub struct TierRuntime {
     pub tier: Tier,
     /// Per-key limiter when the tier sets `requests_per_minute`.
     pub rpm: Option<Arc<KeyLimiter>>,
+    /// `x-quota-*-limit` header values (messages, tokens, bytes, cost), rendered once.
+    pub limit_values: [Option<http::HeaderValue>; 4],
 }
 
 /// One immutable snapshot of the running configuration.
@@ -79,7 +81,13 @@ impl Runtime {
                     .and_then(|old| old.rpm.clone());
                 reuse.unwrap_or_else(|| Arc::new(RateLimiter::keyed(Quota::per_minute(rpm))))
             });
-            tiers.insert(name.clone(), TierRuntime { tier: tier.clone(), rpm });
+            let limit_values = [
+                tier.messages.map(http::HeaderValue::from),
+                tier.tokens.map(http::HeaderValue::from),
+                tier.bytes.map(http::HeaderValue::from),
+                tier.cost.and_then(|c| http::HeaderValue::from_str(&c.normalize().to_string()).ok()),
+            ];
+            tiers.insert(name.clone(), TierRuntime { tier: tier.clone(), rpm, limit_values });
         }
         Ok(Runtime { config: Arc::new(config), tiers, upstream_key, admin_token, loaded_at: now })
     }

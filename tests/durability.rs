@@ -1284,7 +1284,7 @@ fn measure_restart_time_with_a_million_records() {
     use gemini_meter::identity::Registry;
     use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
 
-    const TOTAL: usize = 1_000_000;
+    let total: usize = std::env::var("GM_RESTART_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     const BATCH: usize = 10_000;
     const USERS: usize = 1_000;
     let dir = tempfile::tempdir().unwrap();
@@ -1302,10 +1302,10 @@ fn measure_restart_time_with_a_million_records() {
         let t0 = Instant::now();
         let mut written = 0;
         let mut batch_ms: Vec<f64> = Vec::new();
-        while written < TOTAL {
+        while written < total {
             let batch: Vec<Record> = (written..written + BATCH)
                 .map(|i| {
-                    let at = now - chrono::Duration::milliseconds((TOTAL - i) as i64);
+                    let at = now - chrono::Duration::milliseconds((total - i) as i64);
                     let ai = i % 2 == 1;
                     let metadata = if ai {
                         json!({"model": "gemini-2.5-flash", "prompt_tokens": 12, "output_tokens": 15, "thoughts_tokens": 0,
@@ -1347,8 +1347,8 @@ fn measure_restart_time_with_a_million_records() {
             sorted[sorted.len() - 1]
         );
         println!(
-            "wrote {TOTAL} records in {secs:.2} s: {:.0} records/s (batches of {BATCH}, one flush at the end)",
-            TOTAL as f64 / secs
+            "wrote {total} records in {secs:.2} s: {:.0} records/s (batches of {BATCH}, one flush at the end)",
+            total as f64 / secs
         );
         println!("size_on_disk {} bytes", store.size_on_disk());
     }

@@ -16,7 +16,7 @@ use crate::clock::{Month, rfc3339};
 use crate::error::ApiError;
 use crate::identity::KeyEntry;
 use crate::ledger::Totals;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, TierRuntime};
 
 /// What kind of request is being admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,15 +211,16 @@ pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) ->
         Ask::Other { .. } => (user.usage.snapshot(month), false),
     };
 
-    Ok(Admitted { month, at: now, reserved_message: reserved, headers: quota_headers(tier, &totals) })
+    Ok(Admitted { month, at: now, reserved_message: reserved, headers: quota_headers(tr, &totals) })
 }
 
-fn quota_headers(tier: &crate::config::Tier, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
+fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
+    let tier = &tr.tier;
     let mut h = Vec::with_capacity(8);
     let mut warn: Option<(&str, u64)> = None;
-    let mut ints = |name: &'static str, limit: Option<u64>, used: u64| {
-        if let Some(l) = limit {
-            h.push((HeaderName::from_static(limit_header(name)), HeaderValue::from(l)));
+    let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
+        if let (Some(l), Some(lv)) = (limit, value) {
+            h.push((HeaderName::from_static(limit_header(name)), lv.clone()));
             h.push((HeaderName::from_static(remaining_header(name)), HeaderValue::from(l.saturating_sub(used))));
             let pct = used.saturating_mul(100).checked_div(l).unwrap_or(100);
             if pct >= 90 && warn.is_none_or(|(_, p)| pct > p) {
@@ -227,13 +228,13 @@ fn quota_headers(tier: &crate::config::Tier, t: &Totals) -> Vec<(HeaderName, Hea
             }
         }
     };
-    ints("messages", tier.messages, t.messages);
-    ints("tokens", tier.tokens, t.tokens);
-    ints("bytes", tier.bytes, t.bytes);
+    ints("messages", tier.messages, &tr.limit_values[0], t.messages);
+    ints("tokens", tier.tokens, &tr.limit_values[1], t.tokens);
+    ints("bytes", tier.bytes, &tr.limit_values[2], t.bytes);
     if let Some(l) = tier.cost {
         let rem = (l - t.cost).max(Decimal::ZERO).normalize();
-        if let (Ok(lv), Ok(rv)) = (HeaderValue::from_str(&l.normalize().to_string()), HeaderValue::from_str(&rem.to_string())) {
-            h.push((HeaderName::from_static("x-quota-cost-limit"), lv));
+        if let (Some(lv), Ok(rv)) = (&tr.limit_values[3], HeaderValue::from_str(&rem.to_string())) {
+            h.push((HeaderName::from_static("x-quota-cost-limit"), lv.clone()));
             h.push((HeaderName::from_static("x-quota-cost-remaining"), rv));
         }
         if l > Decimal::ZERO {

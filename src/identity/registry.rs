@@ -102,6 +102,8 @@ pub struct Registry {
     by_key_id: DashMap<Arc<str>, KeyHash>,
     users: DashMap<Arc<str>, Arc<User>>,
     next_limiter_id: AtomicU64,
+    /// Tier names are shared by all users of a tier (one allocation per tier, not per user).
+    tier_names: DashMap<String, Arc<String>>,
 }
 
 fn user_json(id: &str, tier: &str, email: Option<&str>, created_at: DateTime<Utc>) -> Value {
@@ -124,6 +126,7 @@ impl Registry {
             by_key_id: DashMap::new(),
             users: DashMap::new(),
             next_limiter_id: AtomicU64::new(1),
+            tier_names: DashMap::new(),
         };
         let mut month_totals: std::collections::HashMap<String, crate::ledger::Totals> =
             store.month_users(month)?.into_iter().collect();
@@ -138,7 +141,7 @@ impl Registry {
             };
             let user = Arc::new(User {
                 id: Arc::from(id),
-                tier: ArcSwap::from_pointee(tier.to_string()),
+                tier: ArcSwap::new(reg.tier_name(tier)),
                 email: u["email"].as_str().map(str::to_string),
                 created_at: parse_time(&u["created_at"]),
                 usage,
@@ -163,6 +166,13 @@ impl Registry {
             reg.index_key(Arc::from(key_id), hash, user);
         }
         Ok(reg)
+    }
+
+    fn tier_name(&self, tier: &str) -> Arc<String> {
+        if let Some(t) = self.tier_names.get(tier) {
+            return t.value().clone();
+        }
+        self.tier_names.entry(tier.to_string()).or_insert_with(|| Arc::new(tier.to_string())).value().clone()
     }
 
     fn index_key(&self, key_id: Arc<str>, hash: KeyHash, user: Arc<User>) {
@@ -212,7 +222,7 @@ impl Registry {
         }
         let user = Arc::new(User {
             id: Arc::from(id),
-            tier: ArcSwap::from_pointee(tier.to_string()),
+            tier: ArcSwap::new(self.tier_name(tier)),
             email: email.map(str::to_string),
             created_at: now,
             usage: UserUsage::loaded(month, self.store.user_month(id, month)?),
@@ -237,7 +247,7 @@ impl Registry {
         let user = self.user(id).ok_or_else(|| IdentityError::NoUser(id.into()))?;
         let json = user_json(id, tier, user.email.as_deref(), user.created_at);
         self.store.users().insert(id.as_bytes(), json.to_string().into_bytes())?;
-        user.tier.store(Arc::new(tier.to_string()));
+        user.tier.store(self.tier_name(tier));
         Ok(user)
     }
 

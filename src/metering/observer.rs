@@ -69,6 +69,8 @@ pub struct MeteredBody<B> {
     /// Set after forwarding an in-band error object of a 2xx stream: the next poll fails, so
     /// the client's stream ends as an error, not as a clean end.
     fail_next: bool,
+    /// True once the frames before a deliberate failure had their chance to be written.
+    flushed: bool,
 }
 
 impl<B> MeteredBody<B> {
@@ -76,7 +78,7 @@ impl<B> MeteredBody<B> {
     pub fn new(inner: B, content_encoding: Option<&str>, meter: Meter) -> Self {
         let scanner = DecodingScanner::new(content_encoding, meter.format);
         meter.app.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
-        Self { inner, scanner, response_bytes: 0, meter: Some(meter), fail_next: false }
+        Self { inner, scanner, response_bytes: 0, meter: Some(meter), fail_next: false, flushed: false }
     }
 
     fn settle(&mut self, ending: Ending) {
@@ -98,6 +100,13 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.fail_next {
+            if !this.flushed {
+                // Give hyper one turn to write out the error object it already holds before the
+                // failure aborts the connection; otherwise the client never sees it.
+                this.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             this.fail_next = false;
             this.settle(Ending::Complete);
             return Poll::Ready(Some(Err("the upstream reported an error inside the stream".into())));

@@ -77,7 +77,14 @@ pub struct Harness {
 impl Harness {
     /// Default config plus `extra` TOML (e.g. more tiers).
     pub async fn start(extra: &str) -> Harness {
-        Self::start_with(extra, MockOptions { api_key: Some(UPSTREAM_KEY.into()), ..MockOptions::default() }).await
+        Self::start_with(
+            extra,
+            MockOptions {
+                api_key: Some(UPSTREAM_KEY.into()),
+                ..MockOptions::default()
+            },
+        )
+        .await
     }
 
     /// With mock options.
@@ -86,20 +93,38 @@ impl Harness {
         if opts.api_key.is_none() {
             opts.api_key = Some(UPSTREAM_KEY.into());
         }
-        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts)
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(mock.addr, &dir.path().join("data"), extra);
         std::fs::write(&config_path, &text).unwrap();
         let cfg = Config::load(&config_path).unwrap();
         let clock = Arc::new(SystemClock::default());
-        let env: HashMap<&str, &str> = [("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY), ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN)].into();
+        let env: HashMap<&str, &str> = [
+            ("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY),
+            ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN),
+        ]
+        .into();
         let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
+        let (app, recorder) =
+            App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
         recorder.spawn().unwrap();
-        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let base = format!("http://{}", server.addr);
-        Harness { mock, app, server: Some(server), base, dir, config_path, clock, http: reqwest::Client::new() }
+        Harness {
+            mock,
+            app,
+            server: Some(server),
+            base,
+            dir,
+            config_path,
+            clock,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Rewrites the config file (the watcher or /admin/reload picks it up).
@@ -115,18 +140,34 @@ impl Harness {
 
     /// An admin request builder.
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
     }
 
     /// Creates a user through the admin API.
     pub async fn create_user(&self, id: &str, tier: &str) {
-        let r = self.admin(reqwest::Method::POST, "/admin/users").json(&json!({"id": id, "tier": tier})).send().await.unwrap();
-        assert_eq!(r.status(), 201, "create user {id}: {}", r.text().await.unwrap());
+        let r = self
+            .admin(reqwest::Method::POST, "/admin/users")
+            .json(&json!({"id": id, "tier": tier}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "create user {id}: {}",
+            r.text().await.unwrap()
+        );
     }
 
     /// Issues a key through the admin API.
     pub async fn create_key(&self, user: &str) -> String {
-        let r = self.admin(reqwest::Method::POST, &format!("/admin/users/{user}/keys")).send().await.unwrap();
+        let r = self
+            .admin(reqwest::Method::POST, &format!("/admin/users/{user}/keys"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
         v["key"].as_str().unwrap().to_string()
@@ -148,7 +189,9 @@ impl Harness {
         self.http
             .post(self.url(&path))
             .header("x-goog-api-key", key)
-            .json(&json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}))
+            .json(
+                &json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}),
+            )
             .send()
             .await
             .unwrap()
@@ -164,7 +207,13 @@ impl Harness {
         self.sync().await;
         self.app
             .store
-            .records(&RecordFilter { user_id: Some(user.into()), ..Default::default() }, 100_000)
+            .records(
+                &RecordFilter {
+                    user_id: Some(user.into()),
+                    ..Default::default()
+                },
+                100_000,
+            )
             .unwrap()
     }
 
@@ -175,7 +224,15 @@ impl Harness {
 
     /// GET /api/usage/current for a key.
     pub async fn current(&self, key: &str) -> Value {
-        self.http.get(self.url("/api/usage/current")).header("x-goog-api-key", key).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.url("/api/usage/current"))
+            .header("x-goog-api-key", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Stops the gateway (drains) and returns the data directory for inspection.
@@ -193,7 +250,12 @@ pub fn sum(records: &[Record]) -> (u64, u64, u64, String) {
     for r in records {
         t.add(&gemini_meter::ledger::Totals::of(r));
     }
-    (t.messages, t.tokens, t.bytes, t.cost.normalize().to_string())
+    (
+        t.messages,
+        t.tokens,
+        t.bytes,
+        t.cost.normalize().to_string(),
+    )
 }
 
 impl Harness {
@@ -256,3 +318,4 @@ impl Harness {
         )
     }
 }
+
