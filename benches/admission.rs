@@ -31,7 +31,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let n: usize = std::env::var("GM_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::var("GM_BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let cfg = Config::parse(
         r#"
 [tiers.free]
@@ -56,7 +59,9 @@ models = ["gemini-2.5-flash"]
     let mut keys = Vec::with_capacity(4096);
     for i in 0..n {
         let id = format!("user-{i:07}");
-        registry.create_user(&id, "free", None, now, Month::of(now)).expect("user");
+        registry
+            .create_user(&id, "free", None, now, Month::of(now))
+            .expect("user");
         let (key, _) = registry.create_key(&id, now).expect("key");
         if keys.len() < 4096 {
             keys.push(key);
@@ -69,12 +74,19 @@ models = ["gemini-2.5-flash"]
         (after.saturating_sub(before)) as f64 / 1e6,
         after.saturating_sub(before) / n.max(1) as u64
     );
-    Setup { rt, registry, keys, _dir: dir }
+    Setup {
+        rt,
+        registry,
+        keys,
+        _dir: dir,
+    }
 }
 
 fn bench(c: &mut Criterion) {
     let s = Arc::new(setup());
-    let ask = Ask::Generate { model: "gemini-2.5-flash" };
+    let ask = Ask::Generate {
+        model: "gemini-2.5-flash",
+    };
     let now = chrono::Utc::now();
     let mut g = c.benchmark_group("admission");
     g.measurement_time(Duration::from_secs(5));

@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::broadcast;
 
+use crate::alerts::Alerts;
 use crate::clock::{Month, SharedClock};
 use crate::config::Config;
 use crate::identity::{IdentityError, Registry, User};
-use crate::metrics::Metrics;
 use crate::ledger::{Record, RecordIds, Recorder, RecorderHandle, SledStore, StoreError, Totals};
+use crate::metrics::Metrics;
 use crate::proxy::client::{UpstreamClient, build as build_client};
 use crate::proxy::upload::UploadSessions;
 use crate::runtime::{EnvLookup, Live, Runtime, RuntimeError};
@@ -52,12 +53,19 @@ pub struct App {
     pub metrics: Metrics,
     /// Announces the user id after each change of their usage (for live updates).
     pub usage_events: broadcast::Sender<Arc<str>>,
+    /// Quota alerts: what fired this month, the delivery task's wake-up, metrics.
+    pub alerts: Alerts,
 }
 
 impl App {
     /// Opens storage, loads users, keys and this month's counters, and builds the runtime.
     /// The returned recorder must be spawned.
-    pub fn open(config: Config, config_path: Option<PathBuf>, clock: SharedClock, env: EnvLookup) -> Result<(Arc<App>, Recorder), StartError> {
+    pub fn open(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clock: SharedClock,
+        env: EnvLookup,
+    ) -> Result<(Arc<App>, Recorder), StartError> {
         let now = clock.now();
         let rt = Runtime::build(config, None, now, &env)?;
         let store = SledStore::open(&rt.config.storage.path)?;
@@ -66,6 +74,8 @@ impl App {
         let (recorder, handle) = Recorder::new(store.clone());
         let (usage_events, _) = broadcast::channel(1024);
         let uploads = UploadSessions::new(store.meta().clone());
+        let alerts = Alerts::new(env.clone());
+        alerts.load(&store, &registry, Month::of(now))?;
         let app = App {
             live: Arc::new(Live::new(rt, config_path, env)),
             registry,
@@ -77,6 +87,7 @@ impl App {
             uploads,
             usage_events,
             metrics: Metrics::default(),
+            alerts,
         };
         Ok((Arc::new(app), recorder))
     }
@@ -91,7 +102,17 @@ impl App {
         m.upload_bytes.fetch_add(rec.bytes, Relaxed);
         let nanos = (rec.cost * rust_decimal::Decimal::from(1_000_000_000u32)).trunc();
         m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
-        self.recorder.record(rec);
+        let alerts = self.alerts.detect(&self.live.load(), user, &rec, &*self.clock);
+        if alerts.is_empty() {
+            self.recorder.record(rec);
+        } else {
+            // The alerts go in the record's batch: on disk together, or not at all. A crossing
+            // is rare (a few per user and month); its caller waits (bounded) for that batch, so
+            // a client that saw the call succeed can count on the alert, even after a kill -9.
+            let on_disk = self.recorder.record_with_alerts(rec, alerts);
+            self.alerts.wake();
+            crate::alerts::wait_on_disk(&on_disk);
+        }
         // Nobody listening is the common case; that is not an error.
         let _ = self.usage_events.send(user.id.clone());
     }

@@ -31,9 +31,7 @@ impl SystemClock {
         match std::env::var("GEMINI_METER_FAKE_NOW") {
             Ok(v) if !v.is_empty() => {
                 let start = DateTime::parse_from_rfc3339(&v)?.with_timezone(&Utc);
-                Ok(Self::with_offset_ms(
-                    (start - Utc::now()).num_milliseconds(),
-                ))
+                Ok(Self::with_offset_ms((start - Utc::now()).num_milliseconds()))
             }
             _ => Ok(Self::default()),
         }
@@ -41,7 +39,8 @@ impl SystemClock {
 
     /// Moves the clock by `delta_ms` (tests).
     pub fn advance_ms(&self, delta_ms: i64) {
-        self.offset_ns.fetch_add(delta_ms.saturating_mul(1_000_000), Ordering::Relaxed);
+        self.offset_ns
+            .fetch_add(delta_ms.saturating_mul(1_000_000), Ordering::Relaxed);
     }
 
     /// Sets the clock so that `now()` returns `at` from this moment on (tests). Kept in
@@ -149,7 +148,10 @@ mod tests {
         assert_eq!(m.minus(12).to_string(), "2025-12");
         assert_eq!(m.minus(24).to_string(), "2024-12");
         assert_eq!(Month::parse("2026-11").unwrap().minus(11).to_string(), "2025-12");
-        assert_eq!(rfc3339(Month::parse("2026-11").unwrap().resets_at()), "2026-12-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Month::parse("2026-11").unwrap().resets_at()),
+            "2026-12-01T00:00:00Z"
+        );
         assert!(Month::parse("2026-13").is_none());
         assert!(Month::parse("26-1").is_none());
     }

@@ -27,7 +27,14 @@ pub struct ApiError {
 impl ApiError {
     /// A plain error with no details.
     pub fn new(status: StatusCode, rpc_status: &'static str, label: &'static str, message: impl Into<String>) -> Self {
-        Self { status, rpc_status, message: message.into(), reason: None, retry_after: None, label }
+        Self {
+            status,
+            rpc_status,
+            message: message.into(),
+            reason: None,
+            retry_after: None,
+            label,
+        }
     }
 
     /// 401: no key at all.
@@ -131,7 +138,10 @@ impl ApiError {
         let mut resp = Response::new(ProxyBody::full(body));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

@@ -5,6 +5,7 @@
 //! in-memory counters and the durable ledger (`ledger`). `api` serves the usage and admin routes.
 
 pub mod admission;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod clock;

@@ -64,7 +64,8 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
@@ -83,14 +84,21 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
             Command::Demo => demo().await,
-            Command::MockUpstream { listen, ttfb_ms, chunks, chunk_interval_ms } => {
+            Command::MockUpstream {
+                listen,
+                ttfb_ms,
+                chunks,
+                chunk_interval_ms,
+            } => {
                 let opts = MockOptions {
                     ttfb: Duration::from_millis(ttfb_ms),
                     chunks,
                     chunk_interval: Duration::from_millis(chunk_interval_ms),
                     ..MockOptions::default()
                 };
-                let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
                 let addr = listener.local_addr()?;
                 tracing::info!("mock upstream listening on {addr}");
                 tokio::select! {
@@ -113,7 +121,12 @@ fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
-            println!("{}: valid ({} tiers, {} priced models)", path.display(), cfg.tiers.len(), cfg.pricing.models.len());
+            println!(
+                "{}: valid ({} tiers, {} priced models)",
+                path.display(),
+                cfg.tiers.len(),
+                cfg.pricing.models.len()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -149,10 +162,17 @@ async fn shutdown_signal() {
 }
 
 /// Runs the gateway until a signal, then drains and flushes every record.
-async fn run_gateway(app: Arc<App>, recorder: gemini_meter::ledger::Recorder, clock: SharedClock, reloadable: bool) -> Result<()> {
+async fn run_gateway(
+    app: Arc<App>,
+    recorder: gemini_meter::ledger::Recorder,
+    clock: SharedClock,
+    reloadable: bool,
+) -> Result<()> {
     let rt = app.live.load();
     let listen = rt.config.server.listen;
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let recorder_task = recorder.spawn().context("starting the recorder thread")?;
     if reloadable {
@@ -172,6 +192,7 @@ async fn run_gateway(app: Arc<App>, recorder: gemini_meter::ledger::Recorder, cl
         }
     }
     spawn_retention(app.clone());
+    gemini_meter::alerts::spawn_delivery(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
     gemini_meter::proxy::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");
@@ -225,7 +246,9 @@ fn prepare_demo_env() {
 }
 
 async fn demo() -> Result<()> {
-    let mock = MockServer::start("127.0.0.1:0".parse()?, MockOptions::default()).await.context("starting the mock upstream")?;
+    let mock = MockServer::start("127.0.0.1:0".parse()?, MockOptions::default())
+        .await
+        .context("starting the mock upstream")?;
     let mut cfg = Config::demo_default();
     cfg.upstream.base_url = format!("http://{}", mock.addr).parse()?;
     cfg.storage.path = PathBuf::from("data-demo");
@@ -243,14 +266,19 @@ async fn demo() -> Result<()> {
     let rt = app.live.load();
     let listen = rt.config.server.listen;
     // Bind first so the printed address is the real one.
-    let probe = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let probe = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = probe.local_addr()?;
     drop(probe);
     let mut cfg2 = (*rt.config).clone();
     cfg2.server.listen = addr;
     app.live.replace(cfg2, now)?;
     println!();
-    println!("gemini-meter demo: a mock Gemini API at http://{} and the gateway at http://{addr}", mock.addr);
+    println!(
+        "gemini-meter demo: a mock Gemini API at http://{} and the gateway at http://{addr}",
+        mock.addr
+    );
     println!("demo user: demo (tier free), key: {key}");
     if let Some(t) = &rt.admin_token {
         println!("admin token: {t}");

@@ -30,7 +30,9 @@ pub const REFUSALS: [&str; 12] = [
     "other",
 ];
 /// Histogram bucket bounds in seconds.
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// A fixed-bucket histogram of durations.
 #[derive(Debug, Default)]
@@ -119,18 +121,38 @@ impl Metrics {
         out.push_str("# HELP gm_requests_total Requests answered, by route and status class.\n# TYPE gm_requests_total counter\n");
         for (ri, r) in ROUTES.iter().enumerate() {
             for (ci, c) in CLASSES.iter().enumerate() {
-                let _ = writeln!(out, "gm_requests_total{{route=\"{r}\",status=\"{c}\"}} {}", self.requests[ri][ci].load(Relaxed));
+                let _ = writeln!(
+                    out,
+                    "gm_requests_total{{route=\"{r}\",status=\"{c}\"}} {}",
+                    self.requests[ri][ci].load(Relaxed)
+                );
             }
         }
         out.push_str("# HELP gm_admission_refusals_total Requests refused before the upstream, by reason.\n# TYPE gm_admission_refusals_total counter\n");
         for (i, r) in REFUSALS.iter().enumerate() {
-            let _ = writeln!(out, "gm_admission_refusals_total{{reason=\"{r}\"}} {}", self.refusals[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "gm_admission_refusals_total{{reason=\"{r}\"}} {}",
+                self.refusals[i].load(Relaxed)
+            );
         }
         let counters: [(&str, &str, u64); 4] = [
             ("gm_tokens_total", "Tokens metered.", self.tokens.load(Relaxed)),
-            ("gm_upload_bytes_total", "File bytes metered.", self.upload_bytes.load(Relaxed)),
-            ("gm_usage_records_total", "Usage records settled.", self.records.load(Relaxed)),
-            ("gm_estimated_responses_total", "Responses whose tokens were estimated.", self.estimated.load(Relaxed)),
+            (
+                "gm_upload_bytes_total",
+                "File bytes metered.",
+                self.upload_bytes.load(Relaxed),
+            ),
+            (
+                "gm_usage_records_total",
+                "Usage records settled.",
+                self.records.load(Relaxed),
+            ),
+            (
+                "gm_estimated_responses_total",
+                "Responses whose tokens were estimated.",
+                self.estimated.load(Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -145,13 +167,37 @@ impl Metrics {
             "# HELP gm_open_streams Metered responses in flight.\n# TYPE gm_open_streams gauge\ngm_open_streams {}",
             self.open_streams.load(Relaxed)
         );
-        self.upstream_latency.render(&mut out, "gm_upstream_latency_seconds", "Time to the upstream's response headers.");
-        self.ttfb.render(&mut out, "gm_upstream_ttfb_seconds", "Time to the first response body byte.");
+        self.upstream_latency.render(
+            &mut out,
+            "gm_upstream_latency_seconds",
+            "Time to the upstream's response headers.",
+        );
+        self.ttfb.render(
+            &mut out,
+            "gm_upstream_ttfb_seconds",
+            "Time to the first response body byte.",
+        );
         let gauges: [(&str, &str, f64); 4] = [
-            ("gm_recorder_queue_depth", "Records waiting to be written.", rec.queued.load(Relaxed) as f64),
-            ("gm_recorder_last_flush_seconds", "Duration of the last storage flush.", rec.last_flush_us.load(Relaxed) as f64 / 1e6),
-            ("gm_recorder_records_written_total", "Records written to storage.", rec.written.load(Relaxed) as f64),
-            ("gm_storage_degraded", "1 while storage writes are failing.", f64::from(u8::from(rec.degraded.load(Relaxed)))),
+            (
+                "gm_recorder_queue_depth",
+                "Records waiting to be written.",
+                rec.queued.load(Relaxed) as f64,
+            ),
+            (
+                "gm_recorder_last_flush_seconds",
+                "Duration of the last storage flush.",
+                rec.last_flush_us.load(Relaxed) as f64 / 1e6,
+            ),
+            (
+                "gm_recorder_records_written_total",
+                "Records written to storage.",
+                rec.written.load(Relaxed) as f64,
+            ),
+            (
+                "gm_storage_degraded",
+                "1 while storage writes are failing.",
+                f64::from(u8::from(rec.degraded.load(Relaxed))),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

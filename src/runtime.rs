@@ -64,7 +64,12 @@ pub struct Runtime {
 impl Runtime {
     /// Builds a snapshot. Limiters of tiers whose rate is unchanged are carried over from
     /// `previous`, so a reload does not reset anyone's rate-limit state.
-    pub fn build(config: Config, previous: Option<&Runtime>, now: DateTime<Utc>, env: &EnvLookup) -> Result<Runtime, RuntimeError> {
+    pub fn build(
+        config: Config,
+        previous: Option<&Runtime>,
+        now: DateTime<Utc>,
+        env: &EnvLookup,
+    ) -> Result<Runtime, RuntimeError> {
         let upstream_key = match env(&config.upstream.api_key_env) {
             Some(v) if !v.is_empty() => Arc::<str>::from(v),
             _ => return Err(RuntimeError::MissingUpstreamKey(config.upstream.api_key_env.clone())),
@@ -85,11 +90,25 @@ impl Runtime {
                 tier.messages.map(http::HeaderValue::from),
                 tier.tokens.map(http::HeaderValue::from),
                 tier.bytes.map(http::HeaderValue::from),
-                tier.cost.and_then(|c| http::HeaderValue::from_str(&c.normalize().to_string()).ok()),
+                tier.cost
+                    .and_then(|c| http::HeaderValue::from_str(&c.normalize().to_string()).ok()),
             ];
-            tiers.insert(name.clone(), TierRuntime { tier: tier.clone(), rpm, limit_values });
+            tiers.insert(
+                name.clone(),
+                TierRuntime {
+                    tier: tier.clone(),
+                    rpm,
+                    limit_values,
+                },
+            );
         }
-        Ok(Runtime { config: Arc::new(config), tiers, upstream_key, admin_token, loaded_at: now })
+        Ok(Runtime {
+            config: Arc::new(config),
+            tiers,
+            upstream_key,
+            admin_token,
+            loaded_at: now,
+        })
     }
 }
 
@@ -114,9 +133,21 @@ pub struct Live {
 impl Live {
     /// Wraps the first snapshot; `path` is the file to reload from (None: no reload).
     pub fn new(rt: Runtime, path: Option<PathBuf>, env: EnvLookup) -> Self {
-        let fp = path.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| Sha256::digest(&b).into());
-        let status = ReloadStatus { loaded_at: Some(rt.loaded_at), last_error: None };
-        Live { current: ArcSwap::from_pointee(rt), env, path, status: Mutex::new(status), fingerprint: Mutex::new(fp) }
+        let fp = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| Sha256::digest(&b).into());
+        let status = ReloadStatus {
+            loaded_at: Some(rt.loaded_at),
+            last_error: None,
+        };
+        Live {
+            current: ArcSwap::from_pointee(rt),
+            env,
+            path,
+            status: Mutex::new(status),
+            fingerprint: Mutex::new(fp),
+        }
     }
 
     /// The snapshot for a new request.
@@ -138,15 +169,15 @@ impl Live {
 
     /// Reloads from the file. An invalid file changes nothing and is reported.
     pub fn reload(&self, now: DateTime<Utc>) -> Result<(), String> {
-        let Some(path) = &self.path else { return Err("no config file to reload from".into()) };
+        let Some(path) = &self.path else {
+            return Err("no config file to reload from".into());
+        };
         let bytes = std::fs::read(path);
-        let result = Config::load(path)
-            .map_err(RuntimeError::from)
-            .and_then(|cfg| {
-                let old = self.current.load();
-                warn_restart_only(&old.config, &cfg);
-                Runtime::build(cfg, Some(&old), now, &self.env)
-            });
+        let result = Config::load(path).map_err(RuntimeError::from).and_then(|cfg| {
+            let old = self.current.load();
+            warn_restart_only(&old.config, &cfg);
+            Runtime::build(cfg, Some(&old), now, &self.env)
+        });
         let mut st = match self.status.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

@@ -41,11 +41,7 @@ fn free_port() -> u16 {
 
 fn http_client() -> reqwest::Client {
     // No gzip: the bytes a client reads are the bytes the gateway meters as response_bytes.
-    reqwest::Client::builder()
-        .no_proxy()
-        .no_gzip()
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().no_gzip().build().unwrap()
 }
 
 fn replace_once(text: &str, from: &str, to: &str) -> String {
@@ -69,9 +65,7 @@ impl Site {
             api_key: Some(UPSTREAM_KEY.into()),
             ..MockOptions::default()
         };
-        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts)
-            .await
-            .unwrap();
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
         Site {
             dir: tempfile::tempdir().unwrap(),
             mock,
@@ -104,9 +98,7 @@ impl Site {
 
     /// The mock's count of generate calls that reached it.
     fn upstream_generate_calls(&self) -> u64 {
-        self.mock.stats.snapshot()["generate_requests"]
-            .as_u64()
-            .unwrap()
+        self.mock.stats.snapshot()["generate_requests"].as_u64().unwrap()
     }
 }
 
@@ -201,12 +193,7 @@ impl Gateway {
                     self.stdout_text()
                 );
             }
-            let logged = self
-                .stdout
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("listening on"));
+            let logged = self.stdout.lock().unwrap().iter().any(|l| l.contains("listening on"));
             if logged {
                 let ok = self
                     .http
@@ -277,9 +264,7 @@ impl Gateway {
     }
 
     fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(ADMIN_TOKEN)
+        self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
     }
 
     async fn create_user(&self, id: &str, tier: &str) {
@@ -367,12 +352,7 @@ fn gen_body() -> Value {
     json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]})
 }
 
-async fn unary(
-    http: &reqwest::Client,
-    base: &str,
-    key: &str,
-    model: &str,
-) -> reqwest::Result<reqwest::Response> {
+async fn unary(http: &reqwest::Client, base: &str, key: &str, model: &str) -> reqwest::Result<reqwest::Response> {
     http.post(format!("{base}/v1beta/models/{model}:generateContent"))
         .header("x-goog-api-key", key)
         .json(&gen_body())
@@ -459,11 +439,7 @@ fn is_ok_message(r: &Value) -> bool {
 
 /// Runs `LOOPS` client loops of unary calls over `keys`; each loop counts its 200 responses
 /// whose body arrived whole, until `stop`.
-fn spawn_load(
-    base: &str,
-    keys: &[String],
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(u64, u64, u64)>> {
+fn spawn_load(base: &str, keys: &[String], stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<(u64, u64, u64)>> {
     (0..LOOPS)
         .map(|i| {
             let base = base.to_string();
@@ -523,10 +499,7 @@ struct LoadCounts {
     truncated: u64,
 }
 
-async fn join_load(
-    handles: Vec<tokio::task::JoinHandle<(u64, u64, u64)>>,
-    users: usize,
-) -> LoadCounts {
+async fn join_load(handles: Vec<tokio::task::JoinHandle<(u64, u64, u64)>>, users: usize) -> LoadCounts {
     let mut c = LoadCounts {
         ok: vec![0u64; users],
         failed: 0,
@@ -592,10 +565,7 @@ async fn kill_9_under_load_loses_at_most_the_last_flush_and_never_doubles() {
         .expect("SIGKILLed process did not exit");
     stop.store(true, Ordering::Relaxed);
     let counts = join_load(handles, LOAD_USERS).await;
-    let (ok, failed) = (
-        counts.ok.iter().sum::<u64>(),
-        counts.failed + counts.truncated,
-    );
+    let (ok, failed) = (counts.ok.iter().sum::<u64>(), counts.failed + counts.truncated);
     let (max_queued, last_queued) = sampler.await.unwrap();
     assert!(!st.success());
     assert!(ok > 50, "too little load to judge: {ok} responses");
@@ -664,12 +634,7 @@ async fn sigterm_under_load_drains_flushes_and_exits_0_with_zero_loss() {
     stop.store(true, Ordering::Relaxed);
     let counts = join_load(handles, LOAD_USERS).await;
     let ok: u64 = counts.ok.iter().sum();
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "exit status after SIGTERM; stderr: {}",
-        g.stderr()
-    );
+    assert_eq!(st.code(), Some(0), "exit status after SIGTERM; stderr: {}", g.stderr());
     assert!(
         g.stdout_text().contains("stopped cleanly"),
         "no clean-stop line: {}",
@@ -679,15 +644,8 @@ async fn sigterm_under_load_drains_flushes_and_exits_0_with_zero_loss() {
     assert_eq!(counts.truncated, 0, "200 responses cut off by the shutdown");
     let mut slow_bytes = Vec::new();
     for s in slow {
-        let body = s
-            .await
-            .unwrap()
-            .expect("a stream in flight at SIGTERM was cut off");
-        assert_eq!(
-            body.matches("data:").count(),
-            5,
-            "stream not complete: {body}"
-        );
+        let body = s.await.unwrap().expect("a stream in flight at SIGTERM was cut off");
+        assert_eq!(body.matches("data:").count(), 5, "stream not complete: {body}");
         slow_bytes.push(body.len() as u64);
     }
 
@@ -702,12 +660,7 @@ async fn sigterm_under_load_drains_flushes_and_exits_0_with_zero_loss() {
     assert_eq!(ok_msgs, ok, "SIGTERM must lose nothing and add nothing");
     // Per user too.
     for (u, key) in keys.iter().enumerate() {
-        let n = g2
-            .history(key)
-            .await
-            .iter()
-            .filter(|r| is_ok_message(r))
-            .count() as u64;
+        let n = g2.history(key).await.iter().filter(|r| is_ok_message(r)).count() as u64;
         assert_eq!(n, counts.ok[u], "user load{u}");
     }
     // The drained streams were metered to the end (token figures are the metering module's
@@ -741,17 +694,8 @@ async fn sigint_stops_cleanly_with_exit_0() {
         .wait_exit(Duration::from_secs(15))
         .await
         .expect("no exit within 15 s of SIGINT");
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "exit status after SIGINT; stderr: {}",
-        g.stderr()
-    );
-    assert!(
-        g.stdout_text().contains("stopped cleanly"),
-        "{}",
-        g.stdout_text()
-    );
+    assert_eq!(st.code(), Some(0), "exit status after SIGINT; stderr: {}", g.stderr());
+    assert!(g.stdout_text().contains("stopped cleanly"), "{}", g.stdout_text());
     let g2 = Gateway::start(&site, &cfg, port, Opts::default()).await;
     let recs = assert_counters_equal_ledger(&g2, "int", &key).await;
     assert_eq!(recs.iter().filter(|r| is_ok_message(r)).count(), 1);
@@ -764,11 +708,7 @@ async fn failed_start(site: &Site, config: &Path, port: u16, opts: Opts<'_>) -> 
         .wait_exit(Duration::from_secs(20))
         .await
         .expect("a start that must fail is still running after 20 s");
-    assert!(
-        !st.success(),
-        "exit status {st}; stdout: {}",
-        g.stdout_text()
-    );
+    assert!(!st.success(), "exit status {st}; stdout: {}", g.stdout_text());
     let err = g.stderr();
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "stderr must be one line: {err:?}");
@@ -828,19 +768,13 @@ async fn start_failures_exit_non_zero_with_a_one_line_reason() {
     )
     .await;
     println!("missing key: {line}");
-    assert!(
-        line.contains(UPSTREAM_ENV),
-        "reason does not name the variable: {line}"
-    );
+    assert!(line.contains(UPSTREAM_ENV), "reason does not name the variable: {line}");
 
     // Bad config: a typo'd key, and a float for money.
     let cfg = site.config("typo.toml", port, "", "mesages = 5");
     let line = failed_start(&site, &cfg, port, Opts::default()).await;
     println!("bad config: {line}");
-    assert!(
-        line.contains("typo.toml"),
-        "reason does not name the file: {line}"
-    );
+    assert!(line.contains("typo.toml"), "reason does not name the file: {line}");
     assert!(
         line.contains("tiers.unlimited.mesages"),
         "reason does not name the key path: {line}"
@@ -882,11 +816,7 @@ async fn retention_with_a_moved_clock_deletes_old_records_and_keeps_month_totals
         assert_eq!(g.generate(&key, "gemini-2.5-flash").await, 200);
     }
     let cur = g.current(&key).await;
-    assert_eq!(
-        cur["month"],
-        month.as_str(),
-        "the fake clock is not in effect"
-    );
+    assert_eq!(cur["month"], month.as_str(), "the fake clock is not in effect");
     wait_ledger(&g, &key).await;
     let recs = assert_counters_equal_ledger(&g, "old", &key).await;
     assert_eq!(recs.len(), 6, "3 calls, 2 records each: {recs:?}");
@@ -959,16 +889,8 @@ async fn retention_with_a_moved_clock_deletes_old_records_and_keeps_month_totals
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("retention: start-up pass deleted {at_start}, POST /admin/retention/run {v}");
-    assert_eq!(
-        by_run + at_start,
-        6,
-        "run: {v}; stdout: {}",
-        g.stdout_text()
-    );
-    assert!(
-        g.history(&key).await.is_empty(),
-        "old records are still listed"
-    );
+    assert_eq!(by_run + at_start, 6, "run: {v}; stdout: {}", g.stdout_text());
+    assert!(g.history(&key).await.is_empty(), "old records are still listed");
     let r = g
         .admin(reqwest::Method::GET, "/admin/usage?user_id=old")
         .send()
@@ -978,10 +900,7 @@ async fn retention_with_a_moved_clock_deletes_old_records_and_keeps_month_totals
     assert!(v["data"].as_array().unwrap().is_empty(), "{v}");
     // Month totals stay.
     let r = g
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/analytics/summary?month={month}"),
-        )
+        .admin(reqwest::Method::GET, &format!("/admin/analytics/summary?month={month}"))
         .send()
         .await
         .unwrap();
@@ -1153,16 +1072,11 @@ async fn restart_keeps_users_and_keys_and_revocations() {
         200,
         "a key issued before the restart must work"
     );
-    let r = unary(&g.http, &g.base, &bad, "gemini-2.5-flash")
-        .await
-        .unwrap();
+    let r = unary(&g.http, &g.base, &bad, "gemini-2.5-flash").await.unwrap();
     assert_eq!(r.status(), 401, "a revoked key must stay revoked");
     let v: Value = r.json().await.unwrap();
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("API key not valid"),
+        v["error"]["message"].as_str().unwrap().starts_with("API key not valid"),
         "{v}"
     );
     let r = g
@@ -1181,10 +1095,7 @@ async fn restart_keeps_users_and_keys_and_revocations() {
     let keys: Value = r.json().await.unwrap();
     let list = keys["data"].as_array().unwrap();
     assert_eq!(list.len(), 2, "{keys}");
-    let revoked = list
-        .iter()
-        .find(|k| k["key_id"] == bad_id.as_str())
-        .unwrap();
+    let revoked = list.iter().find(|k| k["key_id"] == bad_id.as_str()).unwrap();
     assert_eq!(revoked["active"], false, "{keys}");
     // Usage survived too: 2 successful calls before, 1 after.
     let recs = assert_counters_equal_ledger(&g, "keeper", &good).await;
@@ -1207,32 +1118,17 @@ async fn upload_session_survives_a_restart() {
         .header("x-goog-api-key", &key)
         .header("X-Goog-Upload-Protocol", "resumable")
         .header("X-Goog-Upload-Command", "start")
-        .header(
-            "X-Goog-Upload-Header-Content-Length",
-            data.len().to_string(),
-        )
+        .header("X-Goog-Upload-Header-Content-Length", data.len().to_string())
         .json(&serde_json::json!({"file": {"displayName": "a"}}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let url = r.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let path_and_query = url
-        .split_once(&format!("127.0.0.1:{port}"))
-        .unwrap()
-        .1
-        .to_string();
+    let url = r.headers()["x-goog-upload-url"].to_str().unwrap().to_string();
+    let path_and_query = url.split_once(&format!("127.0.0.1:{port}")).unwrap().1.to_string();
     let mut g = g;
     g.signal("TERM");
-    assert!(
-        g.wait_exit(Duration::from_secs(10))
-            .await
-            .expect("exit")
-            .success()
-    );
+    assert!(g.wait_exit(Duration::from_secs(10)).await.expect("exit").success());
 
     let port = free_port();
     let cfg = site.config("b.toml", port, "", "");
@@ -1266,11 +1162,7 @@ fn dir_bytes(dir: &Path) -> u64 {
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let m = e.metadata().unwrap();
-        n += if m.is_dir() {
-            dir_bytes(&e.path())
-        } else {
-            m.len()
-        };
+        n += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
     }
     n
 }
@@ -1284,7 +1176,10 @@ fn measure_restart_time_with_a_million_records() {
     use gemini_meter::identity::Registry;
     use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
 
-    let total: usize = std::env::var("GM_RESTART_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let total: usize = std::env::var("GM_RESTART_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     const BATCH: usize = 10_000;
     const USERS: usize = 1_000;
     let dir = tempfile::tempdir().unwrap();
@@ -1295,8 +1190,7 @@ fn measure_restart_time_with_a_million_records() {
         let store = SledStore::open(&path).unwrap();
         let reg = Registry::load(store.clone(), month).unwrap();
         for u in 0..USERS {
-            reg.create_user(&format!("user{u}"), "free", None, now, month)
-                .unwrap();
+            reg.create_user(&format!("user{u}"), "free", None, now, month).unwrap();
         }
         let ids = RecordIds::new();
         let t0 = Instant::now();
@@ -1370,10 +1264,7 @@ fn measure_restart_time_with_a_million_records() {
         reg.user_count()
     );
     let u0 = reg.user("user0").unwrap().usage.snapshot(month);
-    println!(
-        "user0 this month: {} messages, {} tokens",
-        u0.messages, u0.tokens
-    );
+    println!("user0 this month: {} messages, {} tokens", u0.messages, u0.tokens);
     let t1 = Instant::now();
     let n = store.count_records().unwrap();
     println!("count_records {n} in {:.3} s", t1.elapsed().as_secs_f64());

@@ -25,8 +25,7 @@ const OPENAI_STREAM: &[u8] = include_bytes!("../../shared/fixtures/openai-stream
 const UNARY: &[u8] = include_bytes!("../../shared/fixtures/unary.json");
 const SSE_LF_FINAL: &[u8] = include_bytes!("../../shared/fixtures/stream-sse-lf-final-usage.txt");
 
-const PROMPT: &str =
-    r#"{"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}"#;
+const PROMPT: &str = r#"{"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}"#;
 const JSON_CT: &str = "application/json";
 
 // ---------------------------------------------------------------------------------------------
@@ -38,7 +37,8 @@ fn raw_client() -> reqwest::Client {
 }
 
 fn chat_body(model: &str, stream: bool) -> String {
-    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Name three primes."}]}).to_string()
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Name three primes."}]})
+        .to_string()
 }
 
 fn gen_path(model: &str, stream: bool, sse: bool) -> String {
@@ -71,9 +71,7 @@ fn last_of(events: &[Value], field: &str) -> Value {
 
 fn gunzip(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(b)
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::MultiGzDecoder::new(b).read_to_end(&mut out).unwrap();
     out
 }
 
@@ -114,9 +112,8 @@ fn cost_str(r: &Record) -> String {
 fn priced_cost(r: &Record, input: &str, cached_input: &str, output: &str) -> String {
     let (p, c) = (md_u64(r, "prompt_tokens"), md_u64(r, "cached_tokens"));
     let (o, t) = (md_u64(r, "output_tokens"), md_u64(r, "thoughts_tokens"));
-    let s = Decimal::from(p - c) * dec(input)
-        + Decimal::from(c) * dec(cached_input)
-        + Decimal::from(o + t) * dec(output);
+    let s =
+        Decimal::from(p - c) * dec(input) + Decimal::from(c) * dec(cached_input) + Decimal::from(o + t) * dec(output);
     (s / Decimal::from(1_000_000u32)).normalize().to_string()
 }
 
@@ -166,10 +163,7 @@ async fn assert_envelope(r: reqwest::Response, code: u16, status: &str, prefix: 
     let msg = v["error"]["message"]
         .as_str()
         .unwrap_or_else(|| panic!("no message in {v}"));
-    assert!(
-        msg.starts_with(prefix),
-        "message {msg:?} should start with {prefix:?}"
-    );
+    assert!(msg.starts_with(prefix), "message {msg:?} should start with {prefix:?}");
     v
 }
 
@@ -193,10 +187,7 @@ struct Captured {
 
 impl Captured {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -273,13 +264,7 @@ async fn serve_raw(mut sock: TcpStream, seen: Arc<Mutex<Vec<Captured>>>) -> std:
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
-    let target = lines
-        .next()
-        .unwrap_or("")
-        .split(' ')
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
+    let target = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("").to_string();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -289,19 +274,13 @@ async fn serve_raw(mut sock: TcpStream, seen: Arc<Mutex<Vec<Captured>>>) -> std:
         headers,
     };
     // Read the whole request body, so that closing the socket later is a clean FIN.
-    if let Some(len) = cap
-        .header("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(len) = cap.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
         while buf.len() < head_end + len {
             if !read_more(&mut sock, &mut buf).await? {
                 break;
             }
         }
-    } else if cap
-        .header("transfer-encoding")
-        .is_some_and(|v| v.contains("chunked"))
-    {
+    } else if cap.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         while !buf[head_end..].ends_with(b"0\r\n\r\n") {
             if !read_more(&mut sock, &mut buf).await? {
                 break;
@@ -327,9 +306,8 @@ async fn serve_raw(mut sock: TcpStream, seen: Arc<Mutex<Vec<Captured>>>) -> std:
         .unwrap_or(body.len() / 2)
         .min(body.len());
 
-    let mut out = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
-    );
+    let mut out =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n");
     if gz {
         out.push_str("content-encoding: gzip\r\n");
     }
@@ -464,11 +442,7 @@ async fn every_format_is_metered_as_the_client_saw_it() {
         let key = h.user_with_key(&user, "free").await;
         let seen = call_format(&h, &c, &key, fmt).await;
         let recs = h.records(&user).await;
-        assert_eq!(
-            recs.len(),
-            2,
-            "{fmt}: one message_sent and one ai_response: {recs:?}"
-        );
+        assert_eq!(recs.len(), 2, "{fmt}: one message_sent and one ai_response: {recs:?}");
         let ms = of_kind(&recs, "message_sent");
         assert_eq!(ms.len(), 1, "{fmt}: {recs:?}");
         assert_eq!(ms[0].messages, 1, "{fmt}");
@@ -481,22 +455,14 @@ async fn every_format_is_metered_as_the_client_saw_it() {
         assert_eq!(md(ai, "token_source"), "upstream", "{fmt}: {ai:?}");
         assert_eq!(md(ai, "upstream_status"), 200, "{fmt}");
         assert_eq!(md(ai, "stream"), seen.stream, "{fmt}");
-        assert_eq!(
-            md(ai, "response_bytes"),
-            seen.bytes,
-            "{fmt}: bytes the client received"
-        );
+        assert_eq!(md(ai, "response_bytes"), seen.bytes, "{fmt}: bytes the client received");
         assert_eq!(
             ai.tokens, seen.total,
             "{fmt}: tokens = the usage the client saw ({seen:?})"
         );
         assert_eq!(md(ai, "prompt_tokens"), seen.prompt, "{fmt}");
         assert_eq!(md(ai, "output_tokens"), seen.output, "{fmt}");
-        assert_eq!(
-            cost_str(ai),
-            flash_cost(ai),
-            "{fmt}: cost from the record's tokens"
-        );
+        assert_eq!(cost_str(ai), flash_cost(ai), "{fmt}: cost from the record's tokens");
 
         let cur = h.current(&key).await;
         let (m, t, b, cost) = sum(&recs);
@@ -545,29 +511,48 @@ async fn run_splits(h: &Harness, user: &str, fx: &str, gz: bool, step: usize, wa
                         .bearer_auth(key)
                         .body(chat_body("gemini-2.5-flash", true)),
                     "unary" => c
-                        .post(h.url(&format!("/v1beta/models/gemini-2.5-flash:generateContent?fx=unary&split={k}{gzq}")))
+                        .post(h.url(&format!(
+                            "/v1beta/models/gemini-2.5-flash:generateContent?fx=unary&split={k}{gzq}"
+                        )))
                         .header("x-goog-api-key", key)
                         .body(PROMPT),
                     "array" => c
-                        .post(h.url(&format!("/v1beta/models/gemini-2.5-flash:streamGenerateContent?fx=array&split={k}{gzq}")))
+                        .post(h.url(&format!(
+                            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?fx=array&split={k}{gzq}"
+                        )))
                         .header("x-goog-api-key", key)
                         .body(PROMPT),
                     // The LF fixture is served by gemini-2.0-flash, which has no price of its own.
                     "lf" => c
-                        .post(h.url(&format!("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&fx=lf&split={k}{gzq}")))
+                        .post(h.url(&format!(
+                            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&fx=lf&split={k}{gzq}"
+                        )))
                         .header("x-goog-api-key", key)
                         .body(PROMPT),
                     _ => c
-                        .post(h.url(&format!("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&fx=sse&split={k}{gzq}")))
+                        .post(h.url(&format!(
+                            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&fx=sse&split={k}{gzq}"
+                        )))
                         .header("x-goog-api-key", key)
                         .body(PROMPT),
                 };
-                let r = req.header("content-type", JSON_CT).header("x-meter-tag-split", k.to_string()).send().await.unwrap();
+                let r = req
+                    .header("content-type", JSON_CT)
+                    .header("x-meter-tag-split", k.to_string())
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 200, "{fx} split {k}");
-                let ce = r.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_string());
+                let ce = r
+                    .headers()
+                    .get("content-encoding")
+                    .map(|v| v.to_str().unwrap().to_string());
                 assert_eq!(ce.as_deref(), gz.then_some("gzip"), "{fx} split {k}");
                 let body = r.bytes().await.unwrap();
-                assert!(body[..] == expected[..], "{fx} split {k}: the client must get the upstream's bytes unchanged");
+                assert!(
+                    body[..] == expected[..],
+                    "{fx} split {k}: the client must get the upstream's bytes unchanged"
+                );
             }
         })
         .buffer_unordered(8)
@@ -593,9 +578,8 @@ async fn run_splits(h: &Harness, user: &str, fx: &str, gz: bool, step: usize, wa
             cost: cost_str(r),
             response_bytes: md(r, "response_bytes").as_u64().unwrap_or(u64::MAX),
         };
-        let extra_ok = md(r, "status") == "ok"
-            && md(r, "token_source") == "upstream"
-            && md(r, "stream") == (fx != "unary");
+        let extra_ok =
+            md(r, "status") == "ok" && md(r, "token_source") == "upstream" && md(r, "stream") == (fx != "unary");
         if got != want || !extra_ok {
             let k = r
                 .metadata
@@ -633,15 +617,7 @@ async fn usage_survives_a_split_at_every_offset() {
         response_bytes: len as u64,
     };
     run_splits(&h, "split-sse", "sse", false, 1, native(SSE_CRLF.len())).await;
-    run_splits(
-        &h,
-        "split-array",
-        "array",
-        false,
-        7,
-        native(JSON_ARRAY.len()),
-    )
-    .await;
+    run_splits(&h, "split-array", "array", false, 7, native(JSON_ARRAY.len())).await;
     // prompt 1204, completion 440, total 1644: (1204 x 0.30 + 440 x 2.50) / 1e6.
     let openai = Want {
         tokens: 1644,
@@ -676,11 +652,7 @@ async fn usage_survives_a_split_at_every_offset() {
 async fn gzip_from_the_mock_reaches_the_client_compressed_and_is_metered() {
     let h = Harness::start("").await;
     let c = raw_client();
-    for (name, stream, sse) in [
-        ("unary", false, false),
-        ("sse", true, true),
-        ("array", true, false),
-    ] {
+    for (name, stream, sse) in [("unary", false, false), ("sse", true, true), ("array", true, false)] {
         let user = format!("gz-{name}");
         let key = h.user_with_key(&user, "free").await;
         let r = c
@@ -693,26 +665,17 @@ async fn gzip_from_the_mock_reaches_the_client_compressed_and_is_metered() {
             .unwrap();
         assert_eq!(r.status(), 200, "{name}");
         assert_eq!(
-            r.headers()
-                .get("content-encoding")
-                .map(|v| v.to_str().unwrap()),
+            r.headers().get("content-encoding").map(|v| v.to_str().unwrap()),
             Some("gzip"),
             "{name}"
         );
         let raw = r.bytes().await.unwrap().to_vec();
-        assert_eq!(
-            &raw[..2],
-            &[0x1f, 0x8b],
-            "{name}: the client gets the gzipped bytes"
-        );
+        assert_eq!(&raw[..2], &[0x1f, 0x8b], "{name}: the client gets the gzipped bytes");
         let plain = gunzip(&raw);
         let usage = match name {
             "unary" => serde_json::from_slice::<Value>(&plain).unwrap()["usageMetadata"].clone(),
             "sse" => last_of(&sse_events(&plain), "usageMetadata"),
-            _ => last_of(
-                &serde_json::from_slice::<Vec<Value>>(&plain).unwrap(),
-                "usageMetadata",
-            ),
+            _ => last_of(&serde_json::from_slice::<Vec<Value>>(&plain).unwrap(), "usageMetadata"),
         };
         let total = usage["totalTokenCount"].as_u64().unwrap();
         let recs = h.records(&user).await;
@@ -721,11 +684,7 @@ async fn gzip_from_the_mock_reaches_the_client_compressed_and_is_metered() {
         let ai = ai[0];
         assert_eq!(ai.tokens, total, "{name}: {ai:?}");
         assert_eq!(md(ai, "prompt_tokens"), usage["promptTokenCount"], "{name}");
-        assert_eq!(
-            md(ai, "output_tokens"),
-            usage["candidatesTokenCount"],
-            "{name}"
-        );
+        assert_eq!(md(ai, "output_tokens"), usage["candidatesTokenCount"], "{name}");
         assert_eq!(md(ai, "token_source"), "upstream", "{name}");
         assert_eq!(md(ai, "status"), "ok", "{name}");
         assert_eq!(
@@ -736,9 +695,7 @@ async fn gzip_from_the_mock_reaches_the_client_compressed_and_is_metered() {
         // gzip-always has no price of its own: tokens x 0.0001.
         assert_eq!(
             cost_str(ai),
-            (Decimal::from(total) * dec("0.0001"))
-                .normalize()
-                .to_string(),
+            (Decimal::from(total) * dec("0.0001")).normalize().to_string(),
             "{name}"
         );
     }
@@ -813,12 +770,7 @@ async fn every_key_form_works_and_only_the_upstream_key_goes_upstream() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "bearer native: {}",
-        r.text().await.unwrap()
-    );
+    assert_eq!(r.status(), 200, "bearer native: {}", r.text().await.unwrap());
     let r = c
         .post(h.url("/v1beta/openai/chat/completions"))
         .bearer_auth(&key)
@@ -826,18 +778,9 @@ async fn every_key_form_works_and_only_the_upstream_key_goes_upstream() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "bearer openai: {}",
-        r.text().await.unwrap()
-    );
+    assert_eq!(r.status(), 200, "bearer openai: {}", r.text().await.unwrap());
     // Unmetered routes take the key too.
-    let r = c
-        .get(h.url(&format!("/v1beta/models?key={key}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(h.url(&format!("/v1beta/models?key={key}"))).send().await.unwrap();
     assert_eq!(r.status(), 200, "models list");
     let r = c
         .post(h.url(&format!("/v1beta/models/{flash}:countTokens")))
@@ -877,10 +820,7 @@ async fn bad_keys_get_401_and_never_reach_the_upstream() {
         );
     }
     let r = h
-        .admin(
-            reqwest::Method::DELETE,
-            &format!("/admin/keys/{revoked_id}"),
-        )
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{revoked_id}"))
         .send()
         .await
         .unwrap();
@@ -941,12 +881,7 @@ async fn bad_keys_get_401_and_never_reach_the_upstream() {
             .await
             .unwrap();
         assert_envelope(r, 401, "UNAUTHENTICATED", invalid).await;
-        let r = c
-            .post(format!("{sse}&key={k}"))
-            .body(PROMPT)
-            .send()
-            .await
-            .unwrap();
+        let r = c.post(format!("{sse}&key={k}")).body(PROMPT).send().await.unwrap();
         assert_envelope(r, 401, "UNAUTHENTICATED", invalid).await;
         let r = c
             .post(&chat)
@@ -987,20 +922,17 @@ async fn upload_start(h: &Harness, c: &reqwest::Client, key: &str, n: u64) -> re
         .header("X-Goog-Upload-Command", "start")
         .header("X-Goog-Upload-Header-Content-Length", n.to_string())
         .header("X-Goog-Upload-Header-Content-Type", "application/pdf")
-        .body(json!({"file": {"displayName": "report", "mimeType": "application/pdf", "sizeBytes": n.to_string()}}).to_string())
+        .body(
+            json!({"file": {"displayName": "report", "mimeType": "application/pdf", "sizeBytes": n.to_string()}})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap()
 }
 
 /// A chunk the way python-genai sends it: no key, the start call's headers again.
-async fn upload_chunk(
-    c: &reqwest::Client,
-    url: &str,
-    command: &str,
-    offset: usize,
-    data: &[u8],
-) -> reqwest::Response {
+async fn upload_chunk(c: &reqwest::Client, url: &str, command: &str, offset: usize, data: &[u8]) -> reqwest::Response {
     c.post(url)
         .header("content-type", JSON_CT)
         .header("X-Goog-Upload-Protocol", "resumable")
@@ -1055,20 +987,12 @@ async fn resumable_upload_like_python_genai_is_metered_by_bytes() {
         recs.len(),
         "an upload makes only file_upload records: {recs:?}"
     );
-    assert_eq!(
-        ups.iter().map(|r| r.bytes).sum::<u64>(),
-        n as u64,
-        "{ups:?}"
-    );
+    assert_eq!(ups.iter().map(|r| r.bytes).sum::<u64>(), n as u64, "{ups:?}");
     for r in &ups {
         assert_eq!(r.cost, Decimal::from(r.bytes) * dec("0.00000001"), "{r:?}");
     }
     let total: Decimal = ups.iter().map(|r| r.cost).sum();
-    assert_eq!(
-        total.normalize().to_string(),
-        "0.000025",
-        "2500 x 0.00000001"
-    );
+    assert_eq!(total.normalize().to_string(), "0.000025", "2500 x 0.00000001");
     let cur = h.current(&key).await;
     assert_eq!(cur["current_month"]["bytes"], n as u64, "{cur}");
     assert_eq!(cur["current_month"]["cost"], "0.000025", "{cur}");
@@ -1100,10 +1024,7 @@ async fn resumable_upload_like_python_genai_is_metered_by_bytes() {
         "You have reached your monthly storage limit.",
     )
     .await;
-    assert_eq!(
-        v["error"]["details"][0]["metadata"]["quota"], "bytes",
-        "{v}"
-    );
+    assert_eq!(v["error"]["details"][0]["metadata"]["quota"], "bytes", "{v}");
     assert_eq!(
         h.mock_stats()["requests"],
         before,
@@ -1111,10 +1032,7 @@ async fn resumable_upload_like_python_genai_is_metered_by_bytes() {
     );
     let r = upload_start(&h, &c, &small, 400).await;
     assert_eq!(r.status(), 200, "400 of 1000 bytes fits");
-    let url = r.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let url = r.headers()["x-goog-upload-url"].to_str().unwrap().to_string();
     let r = upload_chunk(&c, &url, "upload, finalize", 0, &data[..400]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(h.current(&small).await["current_month"]["bytes"], 400);
@@ -1133,7 +1051,8 @@ async fn resumable_upload_like_python_genai_is_metered_by_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn costs_are_exact_to_the_last_digit() {
-    let extra = "[pricing.models.\"gemini-2.5-flash-thinking\"]\ninput_per_million = \"0.30\"\noutput_per_million = \"2.50\"\n";
+    let extra =
+        "[pricing.models.\"gemini-2.5-flash-thinking\"]\ninput_per_million = \"0.30\"\noutput_per_million = \"2.50\"\n";
     let h = Harness::start(extra).await;
     let c = raw_client();
     let cases = [
@@ -1169,9 +1088,7 @@ async fn costs_are_exact_to_the_last_digit() {
                 );
                 priced_cost(ai, "0.30", "0.30", "2.50")
             }
-            _ => (Decimal::from(total) * dec("0.0001"))
-                .normalize()
-                .to_string(),
+            _ => (Decimal::from(total) * dec("0.0001")).normalize().to_string(),
         };
         assert_eq!(cost_str(ai), want, "{model}: {ai:?}");
         // The API renders it the same, unrounded.
@@ -1192,11 +1109,7 @@ async fn costs_are_exact_to_the_last_digit() {
             .cloned()
             .unwrap();
         assert_eq!(api["cost"], want, "{model}: {api}");
-        assert_eq!(
-            h.current(&key).await["current_month"]["cost"],
-            want,
-            "{model}"
-        );
+        assert_eq!(h.current(&key).await["current_month"]["cost"], want, "{model}");
     }
 }
 
@@ -1225,9 +1138,7 @@ fn capture_logs() {
         let sub = tracing_subscriber::fmt()
             .with_writer(|| LogSink)
             .with_ansi(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "gemini_meter=trace,debug",
-            ))
+            .with_env_filter(tracing_subscriber::EnvFilter::new("gemini_meter=trace,debug"))
             .finish();
         let _ = tracing::subscriber::set_global_default(sub);
     });
@@ -1278,26 +1189,13 @@ async fn no_plaintext_secrets_at_rest_or_in_logs() {
         .send()
         .await
         .unwrap());
-    ok(c.get(h.url(&format!("/v1beta/models?key={k2}")))
-        .send()
-        .await
-        .unwrap());
+    ok(c.get(h.url(&format!("/v1beta/models?key={k2}"))).send().await.unwrap());
     let r = upload_start(&h, &c, &k2, 300).await;
     assert_eq!(r.status(), 200);
-    let url = r.headers()["x-goog-upload-url"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let url = r.headers()["x-goog-upload-url"].to_str().unwrap().to_string();
     ok(upload_chunk(&c, &url, "upload", 0, &[7u8; 100]).await);
     // js-genai style: a key on the chunk (here in the query).
-    ok(upload_chunk(
-        &c,
-        &format!("{url}&key={k1}"),
-        "upload, finalize",
-        100,
-        &[7u8; 200],
-    )
-    .await);
+    ok(upload_chunk(&c, &format!("{url}&key={k1}"), "upload, finalize", 100, &[7u8; 200]).await);
     let wrong = format!("gm_{}", "Zw9".repeat(12));
     assert_eq!(
         c.post(h.url(&format!("{}?key={wrong}", gen_path(flash, false, false))))
@@ -1335,13 +1233,7 @@ async fn no_plaintext_secrets_at_rest_or_in_logs() {
     h.app.store.flush().await.unwrap();
     down.app.store.flush().await.unwrap();
 
-    let secrets = [
-        k1.as_str(),
-        k2.as_str(),
-        k3.as_str(),
-        wrong.as_str(),
-        UPSTREAM_KEY,
-    ];
+    let secrets = [k1.as_str(), k2.as_str(), k3.as_str(), wrong.as_str(), UPSTREAM_KEY];
     let mut files = Vec::new();
     files_under(h.dir.path(), &mut files);
     files_under(down.dir.path(), &mut files);
@@ -1410,12 +1302,7 @@ async fn upstream_error_status_is_forwarded_and_recorded() {
             .await
             .unwrap();
         assert_eq!(r.status(), 500, "{user}");
-        assert!(
-            r.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with(JSON_CT)
-        );
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with(JSON_CT));
         assert_eq!(
             r.bytes().await.unwrap(),
             direct,
@@ -1426,10 +1313,7 @@ async fn upstream_error_status_is_forwarded_and_recorded() {
         assert_eq!(recs.len(), 2, "{user}: {recs:?}");
         let ms = of_kind(&recs, "message_sent");
         assert_eq!(ms.len(), 1, "{user}");
-        assert_eq!(
-            ms[0].messages, 0,
-            "{user}: an upstream error is not a message"
-        );
+        assert_eq!(ms[0].messages, 0, "{user}: an upstream error is not a message");
         assert_eq!(md(ms[0], "upstream_status"), 500, "{user}");
         let ai = of_kind(&recs, "ai_response");
         assert_eq!(ai.len(), 1, "{user}");
@@ -1469,10 +1353,7 @@ async fn unreachable_upstream_is_502() {
         .unwrap();
     assert_envelope(r, 502, "UNAVAILABLE", "Upstream").await;
     let cur = h.current(&key).await;
-    assert_eq!(
-        cur["current_month"]["messages"], 0,
-        "nothing was answered: {cur}"
-    );
+    assert_eq!(cur["current_month"]["messages"], 0, "nothing was answered: {cur}");
     let recs = h.records("down").await;
     let (m, t, _, _) = sum(&recs);
     assert_eq!((m, t), (0, 0), "{recs:?}");
@@ -1500,20 +1381,9 @@ async fn tags_are_recorded_and_caller_secrets_are_not_forwarded() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), UNARY);
-    let r = c
-        .post(format!("{unary}&key={key}"))
-        .body(PROMPT)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{unary}&key={key}")).body(PROMPT).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = c
-        .post(&unary)
-        .bearer_auth(&key)
-        .body(PROMPT)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(&unary).bearer_auth(&key).body(PROMPT).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = c
         .post(h.url("/v1beta/openai/chat/completions?fx=openai"))
@@ -1528,11 +1398,7 @@ async fn tags_are_recorded_and_caller_secrets_are_not_forwarded() {
     let seen = up.seen();
     assert_eq!(seen.len(), 4, "{seen:#?}");
     for (i, s) in seen.iter().enumerate() {
-        assert_eq!(
-            s.header("x-goog-api-key"),
-            Some(UPSTREAM_KEY),
-            "request {i}: {s:#?}"
-        );
+        assert_eq!(s.header("x-goog-api-key"), Some(UPSTREAM_KEY), "request {i}: {s:#?}");
         assert!(
             s.headers.iter().all(|(n, _)| !n.starts_with("x-meter-tag")),
             "request {i}: tags must not be forwarded: {s:#?}"
@@ -1651,9 +1517,7 @@ async fn upstream_cut_and_midstream_error_end_the_client_stream_with_an_error() 
             .body(PROMPT)
             .send()
             .await
-            .unwrap_or_else(|e| {
-                panic!("{user}: the whole response was lost, status line included: {e:?}")
-            });
+            .unwrap_or_else(|e| panic!("{user}: the whole response was lost, status line included: {e:?}"));
         assert_eq!(r.status(), 200, "{user}");
         let (got, err) = match read_body(r).await {
             Ok(b) => panic!(

@@ -18,8 +18,7 @@ use reqwest::header::HeaderMap;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-const QUOTA_MESSAGES: &str =
-    "You have reached your monthly message limit. Upgrade your plan to increase limit.";
+const QUOTA_MESSAGES: &str = "You have reached your monthly message limit. Upgrade your plan to increase limit.";
 const QUOTA_TOKENS: &str = "You have reached your monthly token limit.";
 const QUOTA_COST: &str = "You have reached your monthly spending limit.";
 
@@ -47,47 +46,30 @@ impl Resp {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().expect("ASCII header"))
+        self.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
     }
 
     /// Asserts the Gemini error envelope: code, status and the start of the message.
     fn assert_error(&self, code: u16, status: &str, prefix: &str) {
-        assert_eq!(
-            self.status, code,
-            "expected {code}, got {}: {}",
-            self.status, self.text
-        );
+        assert_eq!(self.status, code, "expected {code}, got {}: {}", self.status, self.text);
         let e = &self.body["error"];
         assert_eq!(e["code"], code, "envelope code: {}", self.text);
         assert_eq!(e["status"], status, "envelope status: {}", self.text);
         let msg = e["message"].as_str().unwrap_or_default();
-        assert!(
-            msg.starts_with(prefix),
-            "message {msg:?} should start with {prefix:?}"
-        );
+        assert!(msg.starts_with(prefix), "message {msg:?} should start with {prefix:?}");
     }
 
     /// Asserts a 403 MONTHLY_QUOTA_EXCEEDED for `quota`; returns its metadata.
     fn assert_quota_refusal(&self, quota: &str, prefix: &str) -> &Value {
         self.assert_error(403, "PERMISSION_DENIED", prefix);
         let d = &self.body["error"]["details"][0];
-        assert_eq!(
-            d["@type"], "type.googleapis.com/google.rpc.ErrorInfo",
-            "{}",
-            self.text
-        );
+        assert_eq!(d["@type"], "type.googleapis.com/google.rpc.ErrorInfo", "{}", self.text);
         assert_eq!(d["reason"], "MONTHLY_QUOTA_EXCEEDED", "{}", self.text);
         assert_eq!(d["domain"], "gemini-meter", "{}", self.text);
         let md = &d["metadata"];
         assert_eq!(md["quota"], quota, "{}", self.text);
         for k in ["used", "limit", "resets_at"] {
-            assert!(
-                md[k].is_string(),
-                "metadata.{k} must be a string: {}",
-                self.text
-            );
+            assert!(md[k].is_string(), "metadata.{k} must be a string: {}", self.text);
         }
         md
     }
@@ -95,9 +77,7 @@ impl Resp {
     /// Asserts a 429 RESOURCE_EXHAUSTED with a whole-seconds Retry-After of at least 1.
     fn assert_rate_limited(&self) -> u64 {
         self.assert_error(429, "RESOURCE_EXHAUSTED", "Rate limit exceeded");
-        let ra = self
-            .header("retry-after")
-            .expect("a 429 carries Retry-After");
+        let ra = self.header("retry-after").expect("a 429 carries Retry-After");
         let secs: u64 = ra
             .parse()
             .unwrap_or_else(|_| panic!("Retry-After {ra:?} is not whole seconds"));
@@ -150,10 +130,7 @@ where
         if f().await {
             return t0.elapsed();
         }
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -209,11 +186,7 @@ async fn message_quota_is_exact_under_50_concurrent_requests() {
         assert_eq!(md["limit"], "5", "{}", r.text);
         assert_eq!(md["resets_at"], resets.as_str(), "{}", r.text);
     }
-    assert_eq!(
-        gen_requests(&h),
-        5,
-        "only admitted requests reach the upstream"
-    );
+    assert_eq!(gen_requests(&h), 5, "only admitted requests reach the upstream");
     let cur = h.current(&key).await;
     assert_eq!(cur["current_month"]["messages"], 5, "{cur}");
     let sent = h
@@ -280,11 +253,7 @@ async fn upstream_5xx_does_not_count_against_the_message_quota() {
         .collect();
     assert_eq!(failed.len(), 2, "{recs:?}");
     assert!(failed.iter().all(|r| r.messages == 0), "{failed:?}");
-    assert_eq!(
-        common::sum(&recs).0,
-        2,
-        "counters equal the sum of the records"
-    );
+    assert_eq!(common::sum(&recs).0, 2, "counters equal the sum of the records");
 }
 
 // 4. requests_per_minute is per key.
@@ -309,20 +278,14 @@ async fn requests_per_minute_is_enforced_per_key() {
     )
     .await;
     list.assert_rate_limited();
-    assert_eq!(
-        gen_requests(&h),
-        2,
-        "a rate-limited call never reaches the upstream"
-    );
+    assert_eq!(gen_requests(&h), 2, "a rate-limited call never reaches the upstream");
     // Another key of the same user has its own budget.
     let key2 = h.create_key("dave").await;
     for i in 0..2 {
         let r = call(&h, &key2, "gemini-2.5-flash").await;
         assert_eq!(r.status, 200, "second key, request {i}: {}", r.text);
     }
-    call(&h, &key2, "gemini-2.5-flash")
-        .await
-        .assert_rate_limited();
+    call(&h, &key2, "gemini-2.5-flash").await.assert_rate_limited();
     let cur = h.current(&key).await;
     assert_eq!(
         cur["current_month"]["messages"], 4,
@@ -337,20 +300,13 @@ async fn tokens_per_minute_is_enforced_per_user() {
     let key = h.user_with_key("erin", "tpm").await;
     let r1 = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(r1.status, 200, "{}", r1.text);
-    let used = r1.body["usageMetadata"]["totalTokenCount"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        used > 10,
-        "the first call must exceed the per-minute budget ({used})"
-    );
+    let used = r1.body["usageMetadata"]["totalTokenCount"].as_u64().unwrap();
+    assert!(used > 10, "the first call must exceed the per-minute budget ({used})");
     let r2 = call(&h, &key, "gemini-2.5-flash").await;
     r2.assert_rate_limited();
     // Per user: another key of the same user is limited as well ...
     let key2 = h.create_key("erin").await;
-    call(&h, &key2, "gemini-2.5-flash")
-        .await
-        .assert_rate_limited();
+    call(&h, &key2, "gemini-2.5-flash").await.assert_rate_limited();
     // ... but another user of the same tier is not.
     let other = h.user_with_key("frank", "tpm").await;
     let r = call(&h, &other, "gemini-2.5-flash").await;
@@ -367,11 +323,7 @@ async fn model_outside_the_allow_list_is_refused_before_the_upstream() {
     r.assert_error(403, "PERMISSION_DENIED", "Model");
     let r = call_sse(&h, &key, "gemini-2.5-pro").await;
     r.assert_error(403, "PERMISSION_DENIED", "Model");
-    assert_eq!(
-        h.mock_stats()["requests"],
-        0,
-        "nothing reaches the upstream"
-    );
+    assert_eq!(h.mock_stats()["requests"], 0, "nothing reaches the upstream");
     let ok = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     let cur = h.current(&key).await;
@@ -394,9 +346,7 @@ async fn monthly_token_quota_refuses_once_used() {
     let used: u64 = md["used"].as_str().unwrap().parse().unwrap();
     assert_eq!(
         used,
-        r1.body["usageMetadata"]["totalTokenCount"]
-            .as_u64()
-            .unwrap(),
+        r1.body["usageMetadata"]["totalTokenCount"].as_u64().unwrap(),
         "tokens used are the upstream's usageMetadata.totalTokenCount"
     );
     assert_eq!(gen_requests(&h), 1);
@@ -421,10 +371,7 @@ async fn monthly_cost_cap_refuses_once_reached() {
         Decimal::from_str(md["limit"].as_str().unwrap()).unwrap(),
         Decimal::from_str("0.000001").unwrap()
     );
-    assert_eq!(
-        Decimal::from_str(md["used"].as_str().unwrap()).unwrap(),
-        spent
-    );
+    assert_eq!(Decimal::from_str(md["used"].as_str().unwrap()).unwrap(), spent);
     assert_eq!(gen_requests(&h), 1);
 }
 
@@ -444,9 +391,7 @@ async fn quota_headers_are_present_exactly_for_limited_quotas() {
     assert_eq!(r.header("x-quota-tokens-remaining"), Some("100000"));
     assert_eq!(r.header("x-quota-bytes-limit"), Some("1000000"));
     assert_eq!(r.header("x-quota-bytes-remaining"), Some("1000000"));
-    let dec = |r: &Resp, n: &str| {
-        Decimal::from_str(r.header(n).unwrap_or_else(|| panic!("missing {n}"))).unwrap()
-    };
+    let dec = |r: &Resp, n: &str| Decimal::from_str(r.header(n).unwrap_or_else(|| panic!("missing {n}"))).unwrap();
     assert_eq!(dec(&r, "x-quota-cost-limit"), Decimal::from(5));
     assert_eq!(dec(&r, "x-quota-cost-remaining"), Decimal::from(5));
     assert!(r.header("x-quota-warning").is_none());
@@ -543,13 +488,7 @@ async fn tier_change_applies_to_the_next_request() {
         .await
         .assert_quota_refusal("messages", QUOTA_MESSAGES);
 
-    let p = admin_json(
-        &h,
-        Method::PATCH,
-        "/admin/users/noah",
-        Some(json!({"tier": "free"})),
-    )
-    .await;
+    let p = admin_json(&h, Method::PATCH, "/admin/users/noah", Some(json!({"tier": "free"}))).await;
     assert_eq!(p.status, 200, "{}", p.text);
     assert_eq!(p.body["tier"], "free");
     let r = call(&h, &key, "gemini-2.5-flash").await;
@@ -558,13 +497,7 @@ async fn tier_change_applies_to_the_next_request() {
     assert_eq!(r.header("x-quota-messages-remaining"), Some("98"));
     assert_eq!(h.current(&key).await["tier"], "free");
 
-    let p = admin_json(
-        &h,
-        Method::PATCH,
-        "/admin/users/noah",
-        Some(json!({"tier": "one"})),
-    )
-    .await;
+    let p = admin_json(&h, Method::PATCH, "/admin/users/noah", Some(json!({"tier": "one"}))).await;
     assert_eq!(p.status, 200, "{}", p.text);
     call(&h, &key, "gemini-2.5-flash")
         .await
@@ -579,11 +512,7 @@ async fn tier_change_applies_to_the_next_request() {
     .await;
     assert_eq!(bad.status, 400, "unknown tier: {}", bad.text);
     let u = admin_json(&h, Method::GET, "/admin/users/noah", None).await;
-    assert_eq!(
-        u.body["tier"], "one",
-        "a refused change changes nothing: {}",
-        u.text
-    );
+    assert_eq!(u.body["tier"], "one", "a refused change changes nothing: {}", u.text);
 
     let bad = admin_json(
         &h,
@@ -604,20 +533,10 @@ async fn tier_change_applies_to_the_next_request() {
     )
     .await;
     assert_eq!(dup.status, 409, "duplicate: {}", dup.text);
-    let ghost = admin_json(
-        &h,
-        Method::PATCH,
-        "/admin/users/ghost",
-        Some(json!({"tier": "free"})),
-    )
-    .await;
+    let ghost = admin_json(&h, Method::PATCH, "/admin/users/ghost", Some(json!({"tier": "free"}))).await;
     assert_eq!(ghost.status, 404, "unknown user: {}", ghost.text);
     let u = admin_json(&h, Method::GET, "/admin/users/noah", None).await;
-    assert_eq!(
-        u.body["tier"], "one",
-        "a duplicate does not overwrite: {}",
-        u.text
-    );
+    assert_eq!(u.body["tier"], "one", "a duplicate does not overwrite: {}", u.text);
 }
 
 // 10a. Hot reload: a lowered limit applies within 2 s; counters and open streams survive.
@@ -629,9 +548,7 @@ async fn hot_reload_lowers_a_limit_without_losing_counters_or_streams() {
         ..MockOptions::default()
     };
     let h = Harness::start_with("[tiers.hot]\nmessages = 10\n", opts).await;
-    h.app
-        .live
-        .spawn_watcher(Duration::from_millis(500), h.clock.clone());
+    h.app.live.spawn_watcher(Duration::from_millis(500), h.clock.clone());
     let key = h.user_with_key("pia", "hot").await;
     for _ in 0..2 {
         let r = call(&h, &key, "gemini-2.5-flash").await;
@@ -705,9 +622,7 @@ async fn hot_reload_lowers_a_limit_without_losing_counters_or_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_edit_keeps_the_running_config_and_is_reported() {
     let h = Harness::start("[tiers.hot]\nmessages = 5\n").await;
-    h.app
-        .live
-        .spawn_watcher(Duration::from_millis(500), h.clock.clone());
+    h.app.live.spawn_watcher(Duration::from_millis(500), h.clock.clone());
     let key = h.user_with_key("quinn", "hot").await;
     let r = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(r.header("x-quota-messages-limit"), Some("5"));
@@ -716,11 +631,9 @@ async fn invalid_config_edit_keeps_the_running_config_and_is_reported() {
 
     // A typo in a key: the watcher rejects it, the old config keeps working.
     h.write_config_extra("[tiers.hot]\nmessagez = 1\n");
-    wait_for(
-        Duration::from_secs(2),
-        "last_error after a typo",
-        || async { config_status(&h).await["last_error"].is_string() },
-    )
+    wait_for(Duration::from_secs(2), "last_error after a typo", || async {
+        config_status(&h).await["last_error"].is_string()
+    })
     .await;
     let st = config_status(&h).await;
     let err = st["last_error"].as_str().unwrap();
@@ -728,10 +641,7 @@ async fn invalid_config_edit_keeps_the_running_config_and_is_reported() {
         err.contains("tiers.hot.messagez"),
         "last_error names the key path: {err}"
     );
-    assert_eq!(
-        st["loaded_at"], loaded_at,
-        "the running config was not replaced"
-    );
+    assert_eq!(st["loaded_at"], loaded_at, "the running config was not replaced");
     let r = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
@@ -753,10 +663,7 @@ async fn invalid_config_edit_keeps_the_running_config_and_is_reported() {
     );
     let st = config_status(&h).await;
     assert!(
-        st["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("tiers.hot.cost"),
+        st["last_error"].as_str().unwrap_or_default().contains("tiers.hot.cost"),
         "{st}"
     );
     let r = call(&h, &key, "gemini-2.5-flash").await;
@@ -769,8 +676,7 @@ async fn invalid_config_edit_keeps_the_running_config_and_is_reported() {
     // A valid edit clears the error and applies.
     h.write_config_extra("[tiers.hot]\nmessages = 7\n");
     wait_for(Duration::from_secs(2), "a valid edit to apply", || async {
-        config_status(&h).await["last_error"].is_null()
-            && h.current(&key).await["limits"]["messages"] == 7
+        config_status(&h).await["last_error"].is_null() && h.current(&key).await["limits"]["messages"] == 7
     })
     .await;
     let r = call(&h, &key, "gemini-2.5-flash").await;
@@ -790,21 +696,9 @@ async fn check_config_reports_the_key_path() {
     let mock = "127.0.0.1:9".parse().unwrap();
     let data = dir.path().join("data");
     let cases = [
-        (
-            "typo.toml",
-            "[tiers.hot]\nmessagez = 5\n",
-            Some("tiers.hot.messagez"),
-        ),
-        (
-            "float.toml",
-            "[tiers.hot]\ncost = 5.0\n",
-            Some("tiers.hot.cost"),
-        ),
-        (
-            "valid.toml",
-            "[tiers.hot]\nmessages = 5\ncost = \"5.00\"\n",
-            None,
-        ),
+        ("typo.toml", "[tiers.hot]\nmessagez = 5\n", Some("tiers.hot.messagez")),
+        ("float.toml", "[tiers.hot]\ncost = 5.0\n", Some("tiers.hot.cost")),
+        ("valid.toml", "[tiers.hot]\nmessages = 5\ncost = \"5.00\"\n", None),
     ];
     for (name, extra, bad_path) in cases {
         let path = dir.path().join(name);
@@ -818,22 +712,11 @@ async fn check_config_reports_the_key_path() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         match bad_path {
             Some(key) => {
-                assert_eq!(
-                    out.status.code(),
-                    Some(1),
-                    "{name}: exit 1; stderr: {stderr}"
-                );
+                assert_eq!(out.status.code(), Some(1), "{name}: exit 1; stderr: {stderr}");
                 assert!(stderr.contains(key), "{name}: stderr names {key}: {stderr}");
-                assert!(
-                    stderr.contains(name),
-                    "{name}: stderr names the file: {stderr}"
-                );
+                assert!(stderr.contains(name), "{name}: stderr names the file: {stderr}");
             }
-            None => assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{name}: exit 0; stderr: {stderr}"
-            ),
+            None => assert_eq!(out.status.code(), Some(0), "{name}: exit 0; stderr: {stderr}"),
         }
     }
     assert!(!data.exists(), "check-config opens no storage");
@@ -871,26 +754,14 @@ async fn new_month_resets_the_quota_and_keeps_the_previous_totals() {
     );
 
     h.sync().await;
-    let s = admin_json(
-        &h,
-        Method::GET,
-        &format!("/admin/analytics/summary?month={prev}"),
-        None,
-    )
-    .await;
+    let s = admin_json(&h, Method::GET, &format!("/admin/analytics/summary?month={prev}"), None).await;
     assert_eq!(s.status, 200, "{}", s.text);
     assert_eq!(
         s.body["messages"], 2,
         "the previous month's totals stay readable: {}",
         s.text
     );
-    let s = admin_json(
-        &h,
-        Method::GET,
-        &format!("/admin/analytics/summary?month={next}"),
-        None,
-    )
-    .await;
+    let s = admin_json(&h, Method::GET, &format!("/admin/analytics/summary?month={next}"), None).await;
     assert_eq!(s.body["messages"], 1, "{}", s.text);
 
     let hist = Resp::read(

@@ -33,10 +33,23 @@ async fn metrics_count_requests_refusals_and_tokens() {
     let h = Harness::start("").await;
     let key = h.user_with_key("mia", "free").await;
     assert_eq!(h.generate(&key, "gemini-2.5-flash", true).await.status(), 200);
-    let r = h.http.post(h.url("/v1beta/models/gemini-2.5-flash:generateContent")).send().await.unwrap();
+    let r = h
+        .http
+        .post(h.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     h.sync().await;
-    let text = h.http.get(h.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |series: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))

@@ -181,7 +181,11 @@ pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) ->
         Ask::Generate { .. } => {
             let mut why = None;
             let res = user.usage.try_reserve(month, |t| {
-                why = used_up(t).or_else(|| tier.messages.is_some_and(|l| t.messages >= l).then_some(QuotaKind::Messages));
+                why = used_up(t).or_else(|| {
+                    tier.messages
+                        .is_some_and(|l| t.messages >= l)
+                        .then_some(QuotaKind::Messages)
+                });
                 why.is_none()
             });
             match res {
@@ -211,7 +215,12 @@ pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) ->
         Ask::Other { .. } => (user.usage.snapshot(month), false),
     };
 
-    Ok(Admitted { month, at: now, reserved_message: reserved, headers: quota_headers(tr, &totals) })
+    Ok(Admitted {
+        month,
+        at: now,
+        reserved_message: reserved,
+        headers: quota_headers(tr, &totals),
+    })
 }
 
 fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
@@ -221,7 +230,10 @@ fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)>
     let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
         if let (Some(l), Some(lv)) = (limit, value) {
             h.push((HeaderName::from_static(limit_header(name)), lv.clone()));
-            h.push((HeaderName::from_static(remaining_header(name)), HeaderValue::from(l.saturating_sub(used))));
+            h.push((
+                HeaderName::from_static(remaining_header(name)),
+                HeaderValue::from(l.saturating_sub(used)),
+            ));
             let pct = used.saturating_mul(100).checked_div(l).unwrap_or(100);
             if pct >= 90 && warn.is_none_or(|(_, p)| pct > p) {
                 warn = Some((name, pct));

@@ -14,7 +14,9 @@ pub struct TokenWindow {
 
 impl Default for TokenWindow {
     fn default() -> Self {
-        Self { state: Mutex::new((0.0, Instant::now())) }
+        Self {
+            state: Mutex::new((0.0, Instant::now())),
+        }
     }
 }
 

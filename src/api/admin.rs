@@ -27,7 +27,12 @@ use crate::proxy::body::ProxyBody;
 fn check_token(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let rt = app.live.load();
     let Some(expected) = &rt.admin_token else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "PERMISSION_DENIED", "admin_off", "The admin API is off: set the admin token environment variable."));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "admin_off",
+            "The admin API is off: set the admin token environment variable.",
+        ));
     };
     let given = req
         .headers()
@@ -40,13 +45,23 @@ fn check_token(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "admin_token", "Missing or invalid admin token."))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "admin_token",
+            "Missing or invalid admin token.",
+        ))
     }
 }
 
 fn identity_error(e: IdentityError) -> ApiError {
     match e {
-        IdentityError::Exists(id) => ApiError::new(StatusCode::CONFLICT, "ALREADY_EXISTS", "exists", format!("User {id} already exists.")),
+        IdentityError::Exists(id) => ApiError::new(
+            StatusCode::CONFLICT,
+            "ALREADY_EXISTS",
+            "exists",
+            format!("User {id} already exists."),
+        ),
         IdentityError::NoUser(id) => ApiError::not_found(format!("User {id} not found.")),
         IdentityError::NoKey(id) => ApiError::not_found(format!("Key {id} not found.")),
         IdentityError::BadId => ApiError::bad_request(e.to_string()),
@@ -61,8 +76,8 @@ fn storage(e: impl std::fmt::Display) -> ApiError {
 /// Routes `/admin/*`.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let path = req.uri().path().to_string();
-    if path == "/admin/dashboard" {
-        return Err(ApiError::not_found("The admin dashboard is not built yet."));
+    if path == "/admin/dashboard" && req.method() == Method::GET {
+        return Ok(super::pages::admin_dashboard());
     }
     check_token(app, &req)?;
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -70,7 +85,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     match (method, segs.as_slice()) {
         (Method::POST, ["admin", "users"]) => create_user(app, req).await,
         (Method::GET, ["admin", "users", id]) => {
-            let u = app.registry.user(id).ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
+            let u = app
+                .registry
+                .user(id)
+                .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
             let mut v = u.to_json();
             v["current"] = super::usage::current(app, &u);
             Ok(json_response(StatusCode::OK, &v))
@@ -78,7 +96,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         (Method::PATCH, ["admin", "users", id]) => {
             let id = id.to_string();
             let body = read_json(req).await?;
-            let tier = body.get("tier").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
+            let tier = body
+                .get("tier")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
             known_tier(app, tier)?;
             let u = app.registry.set_tier(&id, tier).map_err(identity_error)?;
             app.store.flush().await.map_err(storage)?;
@@ -89,12 +110,18 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             app.registry.delete_user(&id).map_err(identity_error)?;
             let removed = app.recorder.delete_user(&id).await.map_err(storage)?;
             app.store.flush().await.map_err(storage)?;
-            Ok(json_response(StatusCode::OK, &json!({"deleted": id, "records_deleted": removed})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"deleted": id, "records_deleted": removed}),
+            ))
         }
         (Method::POST, ["admin", "users", id, "keys"]) => {
             let (key, key_id) = app.registry.create_key(id, app.clock.now()).map_err(identity_error)?;
             app.store.flush().await.map_err(storage)?;
-            Ok(json_response(StatusCode::CREATED, &json!({"key": key, "key_id": key_id, "user_id": id})))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"key": key, "key_id": key_id, "user_id": id}),
+            ))
         }
         (Method::GET, ["admin", "users", id, "keys"]) => {
             let keys = app.registry.list_keys(id).map_err(identity_error)?;
@@ -124,7 +151,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             let m = month_param(app, &req)?;
             let rows = app.store.month_models(m).map_err(storage)?;
             let data: Vec<Value> = rows.iter().map(|(model, t)| group_row("model", model, t)).collect();
-            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "data": data})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"month": m.to_string(), "data": data}),
+            ))
         }
         (Method::GET, ["admin", "analytics", "top-users"]) => {
             let q = query_map(&req);
@@ -140,7 +170,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             }
             rows.truncate(limit);
             let data: Vec<Value> = rows.iter().map(|(u, t)| group_row("user_id", u, t)).collect();
-            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "by": by, "data": data})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"month": m.to_string(), "by": by, "data": data}),
+            ))
         }
         (Method::GET, ["admin", "analytics", "tags"]) => {
             let q = query_map(&req);
@@ -151,24 +184,43 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             rows.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(b.1.tokens.cmp(&a.1.tokens)));
             rows.truncate(limit);
             let data: Vec<Value> = rows.iter().map(|(v, t)| group_row("value", v, t)).collect();
-            Ok(json_response(StatusCode::OK, &json!({"month": m.to_string(), "name": name, "data": data})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"month": m.to_string(), "name": name, "data": data}),
+            ))
         }
         (Method::GET, ["admin", "export"]) => export(app, &req),
+        (Method::GET, ["admin", "alerts"]) => crate::alerts::list(app, &req),
         (Method::POST, ["admin", "reload"]) => {
             let res = app.live.reload(app.clock.now());
             let st = app.live.status();
             let body = json!({"ok": res.is_ok(), "loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error});
-            Ok(json_response(if res.is_ok() { StatusCode::OK } else { StatusCode::BAD_REQUEST }, &body))
+            Ok(json_response(
+                if res.is_ok() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                &body,
+            ))
         }
         (Method::GET, ["admin", "config", "status"]) => {
             let st = app.live.status();
-            Ok(json_response(StatusCode::OK, &json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error}),
+            ))
         }
         (Method::POST, ["admin", "retention", "run"]) => {
             let rt = app.live.load();
-            let cutoff = Month::of(app.clock.now()).minus(rt.config.storage.retention_months).start();
+            let cutoff = Month::of(app.clock.now())
+                .minus(rt.config.storage.retention_months)
+                .start();
             let n = app.recorder.retention(cutoff).await.map_err(storage)?;
-            Ok(json_response(StatusCode::OK, &json!({"deleted": n, "cutoff": rfc3339(cutoff)})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"deleted": n, "cutoff": rfc3339(cutoff)}),
+            ))
         }
         _ => Err(ApiError::not_found(format!("No admin route for {path}."))),
     }
@@ -195,15 +247,26 @@ fn month_param(app: &App, req: &Request<Incoming>) -> Result<Month, ApiError> {
 
 async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let body = read_json(req).await?;
-    let id = body.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must have an id."))?;
+    let id = body
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Body must have an id."))?;
     if !valid_user_id(id) {
-        return Err(ApiError::bad_request("User ids are 1 to 64 characters of a-z A-Z 0-9 _ - ."));
+        return Err(ApiError::bad_request(
+            "User ids are 1 to 64 characters of a-z A-Z 0-9 _ - .",
+        ));
     }
-    let tier = body.get("tier").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("Body must have a tier."))?;
+    let tier = body
+        .get("tier")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Body must have a tier."))?;
     known_tier(app, tier)?;
     let email = body.get("email").and_then(Value::as_str);
     let now = app.clock.now();
-    let u = app.registry.create_user(id, tier, email, now, Month::of(now)).map_err(identity_error)?;
+    let u = app
+        .registry
+        .create_user(id, tier, email, now, Month::of(now))
+        .map_err(identity_error)?;
     app.store.flush().await.map_err(storage)?;
     Ok(json_response(StatusCode::CREATED, &u.to_json()))
 }
@@ -229,7 +292,10 @@ fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>
     let f = RecordFilter {
         user_id: q.get("user_id").filter(|v| !v.is_empty()).cloned(),
         kind: match q.get("type").filter(|v| !v.is_empty()) {
-            Some(t) => Some(RecordKind::parse(t).ok_or_else(|| ApiError::bad_request("type must be message_sent, ai_response or file_upload"))?),
+            Some(t) => Some(
+                RecordKind::parse(t)
+                    .ok_or_else(|| ApiError::bad_request("type must be message_sent, ai_response or file_upload"))?,
+            ),
             None => None,
         },
         from: time("from")?,
@@ -261,7 +327,9 @@ fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>
         }
         let mut open = true;
         let res = store.for_each_record_in(m, |raw| {
-            let Ok(v) = serde_json::from_slice::<Value>(raw) else { return true };
+            let Ok(v) = serde_json::from_slice::<Value>(raw) else {
+                return true;
+            };
             if csv {
                 csv_row(&mut buf, &v);
             } else {
@@ -284,8 +352,13 @@ fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let mut resp = Response::new(ProxyBody::stream(StreamBody::new(stream)));
-    let (ctype, ext) = if csv { ("text/csv; charset=utf-8", "csv") } else { ("application/x-ndjson", "jsonl") };
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    let (ctype, ext) = if csv {
+        ("text/csv; charset=utf-8", "csv")
+    } else {
+        ("application/x-ndjson", "jsonl")
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"usage-{m}.{ext}\"")) {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
     }

@@ -2,6 +2,8 @@
 //! health and metrics.
 
 pub mod admin;
+pub mod pages;
+pub mod stream;
 pub mod usage;
 
 use std::collections::HashMap;
@@ -25,6 +27,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody>
     let result = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => Ok(health(&app)),
         (Method::GET, "/metrics") => Ok(metrics(&app)),
+        (Method::GET, "/dashboard") => Ok(pages::dashboard()),
         (_, p) if p.starts_with("/api/usage/") => usage::route(&app, req).await,
         (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
         _ => Err(ApiError::not_found(format!("No route for {path}."))),
@@ -51,8 +54,10 @@ fn health(app: &App) -> Response<ProxyBody> {
 fn metrics(app: &App) -> Response<ProxyBody> {
     let text = app.metrics.render(&app.recorder.stats);
     let mut resp = Response::new(ProxyBody::full(text));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 

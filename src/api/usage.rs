@@ -1,5 +1,6 @@
 //! The usage API: a caller reads their own usage with the key the gateway issued them.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
@@ -13,6 +14,7 @@ use crate::app::App;
 use crate::clock::{Month, rfc3339};
 use crate::error::{ApiError, json_response};
 use crate::identity::{KeyEntry, User};
+use crate::ledger::Totals;
 use crate::ledger::record::parse_id;
 use crate::ledger::store::RecordFilter;
 use crate::proxy::body::ProxyBody;
@@ -25,6 +27,8 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, &key.user))),
         (&Method::GET, "/api/usage/history") => history(app, &key.user, &req),
         (&Method::GET, "/api/usage/daily") => daily(app, &key.user, &req),
+        (&Method::GET, "/api/usage/breakdown") => breakdown(app, &key.user, &req).await,
+        (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, &key)),
         _ => Err(ApiError::not_found("No such usage route.")),
     }
 }
@@ -60,7 +64,10 @@ pub fn current(app: &App, user: &User) -> Value {
         "tokens_per_minute": lim_u(|t| t.tokens_per_minute),
         "models": tier.and_then(|t| t.models.clone()),
     });
-    let p = |used: u64, l: Option<u64>| l.map(|l| pct(Decimal::from(used), Decimal::from(l))).unwrap_or(Value::Null);
+    let p = |used: u64, l: Option<u64>| {
+        l.map(|l| pct(Decimal::from(used), Decimal::from(l)))
+            .unwrap_or(Value::Null)
+    };
     let percentage = json!({
         "messages": p(t.messages, lim_u(|t| t.messages)),
         "tokens": p(t.tokens, lim_u(|t| t.tokens)),
@@ -85,7 +92,11 @@ fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<P
         Some(c) => Some(parse_id(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
         None => None,
     };
-    let f = RecordFilter { user_id: Some(user.id.to_string()), before, ..Default::default() };
+    let f = RecordFilter {
+        user_id: Some(user.id.to_string()),
+        before,
+        ..Default::default()
+    };
     let page = records_page(app, &f, limit)?;
     Ok(json_response(StatusCode::OK, &page))
 }
@@ -115,7 +126,10 @@ fn daily(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<Pro
 pub fn daily_rows(app: &App, user: Option<&str>, days: usize) -> Result<Value, ApiError> {
     let today = app.clock.now().date_naive();
     let since = today - chrono::Duration::days(days as i64 - 1);
-    let rows = app.store.daily(user, since).map_err(|e| ApiError::internal(format!("storage: {e}")))?;
+    let rows = app
+        .store
+        .daily(user, since)
+        .map_err(|e| ApiError::internal(format!("storage: {e}")))?;
     let data: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -131,4 +145,97 @@ pub fn daily_rows(app: &App, user: Option<&str>, days: usize) -> Result<Value, A
         })
         .collect();
     Ok(json!({"days": days, "since": since.format("%Y-%m-%d").to_string(), "data": data}))
+}
+
+/// Most records `GET /api/usage/breakdown` reads to group a month by model; past it the
+/// per-model rows cover the newest records only and say so (`models_complete: false`).
+pub const MODEL_SCAN_LIMIT: usize = 20_000;
+
+/// `GET /api/usage/breakdown?month=YYYY-MM` (default: this month): the caller's usage of a
+/// month by record type (from the per-day aggregates, exact) and by model (from the records).
+async fn breakdown(app: &Arc<App>, user: &Arc<User>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    let month = match query_map(req).get("month") {
+        Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM"))?,
+        None => Month::of(app.clock.now()),
+    };
+    let (app, user_id) = (app.clone(), user.id.to_string());
+    let body = tokio::task::spawn_blocking(move || breakdown_body(&app, &user_id, month, MODEL_SCAN_LIMIT))
+        .await
+        .map_err(|e| ApiError::internal(format!("breakdown task: {e}")))??;
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn totals_row(label: &str, name: Value, t: &Totals) -> Value {
+    json!({label: name, "records": t.records, "messages": t.messages, "tokens": t.tokens, "bytes": t.bytes, "cost": t.cost.normalize().to_string()})
+}
+
+/// The body of `GET /api/usage/breakdown`: `{"month", "total", "by_type": [...], "by_model":
+/// [...], "models_complete", "records_scanned"}`. Rows carry records, messages, tokens, bytes
+/// and cost (exact decimal string); `by_model` is sorted by cost, then tokens, most first, and
+/// groups records without a model (uploads) under `"model": null`. Reads at most `scan_limit`
+/// records (newest first) for the model rows.
+pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) -> Result<Value, ApiError> {
+    let storage = |e: crate::ledger::StoreError| ApiError::internal(format!("storage: {e}"));
+    let prefix = month.to_string();
+    let mut by_type: BTreeMap<String, Totals> = BTreeMap::new();
+    for row in app
+        .store
+        .daily(Some(user), month.start().date_naive())
+        .map_err(storage)?
+    {
+        if row.day.starts_with(&prefix) {
+            by_type.entry(row.kind).or_default().add(&row.totals);
+        }
+    }
+    let mut total = Totals::default();
+    by_type.values().for_each(|t| total.add(t));
+
+    let mut by_model: HashMap<Option<String>, Totals> = HashMap::new();
+    let mut scanned = 0usize;
+    let mut complete = true;
+    let mut f = RecordFilter {
+        user_id: Some(user.to_string()),
+        from: Some(month.start()),
+        to: Some(month.next().start()),
+        ..Default::default()
+    };
+    loop {
+        let want = 1000.min(scan_limit - scanned);
+        if want == 0 {
+            complete = false;
+            break;
+        }
+        let page = app.store.records(&f, want).map_err(storage)?;
+        for r in &page {
+            by_model
+                .entry(r.model().map(str::to_string))
+                .or_default()
+                .add(&Totals::of(r));
+        }
+        scanned += page.len();
+        match page.last() {
+            Some(last) if page.len() == want => f.before = Some(last.id),
+            _ => break,
+        }
+    }
+    if !complete {
+        // Exactly at the limit with nothing left is still complete.
+        f.before = f.before.or(Some(u128::MAX));
+        complete = app.store.records(&f, 1).map_err(storage)?.is_empty();
+    }
+    let mut models: Vec<(Option<String>, Totals)> = by_model.into_iter().collect();
+    models.sort_by(|a, b| {
+        b.1.cost
+            .cmp(&a.1.cost)
+            .then(b.1.tokens.cmp(&a.1.tokens))
+            .then(a.0.cmp(&b.0))
+    });
+    Ok(json!({
+        "month": month.to_string(),
+        "total": totals_row("type", Value::Null, &total),
+        "by_type": by_type.iter().map(|(k, t)| totals_row("type", json!(k), t)).collect::<Vec<_>>(),
+        "by_model": models.iter().map(|(m, t)| totals_row("model", json!(m), t)).collect::<Vec<_>>(),
+        "models_complete": complete,
+        "records_scanned": scanned,
+    }))
 }

@@ -276,8 +276,7 @@ impl Config {
     pub fn demo_default() -> Config {
         // A unit test proves the embedded file is valid, so the default-config fallback is
         // unreachable in a tested build; it exists only to avoid a panic path.
-        let mut config =
-            Config::parse(EXAMPLE_TOML, "config/gemini-meter.toml (built in)").unwrap_or_default();
+        let mut config = Config::parse(EXAMPLE_TOML, "config/gemini-meter.toml (built in)").unwrap_or_default();
         config.upstream.base_url = Uri::from_static(DEMO_BASE_URL);
         config
     }
@@ -371,24 +370,13 @@ fn model_id(model: &str) -> &str {
 
 /// A TOML key as it would be written in a dotted path: bare when it can be, quoted otherwise.
 fn toml_key(key: &str) -> String {
-    let bare = !key.is_empty()
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if bare {
-        key.to_owned()
-    } else {
-        format!("{key:?}")
-    }
+    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare { key.to_owned() } else { format!("{key:?}") }
 }
 
 /// Turns a phase-one error into a syntax error (no key path, only a position) or a problem at
 /// its key path.
-fn phase_one_error(
-    err: &serde_path_to_error::Error<toml::de::Error>,
-    text: &str,
-    file: &str,
-) -> ConfigError {
+fn phase_one_error(err: &serde_path_to_error::Error<toml::de::Error>, text: &str, file: &str) -> ConfigError {
     let inner = err.inner();
     let mut path = String::new();
     for segment in err.path() {

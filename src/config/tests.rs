@@ -97,25 +97,16 @@ password_env = "SMTP_PASSWORD"
 #[test]
 fn valid_full_config() {
     let c = parse(FULL).unwrap();
-    assert_eq!(
-        c.server.listen,
-        "0.0.0.0:9000".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(c.server.listen, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
     assert_eq!(c.server.admin_token_env, "ADMIN");
     assert_eq!(c.server.max_request_bytes, 1000);
     assert_eq!(c.server.drain_timeout, Duration::ZERO);
     assert_eq!(c.server.header_read_timeout, Duration::from_millis(1500));
     assert_eq!(c.server.max_connections, 7);
     assert_eq!(c.server.max_header_bytes, 8192);
-    assert_eq!(
-        c.server.public_url.as_deref(),
-        Some("https://gw.example.com/gemini")
-    );
+    assert_eq!(c.server.public_url.as_deref(), Some("https://gw.example.com/gemini"));
 
-    assert_eq!(
-        c.upstream.base_url.to_string(),
-        "http://127.0.0.1:9999/prefix"
-    );
+    assert_eq!(c.upstream.base_url.to_string(), "http://127.0.0.1:9999/prefix");
     assert_eq!(c.upstream.api_key_env, "KEY");
     assert_eq!(c.upstream.connect_timeout, Duration::from_millis(100));
     assert_eq!(c.upstream.read_timeout, Some(Duration::from_secs(60)));
@@ -178,10 +169,7 @@ fn valid_full_config() {
 fn empty_file_gives_defaults() {
     let c = parse("").unwrap();
     assert_eq!(c, Config::default());
-    assert_eq!(
-        c.server.listen,
-        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(c.server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(c.server.admin_token_env, "GEMINI_METER_ADMIN_TOKEN");
     assert_eq!(c.server.max_request_bytes, 157_286_400);
     assert_eq!(c.server.drain_timeout, Duration::from_millis(30_000));
@@ -219,10 +207,7 @@ fn empty_sections_give_defaults() {
 fn shipped_example_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gemini-meter.toml");
     let c = Config::load(&path).unwrap();
-    assert_eq!(
-        c.tiers.keys().collect::<Vec<_>>(),
-        ["enterprise", "free", "pro"]
-    );
+    assert_eq!(c.tiers.keys().collect::<Vec<_>>(), ["enterprise", "free", "pro"]);
     assert_eq!(
         c.tiers["free"],
         Tier {
@@ -232,10 +217,7 @@ fn shipped_example_is_valid() {
             cost: None,
             requests_per_minute: NonZeroU32::new(10),
             tokens_per_minute: Some(250_000),
-            models: Some(vec![
-                "gemini-2.5-flash".into(),
-                "gemini-2.5-flash-lite".into()
-            ]),
+            models: Some(vec!["gemini-2.5-flash".into(), "gemini-2.5-flash-lite".into()]),
         }
     );
     assert_eq!(
@@ -251,20 +233,10 @@ fn shipped_example_is_valid() {
     assert_eq!(c.tiers["enterprise"], Tier::default());
     let price = |m: &str| {
         let p = c.pricing.model(m).unwrap();
-        (
-            p.input_per_million,
-            p.output_per_million,
-            p.cached_input_per_million,
-        )
+        (p.input_per_million, p.output_per_million, p.cached_input_per_million)
     };
-    assert_eq!(
-        price("gemini-2.5-pro"),
-        (dec("1.25"), dec("10"), Some(dec("0.125")))
-    );
-    assert_eq!(
-        price("gemini-2.5-flash"),
-        (dec("0.30"), dec("2.50"), Some(dec("0.03")))
-    );
+    assert_eq!(price("gemini-2.5-pro"), (dec("1.25"), dec("10"), Some(dec("0.125"))));
+    assert_eq!(price("gemini-2.5-flash"), (dec("0.30"), dec("2.50"), Some(dec("0.03"))));
     assert_eq!(
         price("gemini-2.5-flash-lite"),
         (dec("0.10"), dec("0.40"), Some(dec("0.01")))
@@ -273,10 +245,7 @@ fn shipped_example_is_valid() {
         price("gemini-2.0-flash"),
         (dec("0.10"), dec("0.40"), Some(dec("0.025")))
     );
-    assert_eq!(
-        price("gemini-2.0-flash-lite"),
-        (dec("0.075"), dec("0.30"), None)
-    );
+    assert_eq!(price("gemini-2.0-flash-lite"), (dec("0.075"), dec("0.30"), None));
     assert_eq!(price("gemini-embedding-001"), (dec("0.15"), dec("0"), None));
     // The file spells out the defaults, so only tiers and model prices differ from them.
     assert_eq!(c.server, ServerConfig::default());
@@ -291,10 +260,7 @@ fn demo_default_is_the_embedded_example_with_a_placeholder_upstream() {
     expected.upstream.base_url = "http://127.0.0.1:0".parse().unwrap();
     let demo = Config::demo_default();
     assert_eq!(demo, expected);
-    assert_eq!(
-        demo.server.listen,
-        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(demo.server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(demo.upstream.base_url.port_u16(), Some(0));
     assert_eq!(demo.tiers.len(), 3);
 }
@@ -329,11 +295,7 @@ fn load_names_the_file_in_validation_errors() {
 
 #[test]
 fn unknown_key_at_top_level() {
-    assert_problem(
-        "tierz = 1\n",
-        "tierz",
-        "unknown field `tierz`, expected one of",
-    );
+    assert_problem("tierz = 1\n", "tierz", "unknown field `tierz`, expected one of");
 }
 
 #[test]
@@ -365,11 +327,7 @@ fn unknown_key_in_a_model_price_quotes_the_model() {
 
 #[test]
 fn section_of_the_wrong_type() {
-    assert_problem(
-        "server = 5\n",
-        "server",
-        "invalid type: integer `5`, expected a table",
-    );
+    assert_problem("server = 5\n", "server", "invalid type: integer `5`, expected a table");
 }
 
 #[test]
@@ -415,11 +373,7 @@ fn malformed_money_is_rejected() {
         "pricing.message_sent",
         "invalid money",
     );
-    assert_problem(
-        "[tiers.a]\ncost = true\n",
-        "tiers.a.cost",
-        "money as a string",
-    );
+    assert_problem("[tiers.a]\ncost = true\n", "tiers.a.cost", "money as a string");
 }
 
 #[test]
@@ -476,11 +430,7 @@ fn bad_base_url() {
         ("not a url", "not a valid URL"),
         ("https://example.com/v1#x", "fragment"),
     ] {
-        assert_problem(
-            &format!("[upstream]\nbase_url = {url:?}\n"),
-            "upstream.base_url",
-            why,
-        );
+        assert_problem(&format!("[upstream]\nbase_url = {url:?}\n"), "upstream.base_url", why);
     }
 }
 
@@ -523,11 +473,7 @@ fn empty_models_list_is_rejected() {
 
 #[test]
 fn empty_names_are_rejected() {
-    assert_problem(
-        "[tiers.\"\"]\n",
-        "tiers.\"\"",
-        "tier name must not be empty",
-    );
+    assert_problem("[tiers.\"\"]\n", "tiers.\"\"", "tier name must not be empty");
     assert_problem(
         "[tiers.free]\nmodels = [\"gemini-2.5-flash\", \"\"]\n",
         "tiers.free.models[1]",
@@ -544,11 +490,7 @@ fn empty_names_are_rejected() {
 fn duplicate_model_price_is_rejected() {
     let text = "[pricing.models.m]\ninput_per_million = \"1\"\noutput_per_million = \"1\"\n\
                 [pricing.models.\"models/m\"]\ninput_per_million = \"2\"\noutput_per_million = \"2\"\n";
-    assert_problem(
-        text,
-        "pricing.models.\"models/m\"",
-        "duplicate price for model `m`",
-    );
+    assert_problem(text, "pricing.models.\"models/m\"", "duplicate price for model `m`");
 }
 
 #[test]
@@ -604,11 +546,7 @@ fn alert_channel_checks() {
         "alerts.smtp",
         "set both username_env and password_env, or neither",
     );
-    assert_problem(
-        "[alerts.smtp]\nhost = \"h\"\n",
-        "alerts.smtp",
-        "missing field `from`",
-    );
+    assert_problem("[alerts.smtp]\nhost = \"h\"\n", "alerts.smtp", "missing field `from`");
 }
 
 #[test]
@@ -628,11 +566,7 @@ fn ranges_are_checked() {
         "storage.retention_months",
         "at least 1",
     );
-    assert_problem(
-        "[storage]\npath = \"\"\n",
-        "storage.path",
-        "must not be empty",
-    );
+    assert_problem("[storage]\npath = \"\"\n", "storage.path", "must not be empty");
     assert_problem(
         "[server]\nmax_header_bytes = 100\n",
         "server.max_header_bytes",
@@ -657,10 +591,7 @@ fn all_problems_are_reported_with_a_one_line_display() {
                 [tiers.free]\nrequests_per_minute = 0\nmodels = []\ncost = \"-1\"\n";
     let err = parse(text).unwrap_err();
     let lines = err.lines();
-    let paths: Vec<&str> = lines
-        .iter()
-        .map(|l| l.split(": ").nth(1).unwrap())
-        .collect();
+    let paths: Vec<&str> = lines.iter().map(|l| l.split(": ").nth(1).unwrap()).collect();
     assert_eq!(
         paths,
         [
@@ -685,10 +616,7 @@ fn syntax_error_has_line_and_column() {
         other => panic!("not a syntax error: {other:?}"),
     }
     let line = err.to_string();
-    assert!(
-        line.starts_with("config/x.toml: line 3 column 19: "),
-        "{line}"
-    );
+    assert!(line.starts_with("config/x.toml: line 3 column 19: "), "{line}");
     assert!(!line.contains('\n'), "{line}");
     assert_eq!(err.lines(), [line]);
 }
@@ -696,11 +624,7 @@ fn syntax_error_has_line_and_column() {
 #[test]
 fn duplicate_key_is_a_syntax_error() {
     let err = parse("[tiers.free]\nmessages = 1\nmessages = 2\n").unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("config/x.toml: line 3 column 1: "),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("config/x.toml: line 3 column 1: "), "{err}");
 }
 
 #[test]

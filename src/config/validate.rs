@@ -10,12 +10,10 @@ use std::time::Duration;
 use http::Uri;
 use rust_decimal::Decimal;
 
-use super::raw::{
-    Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream,
-};
+use super::raw::{Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream};
 use super::{
-    AlertsConfig, Config, ModelPrice, Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig,
-    Tier, UpstreamConfig, model_id, toml_key,
+    AlertsConfig, Config, ModelPrice, Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig, Tier, UpstreamConfig,
+    model_id, toml_key,
 };
 
 /// hyper refuses (panics on) a header buffer smaller than this.
@@ -60,33 +58,26 @@ impl Validator {
             Some(text) => text.parse::<SocketAddr>().unwrap_or_else(|_| {
                 self.problem(
                     "server.listen",
-                    format!(
-                        "{text:?} is not an IP address and port such as \"127.0.0.1:8080\" or \"[::]:8080\""
-                    ),
+                    format!("{text:?} is not an IP address and port such as \"127.0.0.1:8080\" or \"[::]:8080\""),
                 );
                 d.listen
             }),
         };
-        let public_url =
-            raw.public_url.map(
-                |text| match parse_http_url(&text).and_then(|uri| base_url(&uri)) {
-                    Ok(uri) => {
-                        let path = uri.path().trim_end_matches('/');
-                        format!("{}://{}{path}", scheme(&uri), authority(&uri))
-                    }
-                    Err(why) => {
-                        self.problem("server.public_url", why);
-                        text
-                    }
-                },
-            );
+        let public_url = raw
+            .public_url
+            .map(|text| match parse_http_url(&text).and_then(|uri| base_url(&uri)) {
+                Ok(uri) => {
+                    let path = uri.path().trim_end_matches('/');
+                    format!("{}://{}{path}", scheme(&uri), authority(&uri))
+                }
+                Err(why) => {
+                    self.problem("server.public_url", why);
+                    text
+                }
+            });
         ServerConfig {
             listen,
-            admin_token_env: self.env_name(
-                "server.admin_token_env",
-                raw.admin_token_env,
-                d.admin_token_env,
-            ),
+            admin_token_env: self.env_name("server.admin_token_env", raw.admin_token_env, d.admin_token_env),
             max_request_bytes: self.at_least(
                 "server.max_request_bytes",
                 raw.max_request_bytes,
@@ -94,20 +85,13 @@ impl Validator {
                 d.max_request_bytes,
             ),
             // 0 is allowed: stop at once without waiting for in-flight requests.
-            drain_timeout: raw
-                .drain_timeout_ms
-                .map_or(d.drain_timeout, Duration::from_millis),
+            drain_timeout: raw.drain_timeout_ms.map_or(d.drain_timeout, Duration::from_millis),
             header_read_timeout: self.millis(
                 "server.header_read_timeout_ms",
                 raw.header_read_timeout_ms,
                 d.header_read_timeout,
             ),
-            max_connections: self.at_least(
-                "server.max_connections",
-                raw.max_connections,
-                1,
-                d.max_connections,
-            ),
+            max_connections: self.at_least("server.max_connections", raw.max_connections, 1, d.max_connections),
             max_header_bytes: self.at_least(
                 "server.max_header_bytes",
                 raw.max_header_bytes,
@@ -144,11 +128,7 @@ impl Validator {
         UpstreamConfig {
             base_url,
             api_key_env: self.env_name("upstream.api_key_env", raw.api_key_env, d.api_key_env),
-            connect_timeout: self.millis(
-                "upstream.connect_timeout_ms",
-                raw.connect_timeout_ms,
-                d.connect_timeout,
-            ),
+            connect_timeout: self.millis("upstream.connect_timeout_ms", raw.connect_timeout_ms, d.connect_timeout),
             read_timeout,
         }
     }
@@ -177,12 +157,7 @@ impl Validator {
         StorageConfig {
             path,
             flush_interval,
-            retention_months: self.at_least(
-                "storage.retention_months",
-                raw.retention_months,
-                1,
-                d.retention_months,
-            ),
+            retention_months: self.at_least("storage.retention_months", raw.retention_months, 1, d.retention_months),
         }
     }
 
@@ -195,14 +170,8 @@ impl Validator {
                 continue;
             };
             let entry = ModelPrice {
-                input_per_million: self.money(
-                    &format!("{path}.input_per_million"),
-                    price.input_per_million,
-                ),
-                output_per_million: self.money(
-                    &format!("{path}.output_per_million"),
-                    price.output_per_million,
-                ),
+                input_per_million: self.money(&format!("{path}.input_per_million"), price.input_per_million),
+                output_per_million: self.money(&format!("{path}.output_per_million"), price.output_per_million),
                 cached_input_per_million: price
                     .cached_input_per_million
                     .map(|m| self.money(&format!("{path}.cached_input_per_million"), m)),
@@ -238,10 +207,7 @@ impl Validator {
             }
             // Tier names end up in logs, CSV exports and webhook bodies.
             if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                self.problem(
-                    &path,
-                    "tier name must not contain whitespace or control characters",
-                );
+                self.problem(&path, "tier name must not contain whitespace or control characters");
                 continue;
             }
             let tier = self.tier(&path, tier);
@@ -328,10 +294,7 @@ impl Validator {
             .webhook_secret_env
             .map(|name| self.env_name("alerts.webhook_secret_env", Some(name), String::new()));
         if webhook_secret_env.is_some() && webhook_url.is_none() {
-            self.problem(
-                "alerts.webhook_secret_env",
-                "has no effect without alerts.webhook_url",
-            );
+            self.problem("alerts.webhook_secret_env", "has no effect without alerts.webhook_url");
         }
         AlertsConfig {
             thresholds,
@@ -350,10 +313,7 @@ impl Validator {
         }
         // Only a sanity check: a full address grammar belongs to the mail library.
         if !raw.from.contains('@') {
-            self.problem(
-                "alerts.smtp.from",
-                format!("{:?} is not an email address", raw.from),
-            );
+            self.problem("alerts.smtp.from", format!("{:?} is not an email address", raw.from));
         }
         let username_env = raw
             .username_env
@@ -362,10 +322,7 @@ impl Validator {
             .password_env
             .map(|n| self.env_name("alerts.smtp.password_env", Some(n), String::new()));
         if username_env.is_some() != password_env.is_some() {
-            self.problem(
-                "alerts.smtp",
-                "set both username_env and password_env, or neither",
-            );
+            self.problem("alerts.smtp", "set both username_env and password_env, or neither");
         }
         SmtpConfig {
             host: raw.host,
@@ -396,9 +353,7 @@ impl Validator {
             return default;
         };
         let mut chars = name.chars();
-        let well_formed = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !well_formed {
             self.problem(
@@ -438,10 +393,7 @@ impl Validator {
 
     fn money(&mut self, path: &str, money: Money) -> Decimal {
         if money.0.is_sign_negative() && !money.0.is_zero() {
-            self.problem(
-                path,
-                format!("money must not be negative (got \"{}\")", money.0),
-            );
+            self.problem(path, format!("money must not be negative (got \"{}\")", money.0));
         }
         money.0
     }
@@ -453,15 +405,11 @@ impl Validator {
 
 /// An absolute http(s) URL with a host and no user info.
 fn parse_http_url(text: &str) -> Result<Uri, String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a valid URL: {e}"))?;
+    let uri: Uri = text.parse().map_err(|e| format!("{text:?} is not a valid URL: {e}"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => {
-            return Err(format!(
-                "{text:?} must be an absolute http:// or https:// URL"
-            ));
+            return Err(format!("{text:?} must be an absolute http:// or https:// URL"));
         }
     }
     let Some(auth) = uri.authority() else {

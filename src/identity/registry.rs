@@ -47,7 +47,11 @@ impl From<sled::Error> for IdentityError {
 
 /// True for ids of 1 to 64 characters of `a-z A-Z 0-9 _ - .`.
 pub fn valid_user_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// A user, with the counters of their current month.
@@ -133,7 +137,9 @@ impl Registry {
         for kv in store.users().iter() {
             let (_, v) = kv?;
             let u: Value = serde_json::from_slice(&v).map_err(|e| IdentityError::Corrupt(e.to_string()))?;
-            let id = u["id"].as_str().ok_or_else(|| IdentityError::Corrupt("user id".into()))?;
+            let id = u["id"]
+                .as_str()
+                .ok_or_else(|| IdentityError::Corrupt("user id".into()))?;
             let tier = u["tier"].as_str().unwrap_or_default();
             let usage = match month_totals.remove(id) {
                 Some(t) => UserUsage::loaded(month, t),
@@ -162,7 +168,9 @@ impl Registry {
             };
             let mut hash = [0u8; 32];
             hex::decode_to_slice(hash_hex, &mut hash).map_err(|e| IdentityError::Corrupt(e.to_string()))?;
-            let Some(user) = reg.users.get(user_id).map(|u| u.clone()) else { continue };
+            let Some(user) = reg.users.get(user_id).map(|u| u.clone()) else {
+                continue;
+            };
             reg.index_key(Arc::from(key_id), hash, user);
         }
         Ok(reg)
@@ -172,13 +180,24 @@ impl Registry {
         if let Some(t) = self.tier_names.get(tier) {
             return t.value().clone();
         }
-        self.tier_names.entry(tier.to_string()).or_insert_with(|| Arc::new(tier.to_string())).value().clone()
+        self.tier_names
+            .entry(tier.to_string())
+            .or_insert_with(|| Arc::new(tier.to_string()))
+            .value()
+            .clone()
     }
 
     fn index_key(&self, key_id: Arc<str>, hash: KeyHash, user: Arc<User>) {
         let limiter_id = self.next_limiter_id.fetch_add(1, Ordering::Relaxed);
         self.by_key_id.insert(key_id.clone(), hash);
-        self.by_hash.insert(hash, Arc::new(KeyEntry { key_id, user, limiter_id }));
+        self.by_hash.insert(
+            hash,
+            Arc::new(KeyEntry {
+                key_id,
+                user,
+                limiter_id,
+            }),
+        );
     }
 
     /// Finds the active key a caller presented. The hot path: one hash, one map lookup.
@@ -216,7 +235,14 @@ impl Registry {
     }
 
     /// Creates a user in `tier` (the caller checked that the tier exists).
-    pub fn create_user(&self, id: &str, tier: &str, email: Option<&str>, now: DateTime<Utc>, month: Month) -> Result<Arc<User>, IdentityError> {
+    pub fn create_user(
+        &self,
+        id: &str,
+        tier: &str,
+        email: Option<&str>,
+        now: DateTime<Utc>,
+        month: Month,
+    ) -> Result<Arc<User>, IdentityError> {
         if !valid_user_id(id) {
             return Err(IdentityError::BadId);
         }
@@ -246,7 +272,9 @@ impl Registry {
     pub fn set_tier(&self, id: &str, tier: &str) -> Result<Arc<User>, IdentityError> {
         let user = self.user(id).ok_or_else(|| IdentityError::NoUser(id.into()))?;
         let json = user_json(id, tier, user.email.as_deref(), user.created_at);
-        self.store.users().insert(id.as_bytes(), json.to_string().into_bytes())?;
+        self.store
+            .users()
+            .insert(id.as_bytes(), json.to_string().into_bytes())?;
         user.tier.store(self.tier_name(tier));
         Ok(user)
     }
@@ -274,7 +302,9 @@ impl Registry {
 
     /// Issues a new key for a user; the plaintext is returned once and never stored.
     pub fn create_key(&self, user_id: &str, now: DateTime<Utc>) -> Result<(String, String), IdentityError> {
-        let user = self.user(user_id).ok_or_else(|| IdentityError::NoUser(user_id.into()))?;
+        let user = self
+            .user(user_id)
+            .ok_or_else(|| IdentityError::NoUser(user_id.into()))?;
         let key = generate_key()?;
         let key_id = format!("key_{}", random_base62(16)?);
         let hash = hash_key(&key);
@@ -320,7 +350,9 @@ impl Registry {
             None => return Err(IdentityError::NoKey(key_id.into())),
         };
         let entry = self.by_hash.get(&hash).map(|e| e.value().clone());
-        let Some(entry) = entry else { return Err(IdentityError::NoKey(key_id.into())) };
+        let Some(entry) = entry else {
+            return Err(IdentityError::NoKey(key_id.into()));
+        };
         let skey = format!("{}/{}", entry.user.id, key_id);
         if let Some(v) = self.store.keys().get(skey.as_bytes())? {
             let mut j: Value = serde_json::from_slice(&v).map_err(|e| IdentityError::Corrupt(e.to_string()))?;

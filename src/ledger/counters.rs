@@ -23,7 +23,12 @@ pub struct UserUsage {
 impl UserUsage {
     /// Counters starting from `totals` for `month` (loaded from storage at start).
     pub fn loaded(month: Month, totals: Totals) -> Self {
-        Self { state: Mutex::new(State { month: Some(month), totals }) }
+        Self {
+            state: Mutex::new(State {
+                month: Some(month),
+                totals,
+            }),
+        }
     }
 
     fn with<R>(&self, month: Month, f: impl FnOnce(&mut Totals) -> R) -> Option<R> {
@@ -98,7 +103,14 @@ mod tests {
         let dec = nov.next();
         assert_eq!(u.snapshot(dec).messages, 0);
         // Late usage of the previous month does not leak into the new one.
-        u.add(nov, &Totals { tokens: 5, ..Default::default() }, false);
+        u.add(
+            nov,
+            &Totals {
+                tokens: 5,
+                ..Default::default()
+            },
+            false,
+        );
         assert_eq!(u.snapshot(dec).tokens, 0);
     }
 }

@@ -2,6 +2,7 @@
 //! sled store. The hot path only touches counters (per-user mutex, no global lock) and sends
 //! records down a channel; all disk I/O happens in the recorder, batched.
 
+pub mod alerts;
 pub mod counters;
 pub mod record;
 pub mod recorder;

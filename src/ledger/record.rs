@@ -72,10 +72,7 @@ impl Record {
 
     /// Bytes of response streamed back, from the metadata.
     pub fn response_bytes(&self) -> u64 {
-        self.metadata
-            .get("response_bytes")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
+        self.metadata.get("response_bytes").and_then(Value::as_u64).unwrap_or(0)
     }
 
     /// The model named in the metadata, if any.
@@ -160,7 +157,10 @@ impl RecordIds {
         }
         let node = u16::from_be_bytes([b[0], b[1]]) as u128;
         let seq = u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]) >> 1;
-        Self { node, seq: AtomicU64::new(seq) }
+        Self {
+            node,
+            seq: AtomicU64::new(seq),
+        }
     }
 
     /// The next id, stamped with `at`.
@@ -208,7 +208,9 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .clone(),
-            created_at: DateTime::parse_from_rfc3339("2026-11-28T10:00:00.123Z").unwrap().with_timezone(&Utc),
+            created_at: DateTime::parse_from_rfc3339("2026-11-28T10:00:00.123Z")
+                .unwrap()
+                .with_timezone(&Utc),
         };
         let back = Record::from_json(&r.to_json()).unwrap();
         assert_eq!(back, r);

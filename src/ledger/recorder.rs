@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::alerts::Alert;
 use super::record::Record;
 use super::store::{SledStore, StoreError};
 
@@ -22,6 +23,9 @@ const MAX_BATCH: usize = 20_000;
 
 enum Msg {
     Record(Box<Record>),
+    /// A record and the alerts it fired: always written in the same batch; the sender is told
+    /// once that batch is on disk.
+    Alerted(Box<Record>, Vec<Alert>, std::sync::mpsc::SyncSender<()>),
     Barrier(oneshot::Sender<()>),
     DeleteUser(String, oneshot::Sender<Result<u64, StoreError>>),
     Retention(DateTime<Utc>, oneshot::Sender<Result<u64, StoreError>>),
@@ -81,6 +85,19 @@ impl RecorderHandle {
         ok
     }
 
+    /// Hands a record over together with the alerts it fired; they are written in the same
+    /// atomic batch. Never blocks; the returned receiver gets a message once that batch is on
+    /// disk (and is closed without one if the recorder has stopped).
+    pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> std::sync::mpsc::Receiver<()> {
+        let (done, on_disk) = std::sync::mpsc::sync_channel(1);
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Msg::Alerted(Box::new(r), alerts, done)).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!("usage record with alerts handed to a stopped recorder");
+        }
+        on_disk
+    }
+
     /// Waits until every record handed over before this call is on disk.
     pub async fn sync(&self) -> Result<(), RecorderError> {
         let (tx, rx) = oneshot::channel();
@@ -100,7 +117,9 @@ impl RecorderHandle {
     /// Deletes records older than `cutoff`, in order with the writes.
     pub async fn retention(&self, cutoff: DateTime<Utc>) -> Result<u64, RecorderError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Retention(cutoff, tx)).map_err(|_| RecorderError::Stopped)?;
+        self.tx
+            .send(Msg::Retention(cutoff, tx))
+            .map_err(|_| RecorderError::Stopped)?;
         Ok(rx.await.map_err(|_| RecorderError::Stopped)??)
     }
 }
@@ -118,19 +137,27 @@ impl Recorder {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(RecorderStats::default());
         (
-            Recorder { store, rx, stats: stats.clone() },
+            Recorder {
+                store,
+                rx,
+                stats: stats.clone(),
+            },
             RecorderHandle { tx, stats },
         )
     }
 
     /// Starts the recorder on its own thread; it runs until every handle is dropped.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("gm-recorder".into()).spawn(move || self.run())
+        std::thread::Builder::new()
+            .name("gm-recorder".into())
+            .spawn(move || self.run())
     }
 
     /// Runs until every handle is dropped and the queue is drained (blocking).
     pub fn run(mut self) {
         let mut buf: Vec<Record> = Vec::with_capacity(1024);
+        let mut alerts: Vec<Alert> = Vec::new();
+        let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.rx.blocking_recv() {
             let mut op = None;
@@ -138,6 +165,11 @@ impl Recorder {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(r) => buf.push(*r),
+                    Msg::Alerted(r, a, done) => {
+                        buf.push(*r);
+                        alerts.extend(a);
+                        on_disk.push(done);
+                    }
                     Msg::Barrier(b) => barriers.push(b),
                     other => {
                         // Admin operations run after the records queued before them.
@@ -151,9 +183,13 @@ impl Recorder {
                 next = self.rx.try_recv().ok();
             }
             if !buf.is_empty() {
-                self.write(&buf);
+                self.write(&buf, &alerts);
                 self.stats.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
                 buf.clear();
+                alerts.clear();
+                for done in on_disk.drain(..) {
+                    let _ = done.try_send(());
+                }
             }
             for b in barriers.drain(..) {
                 let _ = b.send(());
@@ -185,10 +221,10 @@ impl Recorder {
 
     /// Writes one batch, retrying until it is applied and flushed. Applying twice would double
     /// the aggregates, so the apply and the flush are retried separately.
-    fn write(&self, batch: &[Record]) {
+    fn write(&self, batch: &[Record], alerts: &[Alert]) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.write_records(batch) {
+            match self.store.write_batch(batch, alerts) {
                 Ok(()) => break,
                 Err(e) => self.failed(&e, &mut backoff),
             }
@@ -197,7 +233,9 @@ impl Recorder {
             let t0 = Instant::now();
             match self.store.flush_sync() {
                 Ok(()) => {
-                    self.stats.last_flush_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    self.stats
+                        .last_flush_us
+                        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => self.failed(&e, &mut backoff),

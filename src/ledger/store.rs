@@ -15,6 +15,12 @@
 //! | `S` | `YYYY-MM` | active users of a month (u64) |
 //! | `M` | `YYYY-MM` `/` model | [`Totals`] of a model's month |
 //! | `T` | `YYYY-MM` `/` tag name `/` tag value | [`Totals`] of a tag value's month |
+//! | `F` | `YYYY-MM` `/` user `/` quota `/` threshold (3 digits) | a quota alert fired: [`Alert`] JSON |
+//! | `O` | delivery id | a pending alert delivery (the outbox): [`Delivery`](super::alerts::Delivery) JSON |
+//! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished alert delivery (sent or failed) |
+//!
+//! `F` and `O` are written in the batch of the record that crossed the threshold (see
+//! [`super::alerts`]), so an alert exists on disk exactly when the usage that caused it does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,6 +28,7 @@ use std::path::Path;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
+use super::alerts::Alert;
 use super::record::{Record, RecordKind};
 use super::totals::Totals;
 use crate::clock::Month;
@@ -144,8 +151,12 @@ impl SledStore {
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                    StoreError::Locked { path: path.display().to_string() }
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: path.display().to_string(),
+                    }
                 }
                 other => StoreError::Sled(other),
             })?;
@@ -172,6 +183,12 @@ impl SledStore {
 
     /// Writes records and the aggregates they add to in one atomic batch (not yet flushed).
     pub fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.write_batch(records, &[])
+    }
+
+    /// Writes records, the aggregates they add to and the alerts they fired (marks and outbox
+    /// entries) in one atomic batch (not yet flushed).
+    pub fn write_batch(&self, records: &[Record], alerts: &[Alert]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let mut deltas: HashMap<Vec<u8>, Totals> = HashMap::new();
         for r in records {
@@ -192,7 +209,10 @@ impl SledStore {
                 deltas.entry(k).or_default().add(&t);
             }
             if let Some(model) = r.model() {
-                deltas.entry(join(b'M', &[m.as_bytes(), model.as_bytes()])).or_default().add(&t);
+                deltas
+                    .entry(join(b'M', &[m.as_bytes(), model.as_bytes()]))
+                    .or_default()
+                    .add(&t);
             }
             if let Some(tags) = r.metadata.get("tags").and_then(Value::as_object) {
                 for (name, value) in tags {
@@ -227,13 +247,18 @@ impl SledStore {
             let cur = self.get_u64(&k)?;
             batch.insert(k, &(cur + n).to_be_bytes()[..]);
         }
+        super::alerts::stage(&self.ledger, &mut batch, alerts)?;
         self.ledger.apply_batch(batch)?;
         Ok(())
     }
 
     fn get_u64(&self, k: &[u8]) -> Result<u64, StoreError> {
         Ok(match self.ledger.get(k)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("counter".into()))?),
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("counter".into()))?,
+            ),
             None => 0,
         })
     }
@@ -266,7 +291,10 @@ impl SledStore {
 
     /// Month totals over all users, and the number of active users.
     pub fn month_summary(&self, m: Month) -> Result<(Totals, u64), StoreError> {
-        Ok((self.get_totals(&month_key(b's', m))?, self.get_u64(&month_key(b'S', m))?))
+        Ok((
+            self.get_totals(&month_key(b's', m))?,
+            self.get_u64(&month_key(b'S', m))?,
+        ))
     }
 
     /// Per-model totals of a month.
@@ -313,9 +341,15 @@ impl SledStore {
         for kv in self.ledger.range(start..end) {
             let (k, v) = kv?;
             let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let Some((day, kind)) = rest.split_once('/') else { continue };
+            let Some((day, kind)) = rest.split_once('/') else {
+                continue;
+            };
             let totals = Totals::decode(&v).ok_or_else(|| StoreError::Corrupt(rest.clone()))?;
-            out.push(DayRow { day: day.to_string(), kind: kind.to_string(), totals });
+            out.push(DayRow {
+                day: day.to_string(),
+                kind: kind.to_string(),
+                totals,
+            });
         }
         Ok(out)
     }
@@ -336,9 +370,13 @@ impl SledStore {
                 let hi = user_idx_key(user, upper);
                 for kv in self.ledger.range(lo..hi).rev() {
                     let (k, _) = kv?;
-                    let id_bytes: [u8; 16] = k[k.len() - 16..].try_into().map_err(|_| StoreError::Corrupt("index".into()))?;
+                    let id_bytes: [u8; 16] = k[k.len() - 16..]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("index".into()))?;
                     let id = u128::from_be_bytes(id_bytes);
-                    let Some(v) = self.ledger.get(rec_key(id))? else { continue };
+                    let Some(v) = self.ledger.get(rec_key(id))? else {
+                        continue;
+                    };
                     let rec = decode_record(&v)?;
                     if f.kind.is_none_or(|kd| kd == rec.kind) {
                         out.push(rec);
@@ -437,6 +475,11 @@ impl SledStore {
         }
         self.ledger.apply_batch(batch)?;
         Ok(n)
+    }
+
+    /// The ledger tree (for the alert keys kept in it, see [`super::alerts`]).
+    pub(super) fn ledger_tree(&self) -> &sled::Tree {
+        &self.ledger
     }
 
     /// Raw access to the users tree.

@@ -51,7 +51,13 @@ impl Totals {
     /// Fixed-size big-endian encoding for storage.
     pub fn encode(&self) -> [u8; TOTALS_LEN] {
         let mut out = [0u8; TOTALS_LEN];
-        let fields = [self.records, self.messages, self.tokens, self.bytes, self.response_bytes];
+        let fields = [
+            self.records,
+            self.messages,
+            self.tokens,
+            self.bytes,
+            self.response_bytes,
+        ];
         for (i, f) in fields.iter().enumerate() {
             out[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
         }

@@ -78,7 +78,14 @@ impl<B> MeteredBody<B> {
     pub fn new(inner: B, content_encoding: Option<&str>, meter: Meter) -> Self {
         let scanner = DecodingScanner::new(content_encoding, meter.format);
         meter.app.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
-        Self { inner, scanner, response_bytes: 0, meter: Some(meter), fail_next: false, flushed: false }
+        Self {
+            inner,
+            scanner,
+            response_bytes: 0,
+            meter: Some(meter),
+            fail_next: false,
+            flushed: false,
+        }
     }
 
     fn settle(&mut self, ending: Ending) {
@@ -121,7 +128,9 @@ where
                     }
                     this.response_bytes += data.len() as u64;
                     this.scanner.feed(data);
-                    let ok_stream = this.meter.as_ref().is_some_and(|m| m.upstream_status < 300 && m.format != Format::UnaryJson && m.format != Format::OpenAiJson);
+                    let ok_stream = this.meter.as_ref().is_some_and(|m| {
+                        m.upstream_status < 300 && m.format != Format::UnaryJson && m.format != Format::OpenAiJson
+                    });
                     if ok_stream && this.scanner.has_error() {
                         this.fail_next = true;
                         return Poll::Ready(Some(Ok(frame)));
@@ -179,14 +188,21 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
         }
     };
     let (tokens, source) = if s.usage_seen {
-        let t = if openai { Tokens::from_openai(&s.usage) } else { Tokens::from_native(&s.usage) };
+        let t = if openai {
+            Tokens::from_openai(&s.usage)
+        } else {
+            Tokens::from_native(&s.usage)
+        };
         (t, TokenSource::Upstream)
     } else if failed_status {
         // An error status bills nothing (Gemini does not charge failed requests).
         (Tokens::default(), TokenSource::Upstream)
     } else {
         m.app.metrics.estimated.fetch_add(1, Ordering::Relaxed);
-        (Tokens::estimated(m.prompt_chars.load(Ordering::Relaxed), s.text_chars), TokenSource::Estimated)
+        (
+            Tokens::estimated(m.prompt_chars.load(Ordering::Relaxed), s.text_chars),
+            TokenSource::Estimated,
+        )
     };
     let rt = m.app.live.load();
     let pricing = &rt.config.pricing;
@@ -208,7 +224,10 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     md.insert("cached_tokens".into(), tokens.cached.into());
     md.insert("tool_use_prompt_tokens".into(), tokens.tool_use.into());
     md.insert("response_bytes".into(), response_bytes.into());
-    md.insert("stream".into(), matches!(m.format, Format::Sse | Format::JsonArray | Format::OpenAiSse).into());
+    md.insert(
+        "stream".into(),
+        matches!(m.format, Format::Sse | Format::JsonArray | Format::OpenAiSse).into(),
+    );
     md.insert("format".into(), format_name(m.format).into());
     md.insert("upstream_status".into(), m.upstream_status.into());
     md.insert("status".into(), status.into());
@@ -239,7 +258,11 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
         metadata: md,
         created_at: now,
     };
-    if let Some(tpm) = rt.tiers.get(m.user.tier().as_str()).and_then(|t| t.tier.tokens_per_minute) {
+    if let Some(tpm) = rt
+        .tiers
+        .get(m.user.tier().as_str())
+        .and_then(|t| t.tier.tokens_per_minute)
+    {
         m.user.tpm.add(tokens.total, Some(tpm));
     }
     m.app.settle_record(&m.user, rec, false);

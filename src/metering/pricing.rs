@@ -56,7 +56,14 @@ impl Tokens {
         let thoughts = u.thoughts.unwrap_or(0);
         let tool_use = u.tool_use_prompt.unwrap_or(0);
         let total = u.total.unwrap_or(prompt + output + thoughts + tool_use);
-        Tokens { prompt, cached: u.cached.unwrap_or(0).min(prompt), output, thoughts, tool_use, total }
+        Tokens {
+            prompt,
+            cached: u.cached.unwrap_or(0).min(prompt),
+            output,
+            thoughts,
+            tool_use,
+            total,
+        }
     }
 
     /// Tokens from an OpenAI-style `usage` object. Whether the compat layer counts thinking in
@@ -67,14 +74,26 @@ impl Tokens {
         let output = u.candidates.unwrap_or(0);
         let total = u.total.unwrap_or(prompt + output + u.thoughts.unwrap_or(0));
         let thoughts = total.saturating_sub(prompt).saturating_sub(output);
-        Tokens { prompt, cached: u.cached.unwrap_or(0).min(prompt), output, thoughts, tool_use: 0, total }
+        Tokens {
+            prompt,
+            cached: u.cached.unwrap_or(0).min(prompt),
+            output,
+            thoughts,
+            tool_use: 0,
+            total,
+        }
     }
 
     /// An estimate from the characters of prompt and output text seen.
     pub fn estimated(prompt_chars: u64, output_chars: u64) -> Self {
         let prompt = estimate(prompt_chars);
         let output = estimate(output_chars);
-        Tokens { prompt, output, total: prompt + output, ..Default::default() }
+        Tokens {
+            prompt,
+            output,
+            total: prompt + output,
+            ..Default::default()
+        }
     }
 }
 
@@ -127,8 +146,14 @@ cached_input_per_million = "0.03"
         };
         let t = Tokens::from_native(&u);
         assert_eq!(t.total, 1644);
-        assert_eq!(response_cost(&cfg.pricing, "gemini-2.5-flash", &t).to_string(), "0.0011912");
-        assert_eq!(response_cost(&cfg.pricing, "models/gemini-2.5-flash", &t).to_string(), "0.0011912");
+        assert_eq!(
+            response_cost(&cfg.pricing, "gemini-2.5-flash", &t).to_string(),
+            "0.0011912"
+        );
+        assert_eq!(
+            response_cost(&cfg.pricing, "models/gemini-2.5-flash", &t).to_string(),
+            "0.0011912"
+        );
         // Unlisted model: total * ai_response_per_token (default 0.0001).
         assert_eq!(response_cost(&cfg.pricing, "other", &t).to_string(), "0.1644");
         assert_eq!(upload_cost(&cfg.pricing, 2_010_585).to_string(), "0.02010585");
@@ -136,7 +161,12 @@ cached_input_per_million = "0.03"
 
     #[test]
     fn openai_output_is_total_minus_prompt() {
-        let u = UsageReport { prompt: Some(10), candidates: Some(5), total: Some(40), ..Default::default() };
+        let u = UsageReport {
+            prompt: Some(10),
+            candidates: Some(5),
+            total: Some(40),
+            ..Default::default()
+        };
         let t = Tokens::from_openai(&u);
         assert_eq!((t.output, t.thoughts, t.total), (5, 25, 40));
     }

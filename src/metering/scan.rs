@@ -452,11 +452,7 @@ const KNOWN_KEYS: &[&[u8]] = &[
 ];
 
 fn known_key(k: &[u8]) -> &'static [u8] {
-    KNOWN_KEYS
-        .iter()
-        .copied()
-        .find(|known| *known == k)
-        .unwrap_or_default()
+    KNOWN_KEYS.iter().copied().find(|known| *known == k).unwrap_or_default()
 }
 
 /// Reads an object key as bytes, borrowed from the input when it has no escapes.
@@ -480,11 +476,7 @@ impl<'de> Visitor<'de> for KeySeed {
         Ok(v)
     }
     fn visit_bytes<E>(self, v: &[u8]) -> Result<&'de [u8], E> {
-        Ok(KNOWN_KEYS
-            .iter()
-            .copied()
-            .find(|k| *k == v)
-            .unwrap_or_default())
+        Ok(KNOWN_KEYS.iter().copied().find(|k| *k == v).unwrap_or_default())
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<&'de [u8], E> {
         Ok(v.as_bytes())
@@ -757,8 +749,7 @@ impl EventBuf {
         if data.len() >= tail {
             self.bytes.clear();
             let from = data.len().saturating_sub(tail);
-            self.bytes
-                .extend_from_slice(data.get(from..).unwrap_or_default());
+            self.bytes.extend_from_slice(data.get(from..).unwrap_or_default());
         } else {
             self.bytes.extend_from_slice(data);
             if self.bytes.len() > tail.saturating_mul(2) {
@@ -1236,11 +1227,7 @@ impl TextCounter {
                     self.str_kind = StrKind::Key;
                     self.key_len = 0;
                 } else {
-                    self.str_kind = if self.key_hit {
-                        StrKind::Count
-                    } else {
-                        StrKind::Skip
-                    };
+                    self.str_kind = if self.key_hit { StrKind::Count } else { StrKind::Skip };
                     self.key_hit = false;
                 }
                 self.expect_key = false;
@@ -1310,9 +1297,7 @@ impl TextCounter {
                 }
             }
             Esc::Unicode(n, v) => {
-                let digit = char::from(b)
-                    .to_digit(16)
-                    .and_then(|d| u16::try_from(d).ok());
+                let digit = char::from(b).to_digit(16).and_then(|d| u16::try_from(d).ok());
                 let v = v.wrapping_shl(4) | digit.unwrap_or(0);
                 if n >= 3 || digit.is_none() {
                     // A low surrogate completes a pair already counted.
@@ -1553,7 +1538,8 @@ mod tests {
 
     #[test]
     fn usage_kept_field_by_field() {
-        let body = b"data: {\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":3,\"totalTokenCount\":8}}\n\n\
+        let body =
+            b"data: {\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":3,\"totalTokenCount\":8}}\n\n\
 data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"x\"}]}}]}\n\n\
 data: {\"usageMetadata\":{\"candidatesTokenCount\":7}}\n\n\
 data: {\"usageMetadata\":null}\n\n";
@@ -1643,7 +1629,8 @@ data:{\"usageMetadata\":{\"totalTokenCount\":11}}\n\r\n";
 
     #[test]
     fn sse_data_error_payload() {
-        let body = b"data: {\"error\":{\"code\":500,\"message\":\"Internal error encountered.\",\"status\":\"INTERNAL\"}}\n\n";
+        let body =
+            b"data: {\"error\":{\"code\":500,\"message\":\"Internal error encountered.\",\"status\":\"INTERNAL\"}}\n\n";
         let e = scan(Format::Sse, body).error.expect("error");
         assert_eq!(e.code, Some(500));
     }
@@ -1687,9 +1674,7 @@ data:{\"usageMetadata\":{\"totalTokenCount\":11}}\n\r\n";
         );
         for format in [Format::Sse, Format::JsonArray] {
             let body = if format == Format::Sse {
-                format!(
-                    "data: {ev}\n\ndata: {{\"usageMetadata\":{{\"candidatesTokenCount\":6}}}}\n\n"
-                )
+                format!("data: {ev}\n\ndata: {{\"usageMetadata\":{{\"candidatesTokenCount\":6}}}}\n\n")
             } else {
                 format!("[{ev}\r\n,\r\n{{\"usageMetadata\":{{\"candidatesTokenCount\":6}}}}\r\n]")
             };
@@ -1761,10 +1746,7 @@ data:{\"usageMetadata\":{\"totalTokenCount\":11}}\n\r\n";
 
     fn jsonish_bytes() -> impl Strategy<Value = Vec<u8>> {
         let alphabet = b"{}[]\":,\\ \r\ndata:[DONE]usageMetadataerrortext0123456789u".to_vec();
-        prop::collection::vec(
-            prop_oneof![any::<u8>(), prop::sample::select(alphabet)],
-            0..1500,
-        )
+        prop::collection::vec(prop_oneof![any::<u8>(), prop::sample::select(alphabet)], 0..1500)
     }
 
     fn cut(body: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
@@ -1789,14 +1771,11 @@ data:{\"usageMetadata\":{\"totalTokenCount\":11}}\n\r\n";
             r#"[a-z"\\\n{}\[\]é😀\x01\x7f]{0,12}"#.prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
-            let key =
-                prop::sample::select(vec!["text", "content", "role", "parts", "tex", "contents"]);
+            let key = prop::sample::select(vec!["text", "content", "role", "parts", "tex", "contents"]);
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
                 prop::collection::vec((key, inner), 0..5).prop_map(|kv| {
-                    serde_json::Value::Object(
-                        kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-                    )
+                    serde_json::Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
                 }),
             ]
         })
@@ -1827,19 +1806,12 @@ data:{\"usageMetadata\":{\"totalTokenCount\":11}}\n\r\n";
 
     fn event_json(ev: &GenEvent) -> serde_json::Value {
         let (texts, usage) = ev;
-        let parts: Vec<_> = texts
-            .iter()
-            .map(|t| serde_json::json!({ "text": t }))
-            .collect();
+        let parts: Vec<_> = texts.iter().map(|t| serde_json::json!({ "text": t })).collect();
         let mut v = serde_json::json!({
             "candidates": [{ "content": { "parts": parts, "role": "model" }, "index": 0 }],
             "modelVersion": "m",
         });
-        let names = [
-            "promptTokenCount",
-            "candidatesTokenCount",
-            "totalTokenCount",
-        ];
+        let names = ["promptTokenCount", "candidatesTokenCount", "totalTokenCount"];
         let mut meta = serde_json::Map::new();
         for (name, value) in names.iter().zip(usage) {
             if let Some(value) = value {

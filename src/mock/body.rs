@@ -59,10 +59,7 @@ impl Body for MockBody {
     type Data = Bytes;
     type Error = MockBodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
         match self.get_mut() {
             MockBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             MockBody::Stream(s) => s.poll_next(cx),
@@ -209,15 +206,7 @@ impl StreamPlan {
             thoughts: self.thoughts,
         };
         let usage = (!self.usage_last_only || last).then_some(tokens);
-        let event = || {
-            wire::GenerateResponse::new(
-                wire::PIECE,
-                finished,
-                usage,
-                &self.model,
-                &self.response_id,
-            )
-        };
+        let event = || wire::GenerateResponse::new(wire::PIECE, finished, usage, &self.model, &self.response_id);
         match self.framing {
             Framing::Sse { .. } => {
                 out.extend_from_slice(b"data: ");
@@ -240,9 +229,7 @@ impl StreamPlan {
                     model: &self.model,
                     choices: [wire::ChunkChoice {
                         index: 0,
-                        delta: wire::Delta {
-                            content: wire::PIECE,
-                        },
+                        delta: wire::Delta { content: wire::PIECE },
                         finish_reason: finished.then_some("stop"),
                     }],
                     // Like Gemini's compat layer: usage rides on the finish chunk only.
@@ -307,10 +294,7 @@ impl EventStream {
         Poll::Ready(Some(Err(e)))
     }
 
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, MockBodyError>>> {
         loop {
             if self.sleeping {
                 if let Some(sleep) = self.sleep.as_mut() {

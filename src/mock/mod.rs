@@ -33,10 +33,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, ALT_SVC, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST, SERVER,
-    USER_AGENT,
-};
+use http::header::{ACCEPT_ENCODING, ALT_SVC, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST, SERVER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -294,14 +291,12 @@ fn is_id(s: &str) -> bool {
 fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
     if let Some(rest) = path.strip_prefix("/upload/") {
         return match rest.split_once('/') {
-            Some((v, "files")) if is_version(v) && method == Method::POST => {
-                match query_param(query, "upload_id") {
-                    Some(id) => Route::UploadChunk {
-                        upload_id: id.to_owned(),
-                    },
-                    None => Route::UploadStart,
-                }
-            }
+            Some((v, "files")) if is_version(v) && method == Method::POST => match query_param(query, "upload_id") {
+                Some(id) => Route::UploadChunk {
+                    upload_id: id.to_owned(),
+                },
+                None => Route::UploadStart,
+            },
             _ => Route::NotFound,
         };
     }
@@ -338,14 +333,8 @@ fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
         (&Method::POST, Some((id, verb))) if is_id(id) => {
             let model = id.to_owned();
             match verb {
-                "generateContent" => Route::Generate {
-                    model,
-                    stream: false,
-                },
-                "streamGenerateContent" => Route::Generate {
-                    model,
-                    stream: true,
-                },
+                "generateContent" => Route::Generate { model, stream: false },
+                "streamGenerateContent" => Route::Generate { model, stream: true },
                 "countTokens" => Route::CountTokens { model },
                 _ => Route::NotFound,
             }
@@ -364,10 +353,7 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<MockBody>, Infallible> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
     if let Some(admin) = req.uri().path().strip_prefix("/mock/") {
         return Ok(admin_route(&shared, req.method(), admin));
     }
@@ -415,10 +401,7 @@ async fn handle(
     };
     // What Google's front end adds; alt-svc lets gateway tests check that it is stripped.
     let h = resp.headers_mut();
-    h.insert(
-        SERVER,
-        HeaderValue::from_static("scaffolding on HTTPServer2"),
-    );
+    h.insert(SERVER, HeaderValue::from_static("scaffolding on HTTPServer2"));
     h.insert(
         ALT_SVC,
         HeaderValue::from_static("h3=\":443\"; ma=2592000,h3-29=\":443\"; ma=2592000"),
@@ -449,12 +432,8 @@ fn non_empty(v: Option<&str>) -> Option<&str> {
 
 /// The API key of a native call: `x-goog-api-key`, else `?key=`.
 fn native_key<B>(req: &Request<B>) -> Option<&str> {
-    non_empty(
-        req.headers()
-            .get("x-goog-api-key")
-            .and_then(|v| v.to_str().ok()),
-    )
-    .or_else(|| non_empty(query_param(req.uri().query(), "key")))
+    non_empty(req.headers().get("x-goog-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| non_empty(query_param(req.uri().query(), "key")))
 }
 
 fn bearer(h: &HeaderMap) -> Option<&str> {
@@ -471,9 +450,7 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
 fn reject_key(shared: &Shared, key: Option<&str>) -> Option<Response<MockBody>> {
     match (key, shared.opts.api_key.as_deref()) {
         (None, _) => Some(error_json(StatusCode::FORBIDDEN, wire::ERR_UNREGISTERED)),
-        (Some(k), Some(expected)) if k != expected => {
-            Some(error_json(StatusCode::BAD_REQUEST, wire::ERR_KEY_INVALID))
-        }
+        (Some(k), Some(expected)) if k != expected => Some(error_json(StatusCode::BAD_REQUEST, wire::ERR_KEY_INVALID)),
         _ => None,
     }
 }
@@ -483,10 +460,7 @@ fn reject_key(shared: &Shared, key: Option<&str>) -> Option<Response<MockBody>> 
 fn reject_native<B>(shared: &Shared, req: &Request<B>) -> Option<Response<MockBody>> {
     let key = native_key(req);
     if key.is_none() && bearer(req.headers()).is_some() {
-        return Some(error_json(
-            StatusCode::UNAUTHORIZED,
-            wire::ERR_OAUTH_EXPECTED,
-        ));
+        return Some(error_json(StatusCode::UNAUTHORIZED, wire::ERR_OAUTH_EXPECTED));
     }
     reject_key(shared, key)
 }
@@ -499,16 +473,13 @@ fn reject_openai<B>(shared: &Shared, req: &Request<B>) -> Option<Response<MockBo
 /// True when a header value or the query holds a token that starts with `gm_`.
 fn leaks_gateway_key<B>(req: &Request<B>) -> bool {
     req.headers().values().any(|v| has_gm_token(v.as_bytes()))
-        || req
-            .uri()
-            .query()
-            .is_some_and(|q| has_gm_token(q.as_bytes()))
+        || req.uri().query().is_some_and(|q| has_gm_token(q.as_bytes()))
 }
 
 fn has_gm_token(s: &[u8]) -> bool {
-    s.windows(3).enumerate().any(|(i, w)| {
-        w == b"gm_" && (i == 0 || !(s[i - 1].is_ascii_alphanumeric() || s[i - 1] == b'_'))
-    })
+    s.windows(3)
+        .enumerate()
+        .any(|(i, w)| w == b"gm_" && (i == 0 || !(s[i - 1].is_ascii_alphanumeric() || s[i - 1] == b'_')))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,12 +524,7 @@ async fn ttfb(shared: &Shared) {
     }
 }
 
-async fn generate(
-    shared: &Shared,
-    req: Request<Incoming>,
-    model: String,
-    stream: bool,
-) -> Response<MockBody> {
+async fn generate(shared: &Shared, req: Request<Incoming>, model: String, stream: bool) -> Response<MockBody> {
     if let Some(r) = reject_native(shared, &req) {
         return r;
     }
@@ -586,13 +552,7 @@ async fn generate(
             candidates: wire::TOKENS_PER_PIECE * u64::from(shared.chunks),
             thoughts,
         };
-        let answer = wire::GenerateResponse::new(
-            &shared.unary_text,
-            true,
-            Some(tokens),
-            &model,
-            &response_id,
-        );
+        let answer = wire::GenerateResponse::new(&shared.unary_text, true, Some(tokens), &model, &response_id);
         let mut out = Vec::with_capacity(1024);
         return match wire::write_pretty_json(&mut out, &answer) {
             Ok(()) => json_gz(out, gzip),
@@ -632,11 +592,7 @@ fn stream_plan(
     StreamPlan {
         framing,
         ending,
-        events: if ending == Ending::Complete {
-            shared.chunks
-        } else {
-            2
-        },
+        events: if ending == Ending::Complete { shared.chunks } else { 2 },
         interval: if model == "slow" {
             SLOW_INTERVAL
         } else {
@@ -652,11 +608,7 @@ fn stream_plan(
     }
 }
 
-fn stream_response(
-    shared: &Shared,
-    plan: StreamPlan,
-    content_type: &'static str,
-) -> Response<MockBody> {
+fn stream_response(shared: &Shared, plan: StreamPlan, content_type: &'static str) -> Response<MockBody> {
     let gzip = plan.gzip;
     let body = EventStream::new(plan, shared.stats.clone());
     let mut r = Response::new(MockBody::Stream(Box::new(body)));
@@ -761,8 +713,7 @@ async fn openai_chat(shared: &Shared, req: Request<Incoming>) -> Response<MockBo
 fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<MockBody> {
     let mut r = Response::new(MockBody::full(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
     r
 }
 

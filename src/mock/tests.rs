@@ -27,11 +27,7 @@ fn stat(m: &MockServer, f: fn(&MockStats) -> &AtomicU64) -> u64 {
     f(&m.stats).load(Relaxed)
 }
 
-async fn post(
-    m: &MockServer,
-    path: &str,
-    body: &'static str,
-) -> reqwest::Result<reqwest::Response> {
+async fn post(m: &MockServer, path: &str, body: &'static str) -> reqwest::Result<reqwest::Response> {
     reqwest::Client::new()
         .post(url(m, path))
         .header("x-goog-api-key", "AIzaTEST")
@@ -118,8 +114,7 @@ fn sse_shape(body: &[u8]) -> SseShape {
             .map(|v| {
                 let c = v.get("candidates").or_else(|| v.get("choices"));
                 let c0 = &c.expect("candidates")[0];
-                c0.get("finishReason").is_some()
-                    || c0.get("finish_reason").is_some_and(|f| !f.is_null())
+                c0.get("finishReason").is_some() || c0.get("finish_reason").is_some_and(|f| !f.is_null())
             })
             .collect(),
         done_sentinel,
@@ -151,9 +146,7 @@ fn array_shape(body: &[u8]) -> ArrayShape {
         starts: s.chars().take(5).collect(),
         separators: s.matches("\r\n,\r\n").count(),
         ends: s[s.len() - 4..].to_owned(),
-        pretty: elems
-            .iter()
-            .all(|e| e.starts_with("{\n  \"") && e.ends_with("\n}")),
+        pretty: elems.iter().all(|e| e.starts_with("{\n  \"") && e.ends_with("\n}")),
         elements: elems.len(),
     }
 }
@@ -161,12 +154,7 @@ fn array_shape(body: &[u8]) -> ArrayShape {
 #[tokio::test]
 async fn unary_body_is_pretty_and_deterministic() -> TestResult {
     let m = mock(MockOptions::default()).await?;
-    let resp = post(
-        &m,
-        "/v1beta/models/gemini-2.5-flash-thinking:generateContent",
-        BODY40,
-    )
-    .await?;
+    let resp = post(&m, "/v1beta/models/gemini-2.5-flash-thinking:generateContent", BODY40).await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()[CONTENT_TYPE], JSON);
     assert!(resp.headers()[ALT_SVC].to_str()?.starts_with("h3="));
@@ -233,12 +221,7 @@ async fn sse_stream_events_are_separate_frames_with_cumulative_usage() -> TestRe
         ..MockOptions::default()
     };
     let m = mock(opts).await?;
-    let resp = post(
-        &m,
-        &format!("{FLASH}:streamGenerateContent?alt=sse"),
-        BODY40,
-    )
-    .await?;
+    let resp = post(&m, &format!("{FLASH}:streamGenerateContent?alt=sse"), BODY40).await?;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()[CONTENT_TYPE], "text/event-stream");
     assert!(resp.headers().get("content-length").is_none());
@@ -314,12 +297,7 @@ async fn midstream_error_both_framings() -> TestResult {
         assert_eq!(shape, sse_shape(&fx));
     }
 
-    let resp = post(
-        &m,
-        "/v1beta/models/midstream-error:streamGenerateContent",
-        BODY40,
-    )
-    .await?;
+    let resp = post(&m, "/v1beta/models/midstream-error:streamGenerateContent", BODY40).await?;
     let body = resp.bytes().await?;
     let shape = array_shape(&body);
     assert_eq!(shape.elements, 3);
@@ -358,10 +336,7 @@ async fn cut_aborts_the_body() -> TestResult {
     ] {
         let resp = post(&m, path, BODY40).await?;
         assert_eq!(resp.status(), 200);
-        assert!(
-            resp.bytes().await.is_err(),
-            "{path}: truncated body must fail"
-        );
+        assert!(resp.bytes().await.is_err(), "{path}: truncated body must fail");
     }
     assert_eq!(stat(&m, |s| &s.streams_started), 2);
     assert_eq!(stat(&m, |s| &s.streams_completed), 0);
@@ -372,12 +347,7 @@ async fn cut_aborts_the_body() -> TestResult {
 #[tokio::test]
 async fn client_drop_mid_stream_counts_cancelled() -> TestResult {
     let m = mock(MockOptions::default()).await?;
-    let mut resp = post(
-        &m,
-        "/v1beta/models/slow:streamGenerateContent?alt=sse",
-        BODY40,
-    )
-    .await?;
+    let mut resp = post(&m, "/v1beta/models/slow:streamGenerateContent?alt=sse", BODY40).await?;
     let first = resp.chunk().await?.unwrap_or_default();
     assert!(text(&first).starts_with("data: "));
     drop(resp);
@@ -394,7 +364,8 @@ async fn client_drop_mid_stream_counts_cancelled() -> TestResult {
 async fn openai_compat_unary_and_stream() -> TestResult {
     let m = mock(MockOptions::default()).await?;
     let c = reqwest::Client::new();
-    let req = serde_json::json!({"model": "gemini-2.5-flash-thinking", "messages": [{"role": "user", "content": "hi"}]});
+    let req =
+        serde_json::json!({"model": "gemini-2.5-flash-thinking", "messages": [{"role": "user", "content": "hi"}]});
     let resp = c
         .post(url(&m, "/v1beta/openai/chat/completions"))
         .bearer_auth("AIzaTEST")
@@ -468,27 +439,16 @@ async fn other_routes() -> TestResult {
     let v: Value = get("/v1beta/files/abc123").await?.json().await?;
     assert_eq!(v["name"], "files/abc123");
     assert_eq!(v["state"], "ACTIVE");
-    assert_eq!(
-        v["uri"],
-        format!("http://{}/v1beta/files/abc123", m.addr).as_str()
-    );
+    assert_eq!(v["uri"], format!("http://{}/v1beta/files/abc123", m.addr).as_str());
 
-    for p in [
-        "/v1beta/nothing",
-        "/v2/models",
-        "/",
-        "/v1beta/models/x:nope",
-    ] {
+    for p in ["/v1beta/nothing", "/v2/models", "/", "/v1beta/models/x:nope"] {
         let resp = get(p).await?;
         assert_eq!(resp.status(), 404, "{p}");
         let v: Value = resp.json().await?;
         assert_eq!(v["error"]["status"], "NOT_FOUND");
     }
     // GET on a POST method is not found either.
-    assert_eq!(
-        get(&format!("{FLASH}:generateContent")).await?.status(),
-        404
-    );
+    assert_eq!(get(&format!("{FLASH}:generateContent")).await?.status(), 404);
     Ok(())
 }
 
@@ -512,35 +472,20 @@ async fn auth_errors_like_google() -> TestResult {
             .is_some_and(|s| s.starts_with("Method doesn't allow unregistered callers"))
     );
 
-    let resp = c
-        .post(url(&m, &path))
-        .header("x-goog-api-key", "bad")
-        .send()
-        .await?;
+    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "bad").send().await?;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await?;
     assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
-    assert_eq!(
-        v["error"]["message"],
-        "API key not valid. Please pass a valid API key."
-    );
+    assert_eq!(v["error"]["message"], "API key not valid. Please pass a valid API key.");
     assert_eq!(v["error"]["details"][0]["reason"], "API_KEY_INVALID");
 
     let resp = c.post(url(&m, &format!("{path}?key=good"))).send().await?;
     assert_eq!(resp.status(), 200);
-    let resp = c
-        .post(url(&m, &path))
-        .header("x-goog-api-key", "good")
-        .send()
-        .await?;
+    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "good").send().await?;
     assert_eq!(resp.status(), 200);
     let resp = c.post(url(&m, &path)).bearer_auth("good").send().await?;
     assert_eq!(resp.status(), 401);
-    let resp = c
-        .post(url(&m, &path))
-        .header("x-goog-api-key", "")
-        .send()
-        .await?;
+    let resp = c.post(url(&m, &path)).header("x-goog-api-key", "").send().await?;
     assert_eq!(resp.status(), 403);
     // Only authenticated calls count as generate requests.
     assert_eq!(stat(&m, |s| &s.generate_requests), 2);
@@ -573,12 +518,7 @@ async fn injected_errors() -> TestResult {
             }
         }
         // Without alt=sse the error comes as an array.
-        let resp = post(
-            &m,
-            &format!("/v1beta/models/{model}:streamGenerateContent"),
-            BODY40,
-        )
-        .await?;
+        let resp = post(&m, &format!("/v1beta/models/{model}:streamGenerateContent"), BODY40).await?;
         assert_eq!(resp.status(), code);
         let v: Value = resp.json().await?;
         assert_eq!(v[0]["error"]["code"], code);
@@ -604,9 +544,7 @@ async fn leaked_gateway_keys_are_counted() -> TestResult {
         .header("x-goog-api-key", "gm_live_abc")
         .send()
         .await?;
-    c.post(url(&m, &format!("{path}?key=gm_abc")))
-        .send()
-        .await?;
+    c.post(url(&m, &format!("{path}?key=gm_abc"))).send().await?;
     c.post(url(&m, &path))
         .header("x-goog-api-key", "k")
         .header("x-trace", "Bearer gm_xyz")
@@ -683,11 +621,7 @@ async fn resumable_upload_with_absolute_url() -> TestResult {
     assert!(r.bytes().await?.is_empty());
     let r = chunk("upload", 3, "lo").await?;
     assert_eq!(r.status(), 400);
-    assert!(
-        r.headers()[CONTENT_TYPE]
-            .to_str()?
-            .starts_with("text/plain")
-    );
+    assert!(r.headers()[CONTENT_TYPE].to_str()?.starts_with("text/plain"));
     let r = chunk("upload, finalize", 5, " world").await?;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-goog-upload-status"], "final");
@@ -707,11 +641,7 @@ async fn resumable_upload_with_absolute_url() -> TestResult {
     // The session is gone after finalize.
     let r = chunk("upload", 11, "x").await?;
     assert_eq!(r.status(), 404);
-    assert!(
-        r.headers()[CONTENT_TYPE]
-            .to_str()?
-            .starts_with("text/plain")
-    );
+    assert!(r.headers()[CONTENT_TYPE].to_str()?.starts_with("text/plain"));
 
     // The URL names the host the client used.
     let start = c
@@ -777,11 +707,7 @@ async fn gzip_by_google_rule_and_by_model() -> TestResult {
         dec.write_all(f)?;
         dec.flush()?;
         let so_far = text(dec.get_ref());
-        assert_eq!(
-            so_far.matches("\r\n\r\n").count(),
-            i + 1,
-            "event {i} decodable at once"
-        );
+        assert_eq!(so_far.matches("\r\n\r\n").count(), i + 1, "event {i} decodable at once");
     }
     let all = dec.finish()?;
     assert_eq!(sse_shape(&all).usage_on, vec![true; 5]);
@@ -858,12 +784,7 @@ async fn ttfb_and_chunk_count_options() -> TestResult {
     };
     let m = mock(opts).await?;
     let t0 = Instant::now();
-    let r = post(
-        &m,
-        &format!("{FLASH}:streamGenerateContent?alt=sse"),
-        BODY40,
-    )
-    .await?;
+    let r = post(&m, &format!("{FLASH}:streamGenerateContent?alt=sse"), BODY40).await?;
     assert!(t0.elapsed() >= Duration::from_millis(150));
     assert_eq!(sse_shape(&r.bytes().await?).usage_on.len(), 2);
     let v: Value = post(&m, &format!("{FLASH}:generateContent"), BODY40)
@@ -935,10 +856,7 @@ async fn bench_unary() -> TestResult {
     }
     let n = (TOTAL / CONCURRENCY) * CONCURRENCY;
     let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "bench_unary: {n} requests in {secs:.2}s = {:.0} req/s",
-        n as f64 / secs
-    );
+    println!("bench_unary: {n} requests in {secs:.2}s = {:.0} req/s", n as f64 / secs);
     assert_eq!(stat(&m, |s| &s.generate_requests), n as u64);
     Ok(())
 }

@@ -68,16 +68,13 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn plain(status: StatusCode, msg: &'static str) -> Response<MockBody> {
     let mut r = Response::new(MockBody::full(msg));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 
 fn with_status(mut r: Response<MockBody>, status: &'static str) -> Response<MockBody> {
-    r.headers_mut()
-        .insert(UPLOAD_STATUS, HeaderValue::from_static(status));
+    r.headers_mut().insert(UPLOAD_STATUS, HeaderValue::from_static(status));
     r
 }
 
@@ -98,9 +95,7 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
         Err(e) => return e.response(),
     };
     // Lenient: an empty or unparsable body just means no metadata.
-    let meta = serde_json::from_slice::<StartBody>(&body)
-        .unwrap_or_default()
-        .file;
+    let meta = serde_json::from_slice::<StartBody>(&body).unwrap_or_default().file;
     let (display_name, body_mime) = match meta {
         Some(f) => (f.display_name, f.mime_type),
         None => (None, None),
@@ -109,19 +104,14 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
         .or(body_mime)
         .unwrap_or_else(|| "application/octet-stream".to_owned());
     let upload_id = random_id(32);
-    let url = format!(
-        "http://{host}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
-    );
+    let url = format!("http://{host}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable");
     let Ok(url) = HeaderValue::from_str(&url) else {
         return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
     };
     {
         let mut map = shared.uploads.lock();
         if map.len() >= MAX_SESSIONS {
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Too many open upload sessions.",
-            );
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "Too many open upload sessions.");
         }
         map.insert(
             upload_id,
@@ -142,15 +132,9 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
 
 /// `POST /upload/{v}/files?upload_id=..`: a chunk, `query` or `cancel`. Needs no API key: the
 /// `upload_id` is the capability.
-pub(crate) async fn chunk(
-    shared: &Shared,
-    req: Request<Incoming>,
-    upload_id: &str,
-) -> Response<MockBody> {
+pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &str) -> Response<MockBody> {
     let h = req.headers();
-    let command = header(h, "x-goog-upload-command")
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let command = header(h, "x-goog-upload-command").unwrap_or("").to_ascii_lowercase();
     let mut upload = false;
     let mut finalize = false;
     let mut query = false;

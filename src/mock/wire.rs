@@ -104,7 +104,8 @@ pub(crate) const ERR_OVERLOADED: &str = r#"{
 }"#;
 
 /// The mid-stream error as an OpenAI-compat `data:` event (single line).
-pub(crate) const ERR_OVERLOADED_COMPACT: &str = r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+pub(crate) const ERR_OVERLOADED_COMPACT: &str =
+    r#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
 
 /// Byte-identical to fixtures/error-429.json.
 pub(crate) const ERR_QUOTA: &str = r#"{
@@ -147,10 +148,7 @@ impl serde_json::ser::Formatter for SseFormatter {
 
 /// Appends `v` in Google's single-line SSE style.
 pub(crate) fn write_sse_json<T: Serialize>(out: &mut Vec<u8>, v: &T) -> serde_json::Result<()> {
-    v.serialize(&mut serde_json::Serializer::with_formatter(
-        out,
-        SseFormatter,
-    ))
+    v.serialize(&mut serde_json::Serializer::with_formatter(out, SseFormatter))
 }
 
 /// Appends `v` pretty-printed with two-space indents (unary bodies, JSON-array elements).
@@ -420,9 +418,7 @@ pub(crate) struct ModelList<'a> {
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// RFC 3339 UTC timestamp with microseconds, as the Files API prints them.
@@ -471,10 +467,7 @@ mod tests {
             thoughts: 0,
         };
         let mut out = Vec::new();
-        write_sse_json(
-            &mut out,
-            &GenerateResponse::new("Hi", true, Some(t), "m", "r"),
-        )?;
+        write_sse_json(&mut out, &GenerateResponse::new("Hi", true, Some(t), "m", "r"))?;
         assert_eq!(
             String::from_utf8_lossy(&out),
             r#"{"candidates": [{"content": {"parts": [{"text": "Hi"}],"role": "model"},"index": 0,"finishReason": "STOP"}],"usageMetadata": {"promptTokenCount": 7,"candidatesTokenCount": 3,"totalTokenCount": 10,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 7}]},"modelVersion": "m","responseId": "r"}"#

@@ -34,7 +34,11 @@ impl ProxyBody {
     /// A whole body.
     pub fn full(b: impl Into<Bytes>) -> Self {
         let b = b.into();
-        if b.is_empty() { ProxyBody::Full(None) } else { ProxyBody::Full(Some(b)) }
+        if b.is_empty() {
+            ProxyBody::Full(None)
+        } else {
+            ProxyBody::Full(Some(b))
+        }
     }
 
     /// No body.
@@ -103,7 +107,13 @@ pub struct CountingBody<B> {
 impl<B> CountingBody<B> {
     /// Wraps a request body.
     pub fn new(inner: B, tally: Arc<RequestTally>, limit: u64, count_text: bool) -> Self {
-        Self { inner, tally, limit, seen: 0, text: count_text.then(TextCounter::new) }
+        Self {
+            inner,
+            tally,
+            limit,
+            seen: 0,
+            text: count_text.then(TextCounter::new),
+        }
     }
 }
 

@@ -82,7 +82,11 @@ impl Pending {
             tokens: 0,
             messages,
             bytes: 0,
-            cost: if messages > 0 { rt.config.pricing.message_sent } else { Default::default() },
+            cost: if messages > 0 {
+                rt.config.pricing.message_sent
+            } else {
+                Default::default()
+            },
             metadata: md,
             created_at: self.at,
         }
@@ -142,7 +146,11 @@ impl Drop for Pending {
     }
 }
 
-async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut usize) -> Result<Response<ProxyBody>, ApiError> {
+async fn forward_inner(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    route_idx: &mut usize,
+) -> Result<Response<ProxyBody>, ApiError> {
     let started = Instant::now();
     let rt = app.live.load();
     let (mut parts, body) = req.into_parts();
@@ -187,8 +195,8 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut u
             Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::too_large(max)),
             Err(_) => return Err(ApiError::bad_request("The request body could not be read.")),
         };
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
         let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
         let model = model.strip_prefix("models/").unwrap_or(model).to_string();
         if model.is_empty() {
@@ -215,14 +223,23 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut u
     };
     let ask = match &route {
         Route::Generate { model, .. } => Ask::Generate { model },
-        Route::OpenAiChat => Ask::Generate { model: model.unwrap_or_default() },
+        Route::OpenAiChat => Ask::Generate {
+            model: model.unwrap_or_default(),
+        },
         Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
         Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,
-        Route::Other { model } => Ask::Other { model: model.as_deref() },
+        Route::Other { model } => Ask::Other {
+            model: model.as_deref(),
+        },
     };
     // Chunks of an admitted session are not refused halfway (size was checked at start).
     let admitted = if session_chunk {
-        Admitted { month: Month::of(now), at: now, reserved_message: false, headers: Vec::new() }
+        Admitted {
+            month: Month::of(now),
+            at: now,
+            reserved_message: false,
+            headers: Vec::new(),
+        }
     } else {
         admit(&rt, &key, &ask, now)?
     };
@@ -319,7 +336,11 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut u
                 (false, true, false) => Format::JsonArray,
                 (false, false, _) => Format::UnaryJson,
             };
-            let ce = rparts.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let ce = rparts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let meter = match pending.take() {
                 Some(p) => p.responded(status, format),
                 None => return Err(ApiError::internal("metering state lost")),
@@ -328,9 +349,16 @@ async fn forward_inner(app: &Arc<App>, req: Request<Incoming>, route_idx: &mut u
         }
         Route::UploadStart { declared } => {
             if status.is_success()
-                && let Some(url) = rparts.headers.get("x-goog-upload-url").and_then(|v| v.to_str().ok()).map(str::to_string)
+                && let Some(url) = rparts
+                    .headers
+                    .get("x-goog-upload-url")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
             {
-                if let Some(id) = url.split_once('?').and_then(|(_, q)| super::headers::query_param(q, "upload_id")) {
+                if let Some(id) = url
+                    .split_once('?')
+                    .and_then(|(_, q)| super::headers::query_param(q, "upload_id"))
+                {
                     app.uploads.insert(id, key.clone(), declared);
                 }
                 let prefix = rt.config.upstream.base_url.path();
@@ -395,7 +423,8 @@ fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiE
             s.push_str(&q);
         }
     }
-    s.parse().map_err(|_| ApiError::bad_request("The request path is not valid."))
+    s.parse()
+        .map_err(|_| ApiError::bad_request("The request path is not valid."))
 }
 
 fn upstream_error(e: &hyper_util::client::legacy::Error) -> ApiError {

@@ -77,7 +77,9 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(v) => {
                         out.push(v);
@@ -106,7 +108,15 @@ fn percent_decode(s: &str) -> String {
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
     )
 }
 
@@ -131,7 +141,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Takes the `x-meter-tag-*` headers out of `h`, returning the valid ones (at most 8, names
 /// and values at most 64 characters; others are dropped).
 pub fn take_tags(h: &mut HeaderMap) -> Option<Map<String, Value>> {
-    let names: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with(TAG_PREFIX)).cloned().collect();
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with(TAG_PREFIX))
+        .cloned()
+        .collect();
     if names.is_empty() {
         return None;
     }
@@ -160,7 +174,10 @@ mod tests {
     #[test]
     fn key_forms_and_query_stripping() {
         let mut h = HeaderMap::new();
-        assert_eq!(caller_key(&h, Some("alt=sse&key=gm_abc%2B")).unwrap(), ("gm_abc+".into(), KeySource::Query));
+        assert_eq!(
+            caller_key(&h, Some("alt=sse&key=gm_abc%2B")).unwrap(),
+            ("gm_abc+".into(), KeySource::Query)
+        );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer gm_b"));
         assert_eq!(caller_key(&h, None).unwrap(), ("gm_b".into(), KeySource::Bearer));
         h.insert("x-goog-api-key", HeaderValue::from_static("gm_h"));

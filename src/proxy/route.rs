@@ -37,7 +37,10 @@ pub enum Route {
 
 /// True when the path is forwarded upstream.
 pub fn is_proxied(path: &str) -> bool {
-    path.starts_with("/v1beta/") || path.starts_with("/v1/") || path.starts_with("/v1alpha/") || path.starts_with("/upload/")
+    path.starts_with("/v1beta/")
+        || path.starts_with("/v1/")
+        || path.starts_with("/v1alpha/")
+        || path.starts_with("/upload/")
 }
 
 /// The model id and method named by a path such as `/v1beta/models/x:generateContent`.
@@ -66,7 +69,10 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
         if let Some(id) = query.and_then(|q| query_param(q, "upload_id")) {
             return Route::UploadChunk { upload_id: id };
         }
-        let command = headers.get("x-goog-upload-command").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let command = headers
+            .get("x-goog-upload-command")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if command.to_ascii_lowercase().contains("start") {
             let declared = headers
                 .get("x-goog-upload-header-content-length")
@@ -80,8 +86,12 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
         return Route::OpenAiChat;
     }
     match model_and_method(path) {
-        Some((model, m)) if method == Method::POST && m == "generateContent" => Route::Generate { model, stream: false },
-        Some((model, m)) if method == Method::POST && m == "streamGenerateContent" => Route::Generate { model, stream: true },
+        Some((model, m)) if method == Method::POST && m == "generateContent" => {
+            Route::Generate { model, stream: false }
+        }
+        Some((model, m)) if method == Method::POST && m == "streamGenerateContent" => {
+            Route::Generate { model, stream: true }
+        }
         Some((model, _)) => Route::Other { model: Some(model) },
         None => Route::Other { model: None },
     }
@@ -95,33 +105,64 @@ mod tests {
     fn classifies_the_contract_routes() {
         let h = HeaderMap::new();
         assert_eq!(
-            classify(&Method::POST, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", Some("alt=sse"), &h),
-            Route::Generate { model: "gemini-2.5-flash".into(), stream: true }
+            classify(
+                &Method::POST,
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+                Some("alt=sse"),
+                &h
+            ),
+            Route::Generate {
+                model: "gemini-2.5-flash".into(),
+                stream: true
+            }
         );
         assert_eq!(
             classify(&Method::POST, "/v1/models/gemini-2.5-flash:generateContent", None, &h),
-            Route::Generate { model: "gemini-2.5-flash".into(), stream: false }
+            Route::Generate {
+                model: "gemini-2.5-flash".into(),
+                stream: false
+            }
         );
         assert_eq!(
             classify(&Method::POST, "/v1beta/tunedModels/my-tune:generateContent", None, &h),
-            Route::Generate { model: "tunedModels/my-tune".into(), stream: false }
+            Route::Generate {
+                model: "tunedModels/my-tune".into(),
+                stream: false
+            }
         );
         assert_eq!(
             classify(&Method::POST, "/v1beta/models/gemini-2.5-flash:countTokens", None, &h),
-            Route::Other { model: Some("gemini-2.5-flash".into()) }
+            Route::Other {
+                model: Some("gemini-2.5-flash".into())
+            }
         );
-        assert_eq!(classify(&Method::GET, "/v1beta/models", None, &h), Route::Other { model: None });
-        assert_eq!(classify(&Method::POST, "/v1beta/openai/chat/completions", None, &h), Route::OpenAiChat);
         assert_eq!(
-            classify(&Method::POST, "/upload/v1beta/files", Some("upload_id=abc&upload_protocol=resumable"), &h),
-            Route::UploadChunk { upload_id: "abc".into() }
+            classify(&Method::GET, "/v1beta/models", None, &h),
+            Route::Other { model: None }
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1beta/openai/chat/completions", None, &h),
+            Route::OpenAiChat
+        );
+        assert_eq!(
+            classify(
+                &Method::POST,
+                "/upload/v1beta/files",
+                Some("upload_id=abc&upload_protocol=resumable"),
+                &h
+            ),
+            Route::UploadChunk {
+                upload_id: "abc".into()
+            }
         );
         let mut h2 = HeaderMap::new();
         h2.insert("x-goog-upload-command", "start".parse().unwrap());
         h2.insert("x-goog-upload-header-content-length", "2010585".parse().unwrap());
         assert_eq!(
             classify(&Method::POST, "/upload/v1beta/files", None, &h2),
-            Route::UploadStart { declared: Some(2010585) }
+            Route::UploadStart {
+                declared: Some(2010585)
+            }
         );
     }
 }

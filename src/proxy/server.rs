@@ -51,7 +51,11 @@ impl Server {
             })
             .await;
         });
-        Ok(Server { addr, stop: Some(tx), task })
+        Ok(Server {
+            addr,
+            stop: Some(tx),
+            task,
+        })
     }
 
     /// Stops accepting, drains in-flight requests, and returns when done.
@@ -99,7 +103,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
             _ = &mut shutdown => break,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(limit = cfg.max_connections, "connection limit reached; closing a new connection");
+            tracing::warn!(
+                limit = cfg.max_connections,
+                "connection limit reached; closing a new connection"
+            );
             drop(stream);
             continue;
         };
@@ -114,6 +121,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         });
     }
     drop(listener);
+    crate::api::stream::close_all(&app);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(cfg.drain_timeout) => {

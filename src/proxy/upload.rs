@@ -48,7 +48,10 @@ fn unix_now() -> u64 {
 impl UploadSessions {
     /// Sessions kept in memory and in `tree`.
     pub fn new(tree: sled::Tree) -> Self {
-        Self { map: DashMap::new(), tree }
+        Self {
+            map: DashMap::new(),
+            tree,
+        }
     }
 
     /// Remembers a session.
@@ -60,7 +63,14 @@ impl UploadSessions {
         if let Err(e) = self.tree.insert(stored_key(&upload_id), rec.to_string().into_bytes()) {
             tracing::warn!(error = %e, "upload session not persisted; it lasts until a restart");
         }
-        self.map.insert(upload_id, Arc::new(UploadSession { key, declared, started: Instant::now() }));
+        self.map.insert(
+            upload_id,
+            Arc::new(UploadSession {
+                key,
+                declared,
+                started: Instant::now(),
+            }),
+        );
     }
 
     /// The session of an `upload_id`, if it was started here (before or since the last
@@ -76,8 +86,14 @@ impl UploadSessions {
             return None;
         }
         let key = registry.entry_by_key_id(v["key_id"].as_str()?)?;
-        let started = Instant::now().checked_sub(std::time::Duration::from_secs(age)).unwrap_or_else(Instant::now);
-        let s = Arc::new(UploadSession { key, declared: v["declared"].as_u64(), started });
+        let started = Instant::now()
+            .checked_sub(std::time::Duration::from_secs(age))
+            .unwrap_or_else(Instant::now);
+        let s = Arc::new(UploadSession {
+            key,
+            declared: v["declared"].as_u64(),
+            started,
+        });
         self.map.insert(upload_id.to_string(), s.clone());
         Some(s)
     }
@@ -97,7 +113,10 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
     let path_start = after_scheme.find('/').unwrap_or(after_scheme.len());
     let path_and_query = &after_scheme[path_start..];
     let prefix = upstream_prefix.trim_end_matches('/');
-    let rest = path_and_query.strip_prefix(prefix).filter(|r| r.starts_with('/')).unwrap_or(path_and_query);
+    let rest = path_and_query
+        .strip_prefix(prefix)
+        .filter(|r| r.starts_with('/'))
+        .unwrap_or(path_and_query);
     Some(format!("{}{}", public.trim_end_matches('/'), rest))
 }
 
@@ -113,7 +132,12 @@ mod tests {
             "http://127.0.0.1:8080/upload/v1beta/files?upload_id=X1&upload_protocol=resumable"
         );
         assert_eq!(
-            rewrite_upload_url("http://h:1/base/upload/v1beta/files?upload_id=Y", "https://gw.example.com/", "/base").unwrap(),
+            rewrite_upload_url(
+                "http://h:1/base/upload/v1beta/files?upload_id=Y",
+                "https://gw.example.com/",
+                "/base"
+            )
+            .unwrap(),
             "https://gw.example.com/upload/v1beta/files?upload_id=Y"
         );
     }

@@ -93,9 +93,7 @@ impl Harness {
         if opts.api_key.is_none() {
             opts.api_key = Some(UPSTREAM_KEY.into());
         }
-        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts)
-            .await
-            .unwrap();
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(mock.addr, &dir.path().join("data"), extra);
@@ -108,8 +106,7 @@ impl Harness {
         ]
         .into();
         let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) =
-            App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
+        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
         recorder.spawn().unwrap();
         let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
             .await
@@ -140,9 +137,7 @@ impl Harness {
 
     /// An admin request builder.
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(ADMIN_TOKEN)
+        self.http.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN)
     }
 
     /// Creates a user through the admin API.
@@ -153,12 +148,7 @@ impl Harness {
             .send()
             .await
             .unwrap();
-        assert_eq!(
-            r.status(),
-            201,
-            "create user {id}: {}",
-            r.text().await.unwrap()
-        );
+        assert_eq!(r.status(), 201, "create user {id}: {}", r.text().await.unwrap());
     }
 
     /// Issues a key through the admin API.
@@ -189,9 +179,7 @@ impl Harness {
         self.http
             .post(self.url(&path))
             .header("x-goog-api-key", key)
-            .json(
-                &json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}),
-            )
+            .json(&json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}))
             .send()
             .await
             .unwrap()
@@ -250,12 +238,7 @@ pub fn sum(records: &[Record]) -> (u64, u64, u64, String) {
     for r in records {
         t.add(&gemini_meter::ledger::Totals::of(r));
     }
-    (
-        t.messages,
-        t.tokens,
-        t.bytes,
-        t.cost.normalize().to_string(),
-    )
+    (t.messages, t.tokens, t.bytes, t.cost.normalize().to_string())
 }
 
 impl Harness {
@@ -268,9 +251,7 @@ impl Harness {
             api_key: Some(UPSTREAM_KEY.into()),
             ..MockOptions::default()
         };
-        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts)
-            .await
-            .unwrap();
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(upstream, &dir.path().join("data"), extra);
@@ -283,8 +264,7 @@ impl Harness {
         ]
         .into();
         let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) =
-            App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
+        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
         recorder.spawn().unwrap();
         let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
             .await
@@ -319,3 +299,95 @@ impl Harness {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Alerts: a gateway running the alert delivery task (as `serve` does), and a restart of a
+// gateway on the same data directory.
+
+/// The environment of a harness gateway: the upstream key, the admin token, and `extra`.
+pub fn test_env(extra: &[(&str, &str)]) -> gemini_meter::runtime::EnvLookup {
+    let env: HashMap<String, String> = [
+        ("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY),
+        ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Arc::new(move |n: &str| env.get(n).cloned())
+}
+
+impl Harness {
+    /// Like [`Harness::start`], with `env` added to the gateway's environment (e.g. the webhook
+    /// secret) and the alert delivery task running.
+    pub async fn start_alerting(extra: &str, env: &[(&str, &str)]) -> Harness {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let opts = MockOptions {
+            api_key: Some(UPSTREAM_KEY.into()),
+            ..MockOptions::default()
+        };
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("gemini-meter.toml");
+        let text = base_config(mock.addr, &dir.path().join("data"), extra);
+        std::fs::write(&config_path, &text).unwrap();
+        let clock = Arc::new(SystemClock::default());
+        Self::open_alerting(mock, dir, config_path, clock, env).await
+    }
+
+    /// A restart: stops this gateway (drain, flush), drops it, and starts a new one with the
+    /// same data directory, config file, mock upstream and clock (on a new port). `env` as for
+    /// [`Harness::start_alerting`].
+    pub async fn reopen(mut self, env: &[(&str, &str)]) -> Harness {
+        self.stop().await;
+        let Harness {
+            mock,
+            app,
+            dir,
+            config_path,
+            clock,
+            ..
+        } = self;
+        drop(app);
+        Self::open_alerting(mock, dir, config_path, clock, env).await
+    }
+
+    async fn open_alerting(
+        mock: MockServer,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        clock: Arc<SystemClock>,
+        env: &[(&str, &str)],
+    ) -> Harness {
+        let cfg = Config::load(&config_path).unwrap();
+        // The previous gateway's last holders (recorder thread, delivery task) let go of the
+        // storage within a moment of its drop.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let (app, recorder) = loop {
+            match App::open(cfg.clone(), Some(config_path.clone()), clock.clone(), test_env(env)) {
+                Ok(opened) => break opened,
+                Err(gemini_meter::app::StartError::Store(gemini_meter::ledger::StoreError::Locked { .. }))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot open the gateway: {e}"),
+            }
+        };
+        recorder.spawn().unwrap();
+        gemini_meter::alerts::spawn_delivery(&app);
+        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let base = format!("http://{}", server.addr);
+        Harness {
+            mock,
+            app,
+            server: Some(server),
+            base,
+            dir,
+            config_path,
+            clock,
+            http: reqwest::Client::new(),
+        }
+    }
+}

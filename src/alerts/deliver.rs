@@ -1,0 +1,216 @@
+//! The delivery task: sends what is in the outbox, and only what is on disk.
+//!
+//! Each round reads the outbox, then waits for a recorder barrier (every batch applied before
+//! it is flushed), so an alert goes out only once its fired mark is durable: a crash can never
+//! leave a sent alert whose mark is lost, which would send it again after the restart.
+//! A success removes the entry and is flushed at once; a failure is rescheduled with
+//! exponential backoff. Sends run concurrently (bounded), each under a timeout, so one slow
+//! receiver delays nobody else, and nothing on the request path waits for any of this.
+//!
+//! Delivery is at least once: if the process dies after a receiver accepted an alert but before
+//! the removal reached the disk (a few milliseconds), the alert is sent again after the
+//! restart, with the same delivery id, which receivers deduplicate on.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::AlertMetrics;
+use super::email;
+use super::webhook::{self, WebhookClient};
+use crate::app::App;
+use crate::clock::SharedClock;
+use crate::ledger::SledStore;
+use crate::ledger::alerts::{Channel, Delivery, DeliveryStatus};
+use crate::runtime::{EnvLookup, Live};
+
+/// Most deliveries in flight at once.
+const MAX_IN_FLIGHT: usize = 32;
+/// Longest sleep between two looks at the outbox (so a moved clock or a due retry is seen).
+const TICK: Duration = Duration::from_secs(1);
+/// First retry delay.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// How long after the alert a delivery is retried before it is given up.
+const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::hours(24);
+
+/// Why an attempt failed.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Worth retrying (receiver down, timeout, error status, channel not configured now).
+    Retry(String),
+    /// Can never succeed (e.g. an address that is not one).
+    Permanent(String),
+}
+
+impl Failure {
+    fn message(&self) -> &str {
+        match self {
+            Failure::Retry(m) | Failure::Permanent(m) => m,
+        }
+    }
+}
+
+/// The delay before retry number `attempts` (1 after the first failure): 1 s, 2 s, 4 s, ...
+/// capped at 5 minutes.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(20);
+    BACKOFF_START.saturating_mul(1 << exp).min(BACKOFF_CAP)
+}
+
+/// Starts the delivery task on the current tokio runtime. It holds the gateway only weakly and
+/// ends once the [`App`] is dropped (or when aborted); whatever it had not finished stays in the
+/// outbox for the next start.
+pub fn spawn_delivery(app: &Arc<App>) -> JoinHandle<()> {
+    tokio::spawn(run(Arc::downgrade(app), app.alerts.wake.clone()))
+}
+
+/// What one attempt needs (not the whole gateway, so that an attempt waiting on a slow
+/// receiver does not keep a stopped gateway alive).
+#[derive(Clone)]
+struct Ctx {
+    store: SledStore,
+    live: Arc<Live>,
+    clock: SharedClock,
+    env: EnvLookup,
+    metrics: Arc<AlertMetrics>,
+    client: WebhookClient,
+}
+
+async fn run(app: Weak<App>, wake: Arc<Notify>) {
+    let client = webhook::client();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
+    // The first look comes after a barrier too: the recorder may still hold alerts.
+    let mut woken = true;
+    loop {
+        let Some(app) = app.upgrade() else { return };
+        if woken && app.recorder.sync().await.is_err() {
+            return; // the recorder stopped: the gateway is going down
+        }
+        let now = app.clock.now();
+        let mut next_due: Option<DateTime<Utc>> = None;
+        let mut due = Vec::new();
+        match app.store.alert_outbox() {
+            Ok(entries) => {
+                app.alerts
+                    .metrics
+                    .pending
+                    .store(entries.len() as u64, Ordering::Relaxed);
+                for d in entries {
+                    if in_flight.values().any(|id| *id == d.id) {
+                        continue;
+                    }
+                    if d.next_attempt_at <= now && in_flight.len() + due.len() < MAX_IN_FLIGHT {
+                        due.push(d);
+                    } else {
+                        next_due = Some(next_due.map_or(d.next_attempt_at, |n| n.min(d.next_attempt_at)));
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "alerts: cannot read the outbox"),
+        }
+        // Send only what is durable: entries applied but not yet flushed are flushed by now.
+        if !due.is_empty() && app.recorder.sync().await.is_ok() {
+            let ctx = Ctx {
+                store: app.store.clone(),
+                live: app.live.clone(),
+                clock: app.clock.clone(),
+                env: app.alerts.env().clone(),
+                metrics: app.alerts.metrics.clone(),
+                client: client.clone(),
+            };
+            for d in due {
+                let id = d.id.clone();
+                let handle = tasks.spawn(attempt(ctx.clone(), d));
+                in_flight.insert(handle.id(), id);
+            }
+        }
+        drop(app);
+        let wait = next_due
+            .and_then(|t| (t - now).to_std().ok())
+            .unwrap_or(TICK)
+            .clamp(Duration::from_millis(20), TICK);
+        tokio::select! {
+            _ = wake.notified() => woken = true,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        tracing::error!(error = %e, "alerts: a delivery attempt panicked");
+                        e.id()
+                    }
+                };
+                in_flight.remove(&id);
+                woken = false;
+            }
+            _ = tokio::time::sleep(wait) => woken = false,
+        }
+    }
+}
+
+/// One attempt at one delivery, and its bookkeeping.
+async fn attempt(ctx: Ctx, mut d: Delivery) {
+    let rt = ctx.live.load();
+    let result = match d.channel {
+        Channel::Webhook => webhook::send(&ctx.client, &rt.config.alerts, &ctx.env, &d).await,
+        Channel::Email => email::send(&rt.config, &ctx.env, &d).await,
+    };
+    let now = ctx.clock.now();
+    let metrics = &ctx.metrics;
+    let store = &ctx.store;
+    d.attempts = d.attempts.saturating_add(1);
+    let saved = match result {
+        Ok(()) => {
+            d.status = DeliveryStatus::Sent;
+            d.last_error = None;
+            d.finished_at = Some(now);
+            metrics.sent.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(delivery = %d.id, channel = d.channel.as_str(), user = %d.alert.user_id, attempts = d.attempts, "alert delivered");
+            store.finish_delivery(&d)
+        }
+        Err(f) => {
+            metrics.retries.fetch_add(1, Ordering::Relaxed);
+            d.last_error = Some(f.message().to_string());
+            let deadline = d.alert.at + GIVE_UP_AFTER;
+            let next = now + chrono::Duration::from_std(backoff(d.attempts)).unwrap_or(chrono::Duration::seconds(300));
+            if matches!(f, Failure::Permanent(_)) || now >= deadline {
+                d.status = DeliveryStatus::Failed;
+                d.finished_at = Some(now);
+                metrics.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(delivery = %d.id, channel = d.channel.as_str(), user = %d.alert.user_id, attempts = d.attempts, error = f.message(), "alert delivery given up");
+                store.finish_delivery(&d)
+            } else {
+                // The last try falls on the deadline; a failure then gives up.
+                d.next_attempt_at = next.min(deadline);
+                tracing::warn!(delivery = %d.id, channel = d.channel.as_str(), attempts = d.attempts, error = f.message(), retry_at = %d.next_attempt_at, "alert delivery failed; will retry");
+                store.reschedule_delivery(&d)
+            }
+        }
+    };
+    if let Err(e) = saved {
+        tracing::error!(delivery = %d.id, error = %e, "alerts: cannot save a delivery's state");
+    }
+    if let Err(e) = store.flush().await {
+        tracing::error!(error = %e, "alerts: flush failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_five_minutes() {
+        let s: Vec<u64> = (1..=11).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(s, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,668 @@
+//! Quota alerts in the ledger tree: fired marks, the outbox and the delivery log.
+//!
+//! An alert is written by the recorder in the same `apply_batch` as the usage record that
+//! crossed its threshold ([`SledStore::write_batch`]): the fired mark and one outbox entry per
+//! channel appear on disk together with that record, or not at all. Three key prefixes of the
+//! ledger tree (see the table in [`super::store`]):
+//!
+//! | prefix | key | value |
+//! | --- | --- | --- |
+//! | `F` | `YYYY-MM` `/` user `/` quota `/` threshold (3 digits) | the [`Alert`] (JSON): the fired mark |
+//! | `O` | delivery id | a pending [`Delivery`] (JSON): the outbox |
+//! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished [`Delivery`] (JSON), sent or failed |
+//!
+//! Ids are derived from what the alert is about (user, the user's creation time, month, quota,
+//! threshold, channel), never random: should an alert ever be produced twice, both copies carry
+//! the same id, and a receiver that deduplicates on it sees one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::record::{format_id, parse_id};
+use super::store::{SledStore, StoreError};
+use crate::clock::{Month, rfc3339, rfc3339_ms};
+
+/// How long after an alert its first delivery attempt is made. The alert is durable before the
+/// request that crossed the line completes; this grace keeps the first send clear of that moment,
+/// so a crash right after the crossing finds the alert unsent (and it goes out once after the
+/// restart) rather than sent with its removal from the outbox not yet on disk.
+pub const FIRST_ATTEMPT_DELAY: chrono::Duration = chrono::Duration::seconds(1);
+
+const FIRED: u8 = b'F';
+const OUTBOX: u8 = b'O';
+const DONE: u8 = b'D';
+
+/// A limited monthly quota an alert can be about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quota {
+    /// Messages per month.
+    Messages,
+    /// Tokens per month.
+    Tokens,
+    /// Uploaded bytes per month.
+    Bytes,
+    /// Spend per month (USD).
+    Cost,
+}
+
+impl Quota {
+    /// Every quota, in [`Quota::index`] order.
+    pub const ALL: [Quota; 4] = [Quota::Messages, Quota::Tokens, Quota::Bytes, Quota::Cost];
+
+    /// The wire name (`messages`, `tokens`, `bytes`, `cost`), as in the tier config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quota::Messages => "messages",
+            Quota::Tokens => "tokens",
+            Quota::Bytes => "bytes",
+            Quota::Cost => "cost",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Quota::ALL.into_iter().find(|q| q.as_str() == s)
+    }
+
+    /// Position in [`Quota::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Quota::Messages => 0,
+            Quota::Tokens => 1,
+            Quota::Bytes => 2,
+            Quota::Cost => 3,
+        }
+    }
+}
+
+/// Where an alert is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// A signed JSON `POST` to `alerts.webhook_url`.
+    Webhook,
+    /// A mail to the user's email through `alerts.smtp`.
+    Email,
+}
+
+impl Channel {
+    /// The wire name (`webhook`, `email`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Webhook => "webhook",
+            Channel::Email => "email",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "webhook" => Some(Channel::Webhook),
+            "email" => Some(Channel::Email),
+            _ => None,
+        }
+    }
+}
+
+/// One threshold of one quota first reached by one user in one month.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// Stable id (`alrt_` and 32 hex digits), see [`Alert::make_id`].
+    pub id: String,
+    /// The user.
+    pub user_id: Arc<str>,
+    /// The user's creation time (Unix seconds): tells a deleted user from a new one of the
+    /// same id.
+    pub user_created: i64,
+    /// The user's tier when the threshold was reached.
+    pub tier: String,
+    /// The quota.
+    pub quota: Quota,
+    /// The threshold, in percent.
+    pub threshold: u8,
+    /// This month's use of the quota once the crossing record counted (whole for every quota
+    /// but cost).
+    pub used: Decimal,
+    /// The tier's limit.
+    pub limit: Decimal,
+    /// The month.
+    pub month: Month,
+    /// When the record that crossed the line was settled.
+    pub at: DateTime<Utc>,
+    /// The record that crossed the line.
+    pub record_id: u128,
+    /// The address mailed, when the email channel is used.
+    pub email: Option<String>,
+    /// The channels it goes out on (one outbox entry each).
+    pub channels: Vec<Channel>,
+}
+
+impl Alert {
+    /// The id of an alert: a digest of what it is about, so the same crossing always has the
+    /// same id.
+    pub fn make_id(user: &str, user_created: i64, month: Month, quota: Quota, threshold: u8) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            user,
+            &user_created.to_string(),
+            &month.to_string(),
+            quota.as_str(),
+            &threshold.to_string(),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        format!("alrt_{}", hex::encode(&h.finalize()[..16]))
+    }
+
+    /// The id of the alert's delivery on `channel` (`dlv_` and 32 hex digits): what receivers
+    /// deduplicate on (`x-gemini-meter-delivery`, the mail's `Message-ID`).
+    pub fn delivery_id(&self, channel: Channel) -> String {
+        let mut h = Sha256::new();
+        h.update(self.id.as_bytes());
+        h.update([0]);
+        h.update(channel.as_str().as_bytes());
+        format!("dlv_{}", hex::encode(&h.finalize()[..16]))
+    }
+
+    /// The webhook body of the contract: `event`, `id`, `user_id`, `tier`, `quota`,
+    /// `threshold`, `used`, `limit`, `month`, `at`. `used` and `limit` are JSON numbers for
+    /// messages, tokens and bytes, and exact decimal strings for cost (money is never a float).
+    pub fn body(&self) -> Value {
+        json!({
+            "event": "quota.threshold",
+            "id": self.id,
+            "user_id": &*self.user_id,
+            "tier": self.tier,
+            "quota": self.quota.as_str(),
+            "threshold": self.threshold,
+            "used": self.amount(self.used),
+            "limit": self.amount(self.limit),
+            "month": self.month.to_string(),
+            "at": rfc3339_ms(self.at),
+        })
+    }
+
+    /// An amount of this alert's quota as JSON (see [`Alert::body`]).
+    pub fn amount(&self, v: Decimal) -> Value {
+        match (self.quota, v.to_u64()) {
+            (Quota::Cost, _) | (_, None) => Value::String(v.normalize().to_string()),
+            (_, Some(n)) => Value::from(n),
+        }
+    }
+
+    fn to_stored(&self) -> Value {
+        json!({
+            "id": self.id,
+            "user_id": &*self.user_id,
+            "user_created": self.user_created,
+            "tier": self.tier,
+            "quota": self.quota.as_str(),
+            "threshold": self.threshold,
+            "used": self.used.normalize().to_string(),
+            "limit": self.limit.normalize().to_string(),
+            "month": self.month.to_string(),
+            "at": rfc3339_ms(self.at),
+            "record_id": format_id(self.record_id),
+            "email": self.email,
+            "channels": self.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+        })
+    }
+
+    fn from_stored(v: &Value) -> Option<Alert> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        Some(Alert {
+            id: s("id")?.to_string(),
+            user_id: Arc::from(s("user_id")?),
+            user_created: v.get("user_created")?.as_i64()?,
+            tier: s("tier")?.to_string(),
+            quota: Quota::parse(s("quota")?)?,
+            threshold: u8::try_from(v.get("threshold")?.as_u64()?).ok()?,
+            used: s("used")?.parse().ok()?,
+            limit: s("limit")?.parse().ok()?,
+            month: Month::parse(s("month")?)?,
+            at: parse_time(s("at")?)?,
+            record_id: parse_id(s("record_id")?)?,
+            email: s("email").map(str::to_string),
+            channels: v
+                .get("channels")?
+                .as_array()?
+                .iter()
+                .map(|c| c.as_str().and_then(Channel::parse))
+                .collect::<Option<Vec<_>>>()?,
+        })
+    }
+
+    /// The alert as the admin API lists it: the webhook body plus the record that crossed the
+    /// line and when the quota resets.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.body();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("event");
+            m.insert("record_id".into(), format_id(self.record_id).into());
+            m.insert("resets_at".into(), rfc3339(self.month.resets_at()).into());
+        }
+        v
+    }
+
+    fn fired_key(&self) -> Vec<u8> {
+        fired_key(self.month, &self.user_id, self.quota, self.threshold)
+    }
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// In the outbox, to be (re)tried at `next_attempt_at`.
+    Pending,
+    /// Accepted by the receiver.
+    Sent,
+    /// Given up (a day passed, or it can never succeed).
+    Failed,
+}
+
+impl DeliveryStatus {
+    /// The wire name (`pending`, `sent`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(DeliveryStatus::Pending),
+            "sent" => Some(DeliveryStatus::Sent),
+            "failed" => Some(DeliveryStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One alert on one channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Stable id ([`Alert::delivery_id`]).
+    pub id: String,
+    /// The channel.
+    pub channel: Channel,
+    /// Where it stands.
+    pub status: DeliveryStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due (pending deliveries).
+    pub next_attempt_at: DateTime<Utc>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it was sent or given up.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The alert.
+    pub alert: Alert,
+}
+
+impl Delivery {
+    /// A fresh outbox entry, due [`FIRST_ATTEMPT_DELAY`] after the alert.
+    pub fn new(alert: &Alert, channel: Channel) -> Self {
+        Delivery {
+            id: alert.delivery_id(channel),
+            channel,
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_attempt_at: alert.at + FIRST_ATTEMPT_DELAY,
+            last_error: None,
+            finished_at: None,
+            alert: alert.clone(),
+        }
+    }
+
+    /// The delivery as the admin API lists it (without the alert it belongs to).
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("channel".into(), self.channel.as_str().into());
+        m.insert("status".into(), self.status.as_str().into());
+        m.insert("attempts".into(), self.attempts.into());
+        if self.status == DeliveryStatus::Pending {
+            m.insert("next_attempt_at".into(), rfc3339_ms(self.next_attempt_at).into());
+        }
+        m.insert("last_error".into(), self.last_error.clone().into());
+        m.insert("finished_at".into(), self.finished_at.map(rfc3339_ms).into());
+        if self.channel == Channel::Email {
+            m.insert("to".into(), self.alert.email.clone().into());
+        }
+        Value::Object(m)
+    }
+
+    fn to_stored(&self) -> Value {
+        let mut v = self.to_json();
+        if let Some(m) = v.as_object_mut() {
+            m.insert("next_attempt_at".into(), rfc3339_ms(self.next_attempt_at).into());
+            m.insert("alert".into(), self.alert.to_stored());
+        }
+        v
+    }
+
+    fn from_stored(v: &Value) -> Option<Delivery> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        Some(Delivery {
+            id: s("id")?.to_string(),
+            channel: Channel::parse(s("channel")?)?,
+            status: DeliveryStatus::parse(s("status")?)?,
+            attempts: u32::try_from(v.get("attempts")?.as_u64()?).ok()?,
+            next_attempt_at: parse_time(s("next_attempt_at")?)?,
+            last_error: s("last_error").map(str::to_string),
+            finished_at: match s("finished_at") {
+                Some(t) => Some(parse_time(t)?),
+                None => None,
+            },
+            alert: Alert::from_stored(v.get("alert")?)?,
+        })
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&self.to_stored()).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    k.push(prefix);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(b'/');
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn fired_key(month: Month, user: &str, quota: Quota, threshold: u8) -> Vec<u8> {
+    let t = format!("{threshold:03}");
+    key(
+        FIRED,
+        &[
+            month.to_string().as_bytes(),
+            user.as_bytes(),
+            quota.as_str().as_bytes(),
+            t.as_bytes(),
+        ],
+    )
+}
+
+/// The prefix of the fired marks of a month, or of one user's in a month.
+fn fired_prefix(month: Month, user: Option<&str>) -> Vec<u8> {
+    let m = month.to_string();
+    let mut k = match user {
+        Some(u) => key(FIRED, &[m.as_bytes(), u.as_bytes()]),
+        None => key(FIRED, &[m.as_bytes()]),
+    };
+    k.push(b'/');
+    k
+}
+
+fn outbox_key(delivery_id: &str) -> Vec<u8> {
+    key(OUTBOX, &[delivery_id.as_bytes()])
+}
+
+fn done_key(d: &Delivery) -> Vec<u8> {
+    let a = &d.alert;
+    key(
+        DONE,
+        &[a.month.to_string().as_bytes(), a.user_id.as_bytes(), d.id.as_bytes()],
+    )
+}
+
+fn corrupt(k: &[u8]) -> StoreError {
+    StoreError::Corrupt(String::from_utf8_lossy(k).into_owned())
+}
+
+fn decode_alert(k: &[u8], v: &[u8]) -> Result<Alert, StoreError> {
+    let json: Value = serde_json::from_slice(v).map_err(|_| corrupt(k))?;
+    Alert::from_stored(&json).ok_or_else(|| corrupt(k))
+}
+
+fn decode_delivery(k: &[u8], v: &[u8]) -> Result<Delivery, StoreError> {
+    let json: Value = serde_json::from_slice(v).map_err(|_| corrupt(k))?;
+    Delivery::from_stored(&json).ok_or_else(|| corrupt(k))
+}
+
+/// Adds alerts to a batch being built by the recorder: for each, its fired mark and one outbox
+/// entry per channel. An alert whose mark is already on disk for the same user (created at the
+/// same time) is left out, so a mark is written once whatever memory believed.
+pub(super) fn stage(tree: &sled::Tree, batch: &mut sled::Batch, alerts: &[Alert]) -> Result<(), StoreError> {
+    let mut staged: HashSet<Vec<u8>> = HashSet::new();
+    for a in alerts {
+        let fk = a.fired_key();
+        if staged.contains(&fk) {
+            continue;
+        }
+        if let Some(old) = tree.get(&fk)?
+            && decode_alert(&fk, &old).is_ok_and(|o| o.user_created == a.user_created)
+        {
+            continue;
+        }
+        let json = serde_json::to_vec(&a.to_stored()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        batch.insert(fk.as_slice(), json);
+        for &ch in &a.channels {
+            let d = Delivery::new(a, ch);
+            batch.insert(outbox_key(&d.id), d.encode()?);
+        }
+        staged.insert(fk);
+    }
+    Ok(())
+}
+
+impl SledStore {
+    /// The fired alerts of a month, for everyone or one user, in key order (user, quota,
+    /// threshold). An entry that cannot be decoded is logged and skipped.
+    pub fn alerts(&self, month: Month, user: Option<&str>) -> Result<Vec<Alert>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.ledger_tree().scan_prefix(fired_prefix(month, user)) {
+            let (k, v) = kv?;
+            match decode_alert(&k, &v) {
+                Ok(a) => out.push(a),
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable alert"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every pending delivery (the outbox). An entry that cannot be decoded is logged and
+    /// skipped (it stays on disk for inspection; it cannot block the others).
+    pub fn alert_outbox(&self) -> Result<Vec<Delivery>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.ledger_tree().scan_prefix([OUTBOX]) {
+            let (k, v) = kv?;
+            match decode_delivery(&k, &v) {
+                Ok(d) => out.push(d),
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable alert delivery"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The delivery of `alert` on `channel`, pending or finished; `None` when there is none.
+    pub fn alert_delivery(&self, alert: &Alert, channel: Channel) -> Result<Option<Delivery>, StoreError> {
+        let id = alert.delivery_id(channel);
+        let tree = self.ledger_tree();
+        let ok = outbox_key(&id);
+        if let Some(v) = tree.get(&ok)? {
+            return decode_delivery(&ok, &v).map(Some);
+        }
+        let dk = key(
+            DONE,
+            &[
+                alert.month.to_string().as_bytes(),
+                alert.user_id.as_bytes(),
+                id.as_bytes(),
+            ],
+        );
+        match tree.get(&dk)? {
+            Some(v) => decode_delivery(&dk, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves a pending delivery after a failed attempt (attempts, next attempt, last error).
+    /// Does nothing when it is no longer in the outbox. Not flushed.
+    pub fn reschedule_delivery(&self, d: &Delivery) -> Result<(), StoreError> {
+        let k = outbox_key(&d.id);
+        let v = d.encode()?;
+        // Only the delivery worker writes outbox entries after the recorder created them, so
+        // this compare-and-swap fails only when the entry was finished meanwhile.
+        let tree = self.ledger_tree();
+        if let Some(cur) = tree.get(&k)? {
+            let _ = tree.compare_and_swap(&k, Some(cur), Some(v))?;
+        }
+        Ok(())
+    }
+
+    /// Moves a delivery out of the outbox into the delivery log (sent or failed), atomically.
+    /// Not flushed.
+    pub fn finish_delivery(&self, d: &Delivery) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(outbox_key(&d.id));
+        batch.insert(done_key(d), d.encode()?);
+        self.ledger_tree().apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn alert(quota: Quota, threshold: u8, used: Decimal, limit: Decimal) -> Alert {
+        let month = Month(202611);
+        Alert {
+            id: Alert::make_id("ann", 1_700_000_000, month, quota, threshold),
+            user_id: Arc::from("ann"),
+            user_created: 1_700_000_000,
+            tier: "free".into(),
+            quota,
+            threshold,
+            used,
+            limit,
+            month,
+            at: Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap(),
+            record_id: 42,
+            email: Some("ann@example.com".into()),
+            channels: vec![Channel::Webhook, Channel::Email],
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        let m = Month(202611);
+        let a = Alert::make_id("ann", 1, m, Quota::Messages, 80);
+        assert_eq!(a, Alert::make_id("ann", 1, m, Quota::Messages, 80));
+        assert!(a.starts_with("alrt_") && a.len() == 37, "{a}");
+        assert_ne!(a, Alert::make_id("ann", 1, m, Quota::Messages, 95));
+        assert_ne!(a, Alert::make_id("ann", 1, m, Quota::Tokens, 80));
+        assert_ne!(
+            a,
+            Alert::make_id("ann", 2, m, Quota::Messages, 80),
+            "a re-created user is a new user"
+        );
+        assert_ne!(a, Alert::make_id("ann", 1, m.next(), Quota::Messages, 80));
+        let al = alert(Quota::Messages, 80, Decimal::from(8), Decimal::from(10));
+        assert_ne!(al.delivery_id(Channel::Webhook), al.delivery_id(Channel::Email));
+    }
+
+    #[test]
+    fn body_has_exactly_the_contract_fields() {
+        let a = alert(Quota::Messages, 80, Decimal::from(8), Decimal::from(10));
+        let b = a.body();
+        let mut keys: Vec<&str> = b.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "at",
+                "event",
+                "id",
+                "limit",
+                "month",
+                "quota",
+                "threshold",
+                "tier",
+                "used",
+                "user_id"
+            ]
+        );
+        assert_eq!(b["event"], "quota.threshold");
+        assert_eq!(b["used"], 8);
+        assert_eq!(b["limit"], 10);
+        assert_eq!(b["threshold"], 80);
+        assert_eq!(b["month"], "2026-11");
+        assert_eq!(b["at"], "2026-11-28T10:00:00.000Z");
+        let c = alert(Quota::Cost, 95, "4.75".parse().unwrap(), "5.00".parse().unwrap());
+        assert_eq!(c.body()["used"], "4.75");
+        assert_eq!(c.body()["limit"], "5");
+    }
+
+    #[test]
+    fn stored_forms_round_trip() {
+        let a = alert(Quota::Cost, 95, "4.75".parse().unwrap(), "5".parse().unwrap());
+        assert_eq!(Alert::from_stored(&a.to_stored()), Some(a.clone()));
+        let mut d = Delivery::new(&a, Channel::Email);
+        d.attempts = 3;
+        d.last_error = Some("HTTP 503".into());
+        assert_eq!(Delivery::from_stored(&d.to_stored()), Some(d.clone()));
+        d.status = DeliveryStatus::Sent;
+        d.finished_at = Some(a.at);
+        assert_eq!(Delivery::from_stored(&d.to_stored()), Some(d));
+    }
+
+    #[test]
+    fn staging_writes_a_mark_once_and_an_entry_per_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = alert(Quota::Messages, 80, Decimal::from(8), Decimal::from(10));
+        store.write_batch(&[], &[a.clone(), a.clone()]).unwrap();
+        assert_eq!(store.alerts(a.month, Some("ann")).unwrap(), vec![a.clone()]);
+        assert_eq!(
+            store.alerts(a.month, Some("an")).unwrap(),
+            vec![],
+            "user prefixes do not leak"
+        );
+        let outbox = store.alert_outbox().unwrap();
+        assert_eq!(outbox.len(), 2);
+        // A second crossing of the same mark (memory lost it) is not staged again.
+        let mut again = a.clone();
+        again.used = Decimal::from(9);
+        let sent = {
+            let mut d = outbox[0].clone();
+            d.status = DeliveryStatus::Sent;
+            d
+        };
+        store.finish_delivery(&sent).unwrap();
+        store.write_batch(&[], &[again]).unwrap();
+        assert_eq!(
+            store.alert_outbox().unwrap().len(),
+            1,
+            "only the untouched entry is pending"
+        );
+        assert_eq!(store.alerts(a.month, None).unwrap()[0].used, Decimal::from(8));
+        let got = store.alert_delivery(&a, sent.channel).unwrap().unwrap();
+        assert_eq!(got.status, DeliveryStatus::Sent);
+        // The same user id created anew is a new user: its mark replaces the old one.
+        let mut reborn = a.clone();
+        reborn.user_created += 10;
+        reborn.id = Alert::make_id("ann", reborn.user_created, a.month, a.quota, a.threshold);
+        store.write_batch(&[], &[reborn.clone()]).unwrap();
+        assert_eq!(store.alerts(a.month, Some("ann")).unwrap(), vec![reborn]);
+    }
+}
