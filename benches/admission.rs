@@ -98,6 +98,19 @@ fn bench(c: &mut Criterion) {
             black_box(admit(&s.rt, &k, &ask, now).is_ok())
         })
     });
+    g.bench_function("identify_only", |b| {
+        b.iter(|| {
+            i = (i + 1) % s.keys.len();
+            black_box(s.registry.identify(&s.keys[i]).is_some())
+        })
+    });
+    let entries: Vec<_> = s.keys.iter().filter_map(|k| s.registry.identify(k)).collect();
+    g.bench_function("admit_only", |b| {
+        b.iter(|| {
+            i = (i + 1) % entries.len();
+            black_box(admit(&s.rt, &entries[i], &ask, now).is_ok())
+        })
+    });
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     g.bench_function(format!("identify_admit_{threads}_threads"), |b| {
         b.iter_custom(|iters| {
