@@ -63,4 +63,5 @@ async fn metrics_count_requests_refusals_and_tokens() {
     assert_eq!(value("gm_tokens_total"), tokens as f64);
     assert_eq!(value("gm_upstream_latency_seconds_count"), 1.0);
     assert_eq!(value("gm_open_streams"), 0.0);
+    assert_eq!(value("gm_alert_deliveries_pending"), 0.0);
 }

@@ -52,7 +52,43 @@ fn health(app: &App) -> Response<ProxyBody> {
 }
 
 fn metrics(app: &App) -> Response<ProxyBody> {
-    let text = app.metrics.render(&app.recorder.stats);
+    let mut text = app.metrics.render(&app.recorder.stats);
+    let a = &app.alerts.metrics;
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "gm_alerts_fired_total",
+            "counter",
+            "Quota alerts fired.",
+            load(&a.fired),
+        ),
+        (
+            "gm_alert_deliveries_sent_total",
+            "counter",
+            "Alert deliveries accepted by their receiver.",
+            load(&a.sent),
+        ),
+        (
+            "gm_alert_deliveries_failed_total",
+            "counter",
+            "Alert deliveries given up.",
+            load(&a.failed),
+        ),
+        (
+            "gm_alert_delivery_retries_total",
+            "counter",
+            "Failed alert delivery attempts (retried).",
+            load(&a.retries),
+        ),
+        (
+            "gm_alert_deliveries_pending",
+            "gauge",
+            "Alert deliveries in the outbox.",
+            load(&a.pending),
+        ),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    }
     let mut resp = Response::new(ProxyBody::full(text));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
