@@ -229,9 +229,9 @@ fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)>
     let mut warn: Option<(&str, u64)> = None;
     let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
         if let (Some(l), Some(lv)) = (limit, value) {
-            h.push((HeaderName::from_static(limit_header(name)), lv.clone()));
+            h.push((limit_header(name), lv.clone()));
             h.push((
-                HeaderName::from_static(remaining_header(name)),
+                remaining_header(name),
                 HeaderValue::from(l.saturating_sub(used)),
             ));
             let pct = used.saturating_mul(100).checked_div(l).unwrap_or(100);
@@ -246,8 +246,8 @@ fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)>
     if let Some(l) = tier.cost {
         let rem = (l - t.cost).max(Decimal::ZERO).normalize();
         if let (Some(lv), Ok(rv)) = (&tr.limit_values[3], HeaderValue::from_str(&rem.to_string())) {
-            h.push((HeaderName::from_static("x-quota-cost-limit"), lv.clone()));
-            h.push((HeaderName::from_static("x-quota-cost-remaining"), rv));
+            h.push((COST_LIMIT, lv.clone()));
+            h.push((COST_REMAINING, rv));
         }
         if l > Decimal::ZERO {
             let pct = (t.cost * Decimal::from(100) / l).floor();
@@ -260,23 +260,34 @@ fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)>
     if let Some((name, pct)) = warn
         && let Ok(v) = HeaderValue::from_str(&format!("{name} quota at {pct}%"))
     {
-        h.push((HeaderName::from_static("x-quota-warning"), v));
+        h.push((WARNING, v));
     }
     h
 }
 
-fn limit_header(name: &str) -> &'static str {
+// Header names are built once: `HeaderName::from_static` re-validates its input on every call.
+const MESSAGES_LIMIT: HeaderName = HeaderName::from_static("x-quota-messages-limit");
+const MESSAGES_REMAINING: HeaderName = HeaderName::from_static("x-quota-messages-remaining");
+const TOKENS_LIMIT: HeaderName = HeaderName::from_static("x-quota-tokens-limit");
+const TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-quota-tokens-remaining");
+const BYTES_LIMIT: HeaderName = HeaderName::from_static("x-quota-bytes-limit");
+const BYTES_REMAINING: HeaderName = HeaderName::from_static("x-quota-bytes-remaining");
+const COST_LIMIT: HeaderName = HeaderName::from_static("x-quota-cost-limit");
+const COST_REMAINING: HeaderName = HeaderName::from_static("x-quota-cost-remaining");
+const WARNING: HeaderName = HeaderName::from_static("x-quota-warning");
+
+fn limit_header(name: &str) -> HeaderName {
     match name {
-        "messages" => "x-quota-messages-limit",
-        "tokens" => "x-quota-tokens-limit",
-        _ => "x-quota-bytes-limit",
+        "messages" => MESSAGES_LIMIT,
+        "tokens" => TOKENS_LIMIT,
+        _ => BYTES_LIMIT,
     }
 }
 
-fn remaining_header(name: &str) -> &'static str {
+fn remaining_header(name: &str) -> HeaderName {
     match name {
-        "messages" => "x-quota-messages-remaining",
-        "tokens" => "x-quota-tokens-remaining",
-        _ => "x-quota-bytes-remaining",
+        "messages" => MESSAGES_REMAINING,
+        "tokens" => TOKENS_REMAINING,
+        _ => BYTES_REMAINING,
     }
 }
