@@ -230,10 +230,7 @@ fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)>
     let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
         if let (Some(l), Some(lv)) = (limit, value) {
             h.push((limit_header(name), lv.clone()));
-            h.push((
-                remaining_header(name),
-                HeaderValue::from(l.saturating_sub(used)),
-            ));
+            h.push((remaining_header(name), HeaderValue::from(l.saturating_sub(used))));
             let pct = used.saturating_mul(100).checked_div(l).unwrap_or(100);
             if pct >= 90 && warn.is_none_or(|(_, p)| pct > p) {
                 warn = Some((name, pct));
