@@ -414,6 +414,8 @@ async fn wait_ledger(g: &Gateway, key: &str) {
 
 /// Checks that /api/usage/current equals the sum of the user's records; returns the records.
 async fn assert_counters_equal_ledger(g: &Gateway, user: &str, key: &str) -> Vec<Value> {
+    // Counters move when a request settles; its record reaches disk a flush later.
+    wait_ledger(g, key).await;
     let cur = g.current(key).await;
     let recs = g.history(key).await;
     let want = sum_records(&recs);
