@@ -94,9 +94,15 @@ impl Harness {
             opts.api_key = Some(UPSTREAM_KEY.into());
         }
         let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+        let upstream = mock.addr;
+        Self::assemble(mock, upstream, extra).await
+    }
+
+    /// A gateway whose upstream is `upstream` (the mock still runs, for its counters).
+    async fn assemble(mock: MockServer, upstream: SocketAddr, extra: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
-        let text = base_config(mock.addr, &dir.path().join("data"), extra);
+        let text = base_config(upstream, &dir.path().join("data"), extra);
         std::fs::write(&config_path, &text).unwrap();
         let cfg = Config::load(&config_path).unwrap();
         let clock = Arc::new(SystemClock::default());
@@ -252,34 +258,7 @@ impl Harness {
             ..MockOptions::default()
         };
         let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("gemini-meter.toml");
-        let text = base_config(upstream, &dir.path().join("data"), extra);
-        std::fs::write(&config_path, &text).unwrap();
-        let cfg = Config::load(&config_path).unwrap();
-        let clock = Arc::new(SystemClock::default());
-        let env: HashMap<&str, &str> = [
-            ("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY),
-            ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN),
-        ]
-        .into();
-        let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
-        recorder.spawn().unwrap();
-        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let base = format!("http://{}", server.addr);
-        Harness {
-            mock,
-            app,
-            server: Some(server),
-            base,
-            dir,
-            config_path,
-            clock,
-            http: reqwest::Client::new(),
-        }
+        Self::assemble(mock, upstream, extra).await
     }
 
     /// Creates a user and issues a key, returning `(key, key_id)`.
