@@ -1,6 +1,7 @@
 //! Read speed with a big ledger (issue 5): 1M records for one user, 10M in all. Ignored by
 //! default (it writes ~10 GB); run with
-//! `GM_BIG_RECORDS=10000000 cargo test --release --test big_ledger -- --ignored --nocapture`.
+//! `GM_BIG_RECORDS=10000000 GM_BIG_HEAVY=1000000 cargo test --release --test big_ledger -- --ignored --nocapture`
+//! (`GM_BIG_HEAVY` is the one user's share, default a tenth).
 
 mod common;
 
@@ -38,7 +39,11 @@ async fn reads_stay_fast_with_a_big_ledger() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
-    let heavy_n = (total / 10).max(1);
+    let heavy_n: usize = std::env::var("GM_BIG_HEAVY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(total / 10)
+        .clamp(1, total);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let now = Utc::now();
