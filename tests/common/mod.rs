@@ -104,30 +104,8 @@ impl Harness {
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(upstream, &dir.path().join("data"), extra);
         std::fs::write(&config_path, &text).unwrap();
-        let cfg = Config::load(&config_path).unwrap();
         let clock = Arc::new(SystemClock::default());
-        let env: HashMap<&str, &str> = [
-            ("GM_TEST_UPSTREAM_KEY", UPSTREAM_KEY),
-            ("GM_TEST_ADMIN_TOKEN", ADMIN_TOKEN),
-        ]
-        .into();
-        let env = Arc::new(move |n: &str| env.get(n).map(|v| v.to_string()));
-        let (app, recorder) = App::open(cfg, Some(config_path.clone()), clock.clone(), env).unwrap();
-        recorder.spawn().unwrap();
-        let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let base = format!("http://{}", server.addr);
-        Harness {
-            mock,
-            app,
-            server: Some(server),
-            base,
-            dir,
-            config_path,
-            clock,
-            http: reqwest::Client::new(),
-        }
+        Self::open_on(mock, dir, config_path, clock, &[], false).await
     }
 
     /// Rewrites the config file (the watcher or /admin/reload picks it up).
@@ -309,8 +287,7 @@ impl Harness {
         let config_path = dir.path().join("gemini-meter.toml");
         let text = base_config(mock.addr, &dir.path().join("data"), extra);
         std::fs::write(&config_path, &text).unwrap();
-        let clock = Arc::new(SystemClock::default());
-        Self::open_alerting(mock, dir, config_path, clock, env).await
+        Self::open_on(mock, dir, config_path, Arc::new(SystemClock::default()), env, true).await
     }
 
     /// A restart: stops this gateway (drain, flush), drops it, and starts a new one with the
@@ -327,15 +304,18 @@ impl Harness {
             ..
         } = self;
         drop(app);
-        Self::open_alerting(mock, dir, config_path, clock, env).await
+        Self::open_on(mock, dir, config_path, clock, env, true).await
     }
 
-    async fn open_alerting(
+    /// Opens a gateway on an existing config file and data directory; `deliver` starts the
+    /// alert delivery task (as `serve` does).
+    async fn open_on(
         mock: MockServer,
         dir: tempfile::TempDir,
         config_path: PathBuf,
         clock: Arc<SystemClock>,
         env: &[(&str, &str)],
+        deliver: bool,
     ) -> Harness {
         let cfg = Config::load(&config_path).unwrap();
         // The previous gateway's last holders (recorder thread, delivery task) let go of the
@@ -353,7 +333,9 @@ impl Harness {
             }
         };
         recorder.spawn().unwrap();
-        gemini_meter::alerts::spawn_delivery(&app);
+        if deliver {
+            gemini_meter::alerts::spawn_delivery(&app);
+        }
         let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
