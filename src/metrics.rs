@@ -177,7 +177,7 @@ impl Metrics {
             "gm_upstream_ttfb_seconds",
             "Time to the first response body byte.",
         );
-        let gauges: [(&str, &str, f64); 4] = [
+        let gauges: [(&str, &str, f64); 5] = [
             (
                 "gm_recorder_queue_depth",
                 "Records waiting to be written.",
@@ -192,6 +192,11 @@ impl Metrics {
                 "gm_recorder_records_written_total",
                 "Records written to storage.",
                 rec.written.load(Relaxed) as f64,
+            ),
+            (
+                "gm_recorder_batches_total",
+                "Batches written to storage.",
+                rec.batches.load(Relaxed) as f64,
             ),
             (
                 "gm_storage_degraded",

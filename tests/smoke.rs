@@ -64,4 +64,7 @@ async fn metrics_count_requests_refusals_and_tokens() {
     assert_eq!(value("gm_upstream_latency_seconds_count"), 1.0);
     assert_eq!(value("gm_open_streams"), 0.0);
     assert_eq!(value("gm_alert_deliveries_pending"), 0.0);
+    assert!(value("gm_recorder_batches_total") >= 1.0);
+    // The admin calls above (create user, issue key) count as "api" requests.
+    assert!(value("gm_requests_total{route=\"api\",status=\"2xx\"}") >= 2.0);
 }

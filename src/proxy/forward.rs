@@ -22,7 +22,6 @@ use crate::error::ApiError;
 use crate::identity::KeyEntry;
 use crate::ledger::{Record, RecordKind};
 use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
-use crate::metering::pricing::upload_cost;
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
 
@@ -371,14 +370,14 @@ async fn forward_inner(
             ProxyBody::stream(rbody)
         }
         Route::UploadChunk { ref upload_id } => {
-            record_upload(app, &key, &rparts, &tally, tags, Some(upload_id));
+            super::upload::record_upload(app, &key, &rparts, &tally, tags, Some(upload_id));
             if rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) == Some("final") {
                 app.uploads.remove(upload_id);
             }
             ProxyBody::stream(rbody)
         }
         Route::UploadOther => {
-            record_upload(app, &key, &rparts, &tally, tags, None);
+            super::upload::record_upload(app, &key, &rparts, &tally, tags, None);
             ProxyBody::stream(rbody)
         }
         _ => ProxyBody::stream(rbody),
@@ -448,48 +447,4 @@ fn upstream_error(e: &hyper_util::client::legacy::Error) -> ApiError {
     } else {
         ApiError::upstream_unavailable("the upstream connection failed before it answered.")
     }
-}
-
-/// Records the file bytes of an upload request the upstream accepted.
-fn record_upload(
-    app: &Arc<App>,
-    key: &Arc<KeyEntry>,
-    rparts: &http::response::Parts,
-    tally: &RequestTally,
-    tags: Option<Map<String, Value>>,
-    upload_id: Option<&str>,
-) {
-    let sent = tally.bytes.load(Ordering::Relaxed);
-    let ok = rparts.status.is_success();
-    let bytes = if ok { sent } else { 0 };
-    let now = app.clock.now();
-    let rt = app.live.load();
-    let mut md = Map::new();
-    md.insert("upstream_status".into(), rparts.status.as_u16().into());
-    md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
-    md.insert("bytes_sent".into(), sent.into());
-    md.insert("key_id".into(), (&*key.key_id).into());
-    if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
-        md.insert("upload_status".into(), s.into());
-    }
-    if let Some(id) = upload_id {
-        // The upload id is a bearer capability: keep only a fingerprint of it.
-        let fp = hex::encode(&crate::identity::hash_key(id)[..8]);
-        md.insert("upload_session".into(), fp.into());
-    }
-    if let Some(t) = tags {
-        md.insert("tags".into(), Value::Object(t));
-    }
-    let rec = Record {
-        id: app.ids.next(now),
-        user_id: key.user.id.clone(),
-        kind: RecordKind::FileUpload,
-        tokens: 0,
-        messages: 0,
-        bytes,
-        cost: upload_cost(&rt.config.pricing, bytes),
-        metadata: md,
-        created_at: now,
-    };
-    app.settle_record(&key.user, rec, false);
 }

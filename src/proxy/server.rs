@@ -26,7 +26,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     if is_proxied(req.uri().path()) {
         Ok(forward(app, req).await)
     } else {
-        Ok(api::route(app, req).await)
+        let resp = api::route(app.clone(), req).await;
+        app.metrics
+            .request(crate::metrics::route_index("api"), resp.status().as_u16());
+        Ok(resp)
     }
 }
 

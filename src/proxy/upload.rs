@@ -1,15 +1,21 @@
 //! Resumable upload sessions started through the gateway: which key started each one, so that
 //! chunk requests (python-genai sends them without a key) are billed to the right user.
 //! Sessions are also kept in sled (under a hash of the upload id, which is a bearer
-//! capability), so an upload survives a restart of the gateway.
+//! capability), so an upload survives a restart of the gateway. Billing of the bytes an upload
+//! request sent upstream lives here too.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use super::body::RequestTally;
+use crate::app::App;
 use crate::identity::{KeyEntry, Registry, hash_key};
+use crate::ledger::{Record, RecordKind};
+use crate::metering::pricing::upload_cost;
 
 /// Sessions older than this are forgotten (Gemini keeps uploads for 48 hours at most).
 const SESSION_TTL: Duration = Duration::from_secs(48 * 3600);
@@ -118,6 +124,50 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
         .filter(|r| r.starts_with('/'))
         .unwrap_or(path_and_query);
     Some(format!("{}{}", public.trim_end_matches('/'), rest))
+}
+
+/// Records the file bytes of an upload request the upstream accepted.
+pub fn record_upload(
+    app: &Arc<App>,
+    key: &Arc<KeyEntry>,
+    rparts: &http::response::Parts,
+    tally: &RequestTally,
+    tags: Option<Map<String, Value>>,
+    upload_id: Option<&str>,
+) {
+    let sent = tally.bytes.load(Ordering::Relaxed);
+    let ok = rparts.status.is_success();
+    let bytes = if ok { sent } else { 0 };
+    let now = app.clock.now();
+    let rt = app.live.load();
+    let mut md = Map::new();
+    md.insert("upstream_status".into(), rparts.status.as_u16().into());
+    md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
+    md.insert("bytes_sent".into(), sent.into());
+    md.insert("key_id".into(), (&*key.key_id).into());
+    if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
+        md.insert("upload_status".into(), s.into());
+    }
+    if let Some(id) = upload_id {
+        // The upload id is a bearer capability: keep only a fingerprint of it.
+        let fp = hex::encode(&hash_key(id)[..8]);
+        md.insert("upload_session".into(), fp.into());
+    }
+    if let Some(t) = tags {
+        md.insert("tags".into(), Value::Object(t));
+    }
+    let rec = Record {
+        id: app.ids.next(now),
+        user_id: key.user.id.clone(),
+        kind: RecordKind::FileUpload,
+        tokens: 0,
+        messages: 0,
+        bytes,
+        cost: upload_cost(&rt.config.pricing, bytes),
+        metadata: md,
+        created_at: now,
+    };
+    app.settle_record(&key.user, rec, false);
 }
 
 #[cfg(test)]
