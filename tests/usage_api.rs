@@ -21,6 +21,13 @@ async fn get(h: &Harness, path: &str, key: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// GET an admin route (admin token), expecting 200; the body as text.
+async fn admin_get(h: &Harness, path: &str) -> String {
+    let r = h.admin(reqwest::Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.text().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_pages_have_no_gaps_or_repeats_and_stay_per_user() {
     let h = Harness::start("").await;
@@ -119,14 +126,7 @@ async fn daily_and_export_add_up_to_the_ledger_exactly() {
 
     // CSV export: the contract's header, one row per record, exact cost sum.
     let month = chrono::Utc::now().format("%Y-%m").to_string();
-    let csv = h
-        .admin(reqwest::Method::GET, &format!("/admin/export?month={month}&format=csv"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = admin_get(&h, &format!("/admin/export?month={month}&format=csv")).await;
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
@@ -166,14 +166,8 @@ async fn daily_and_export_add_up_to_the_ledger_exactly() {
     assert_eq!(sum, ledger_cost);
 
     // Month summary and per-model analytics agree with the ledger too.
-    let s: Value = h
-        .admin(reqwest::Method::GET, &format!("/admin/analytics/summary?month={month}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value =
+        serde_json::from_str(&admin_get(&h, &format!("/admin/analytics/summary?month={month}")).await).unwrap();
     assert_eq!(Decimal::from_str(s["cost"].as_str().unwrap()).unwrap(), ledger_cost);
     assert_eq!(s["tokens"].as_u64().unwrap(), ledger_tokens);
     assert_eq!(s["active_users"], 2);
