@@ -115,11 +115,20 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let svc = service_fn(move |req| handle(app.clone(), req));
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_bytes = cfg.header_read_timeout;
         conns.spawn(async move {
-            let _ = conn.await;
+            // Telling HTTP/1 from h2c waits for the first bytes with no timer of its own, so a
+            // connection that never sends anything would hold a slot forever.
+            let mut probe = [0u8; 1];
+            if !matches!(tokio::time::timeout(first_bytes, stream.peek(&mut probe)).await, Ok(Ok(n)) if n > 0) {
+                drop(permit);
+                return;
+            }
+            let svc = service_fn(move |req| handle(app.clone(), req));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn).await;
             drop(permit);
         });
     }
