@@ -185,7 +185,7 @@ async fn reads_stay_fast_with_a_big_ledger() {
             heavy_n / 2,
         )
         .unwrap();
-    let cursor = mid.last().unwrap().id_string();
+    let cursor = gemini_meter::ledger::store::format_cursor(mid.last().unwrap().0);
     println!(
         "history deep page (50): {}",
         time_n(format!("{base}/api/usage/history?limit=50&cursor={cursor}"), false).await

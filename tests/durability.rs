@@ -1170,7 +1170,10 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Measures (does not assert) writing 1,000,000 records and the start-up cost of a store that
-/// holds them. Run: `cargo test --release --test durability -- --ignored --nocapture`.
+/// holds them. Run: `cargo test --release --test durability -- --ignored --nocapture`
+/// (GM_RESTART_RECORDS, GM_RESTART_USERS and GM_RESTART_DAYS set the shape). The store is
+/// dropped, not snapshotted: sled writes its snapshot only at open, so the first restart pays
+/// for every aggregate write since, as after a `kill -9`.
 #[test]
 #[ignore]
 fn measure_restart_time_with_a_million_records() {
@@ -1182,8 +1185,11 @@ fn measure_restart_time_with_a_million_records() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     const BATCH: usize = 10_000;
-    const USERS: usize = 1_000;
+    // Users and the days the records spread over (each user-day is an aggregate key).
+    let users = env("GM_RESTART_USERS", 1_000);
+    let days = env("GM_RESTART_DAYS", 1) as i64;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
     let now = Utc::now();
@@ -1191,7 +1197,7 @@ fn measure_restart_time_with_a_million_records() {
     {
         let store = SledStore::open(&path).unwrap();
         let reg = Registry::load(store.clone(), month).unwrap();
-        for u in 0..USERS {
+        for u in 0..users {
             reg.create_user(&format!("user{u}"), "free", None, now, month).unwrap();
         }
         let ids = RecordIds::new();
@@ -1201,7 +1207,8 @@ fn measure_restart_time_with_a_million_records() {
         while written < total {
             let batch: Vec<Record> = (written..written + BATCH)
                 .map(|i| {
-                    let at = now - chrono::Duration::milliseconds((total - i) as i64);
+                    let step = (days * 86_400_000 / total as i64).max(1);
+                    let at = now - chrono::Duration::milliseconds((total - i) as i64 * step);
                     let ai = i % 2 == 1;
                     let metadata = if ai {
                         json!({"model": "gemini-2.5-flash", "prompt_tokens": 12, "output_tokens": 15, "thoughts_tokens": 0,
@@ -1213,7 +1220,7 @@ fn measure_restart_time_with_a_million_records() {
                     };
                     Record {
                         id: ids.next(at),
-                        user_id: Arc::from(format!("user{}", (i / 2) % USERS)),
+                        user_id: Arc::from(format!("user{}", (i / 2) % users)),
                         kind: if ai { RecordKind::AiResponse } else { RecordKind::MessageSent },
                         tokens: if ai { 27 } else { 0 },
                         messages: u64::from(!ai),
@@ -1243,7 +1250,7 @@ fn measure_restart_time_with_a_million_records() {
             sorted[sorted.len() - 1]
         );
         println!(
-            "wrote {total} records in {secs:.2} s: {:.0} records/s (batches of {BATCH}, one flush at the end)",
+            "wrote {total} records ({users} users, {days} days) in {secs:.2} s: {:.0} records/s (batches of {BATCH}, one flush at the end)",
             total as f64 / secs
         );
         println!("size_on_disk {} bytes", store.size_on_disk());

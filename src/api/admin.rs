@@ -18,8 +18,7 @@ use crate::app::App;
 use crate::clock::{Month, rfc3339};
 use crate::error::{ApiError, json_response};
 use crate::identity::{IdentityError, valid_user_id};
-use crate::ledger::record::parse_id;
-use crate::ledger::store::RecordFilter;
+use crate::ledger::store::{RecordFilter, parse_cursor};
 use crate::ledger::{RecordKind, Totals};
 use crate::metering::observer::BoxError;
 use crate::proxy::body::ProxyBody;
@@ -300,8 +299,8 @@ fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>
         },
         from: time("from")?,
         to: time("to")?,
-        before: match q.get("cursor").filter(|c| !c.is_empty()) {
-            Some(c) => Some(parse_id(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
+        cursor: match q.get("cursor").filter(|c| !c.is_empty()) {
+            Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
             None => None,
         },
     };

@@ -15,8 +15,7 @@ use crate::clock::{Month, rfc3339};
 use crate::error::{ApiError, json_response};
 use crate::identity::{KeyEntry, User};
 use crate::ledger::Totals;
-use crate::ledger::record::parse_id;
-use crate::ledger::store::RecordFilter;
+use crate::ledger::store::{RecordFilter, format_cursor, parse_cursor};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::caller_key;
 
@@ -89,12 +88,12 @@ fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<P
     let q = query_map(req);
     let limit = bounded(&q, "limit", 50, 500)?;
     let before = match q.get("cursor").filter(|c| !c.is_empty()) {
-        Some(c) => Some(parse_id(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
         None => None,
     };
     let f = RecordFilter {
         user_id: Some(user.id.to_string()),
-        before,
+        cursor: before,
         ..Default::default()
     };
     let page = records_page(app, &f, limit)?;
@@ -103,15 +102,19 @@ fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<P
 
 /// One page of records, newest first, with the cursor of the next page.
 pub fn records_page(app: &App, f: &RecordFilter, limit: usize) -> Result<Value, ApiError> {
-    let mut recs = app
-        .store
-        .records(f, limit + 1)
-        .map_err(|e| ApiError::internal(format!("storage: {e}")))?;
-    let more = recs.len() > limit;
+    let mut recs = app.store.records(f, limit + 1).map_err(|e| match e {
+        crate::ledger::StoreError::BadCursor => ApiError::bad_request("cursor is not valid"),
+        e => ApiError::internal(format!("storage: {e}")),
+    })?;
+    // One record past the page says there is more, and its position starts the next page.
+    let next = if recs.len() > limit {
+        recs.get(limit).map(|(pos, _)| format_cursor(*pos))
+    } else {
+        None
+    };
     recs.truncate(limit);
-    let next = if more { recs.last().map(|r| r.id_string()) } else { None };
     Ok(json!({
-        "data": recs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "data": recs.iter().map(|(_, r)| r.to_json()).collect::<Vec<_>>(),
         "next_cursor": next,
     }))
 }
@@ -205,23 +208,18 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
             complete = false;
             break;
         }
-        let page = app.store.records(&f, want).map_err(storage)?;
-        for r in &page {
+        let page = app.store.records(&f, want + 1).map_err(storage)?;
+        for (_, r) in page.iter().take(want) {
             by_model
                 .entry(r.model().map(str::to_string))
                 .or_default()
                 .add(&Totals::of(r));
         }
-        scanned += page.len();
-        match page.last() {
-            Some(last) if page.len() == want => f.before = Some(last.id),
-            _ => break,
+        scanned += page.len().min(want);
+        match page.get(want) {
+            Some((pos, _)) => f.cursor = Some(*pos),
+            None => break,
         }
-    }
-    if !complete {
-        // Exactly at the limit with nothing left is still complete.
-        f.before = f.before.or(Some(u128::MAX));
-        complete = app.store.records(&f, 1).map_err(storage)?.is_empty();
     }
     let mut models: Vec<(Option<String>, Totals)> = by_model.into_iter().collect();
     models.sort_by(|a, b| {

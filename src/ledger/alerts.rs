@@ -1,8 +1,9 @@
 //! Quota alerts in the ledger tree: fired marks, the outbox and the delivery log.
 //!
-//! An alert is written by the recorder in the same `apply_batch` as the usage record that
-//! crossed its threshold ([`SledStore::write_batch`]): the fired mark and one outbox entry per
-//! channel appear on disk together with that record, or not at all. Three key prefixes of the
+//! An alert is written by the recorder in the log frame of the usage record that crossed its
+//! threshold, and staged into sled in the batch that applies that record's aggregates (again on
+//! replay after a crash): the fired mark and one outbox entry per channel exist exactly when the
+//! record does. Three key prefixes of the
 //! ledger tree (see the table in [`super::store`]):
 //!
 //! | prefix | key | value |
@@ -435,6 +436,32 @@ fn decode_alert(k: &[u8], v: &[u8]) -> Result<Alert, StoreError> {
 fn decode_delivery(k: &[u8], v: &[u8]) -> Result<Delivery, StoreError> {
     let json: Value = serde_json::from_slice(v).map_err(|_| corrupt(k))?;
     Delivery::from_stored(&json).ok_or_else(|| corrupt(k))
+}
+
+/// The alerts fired by one record, as written in its log frame (empty when none).
+pub(super) fn encode_alerts(alerts: &[Alert]) -> Vec<u8> {
+    if alerts.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<Value> = alerts.iter().map(Alert::to_stored).collect();
+    serde_json::to_vec(&list).unwrap_or_default()
+}
+
+/// Reads [`encode_alerts`] back; an entry that cannot be decoded is logged and skipped.
+pub(super) fn decode_alerts(bytes: &[u8]) -> Vec<Alert> {
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<Value> = serde_json::from_slice(bytes).unwrap_or_default();
+    list.iter()
+        .filter_map(|v| {
+            let a = Alert::from_stored(v);
+            if a.is_none() {
+                tracing::error!("undecodable alert in the record log; skipped");
+            }
+            a
+        })
+        .collect()
 }
 
 /// Adds alerts to a batch being built by the recorder: for each, its fired mark and one outbox

@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod counters;
+pub mod log;
 pub mod record;
 pub mod recorder;
 pub mod store;

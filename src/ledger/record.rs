@@ -44,7 +44,8 @@ impl RecordKind {
 /// A usage record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// Unique, time-sortable id.
+    /// Unique, time-sortable id; the recorder stamps it again in log order, so id order is
+    /// history order.
     pub id: u128,
     /// The user billed.
     pub user_id: Arc<str>,
@@ -83,6 +84,39 @@ impl Record {
     /// The id as rendered in APIs: 32 lowercase hex digits (sorts as the time it encodes).
     pub fn id_string(&self) -> String {
         format_id(self.id)
+    }
+
+    /// Writes [`Record::to_json`]'s bytes (same keys, same order) without building a `Value`:
+    /// the recorder serializes every record, and cloning the metadata map dominated that.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        // Field order is serde_json's map order (sorted), as `to_json` produces.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            bytes: u64,
+            cost: String,
+            created_at: String,
+            id: String,
+            messages: u64,
+            metadata: &'a Map<String, Value>,
+            tokens: u64,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            user_id: &'a str,
+        }
+        serde_json::to_writer(
+            out,
+            &Out {
+                bytes: self.bytes,
+                cost: self.cost.normalize().to_string(),
+                created_at: rfc3339_ms(self.created_at),
+                id: self.id_string(),
+                messages: self.messages,
+                metadata: &self.metadata,
+                tokens: self.tokens,
+                kind: self.kind.as_str(),
+                user_id: &self.user_id,
+            },
+        )
     }
 
     /// The JSON form used by the APIs and stored on disk.
@@ -144,6 +178,8 @@ pub fn id_time(id: u128) -> DateTime<Utc> {
 pub struct RecordIds {
     node: u128,
     seq: AtomicU64,
+    /// The newest millisecond issued by [`RecordIds::next_in_order`].
+    last_ms: AtomicU64,
 }
 
 impl RecordIds {
@@ -160,12 +196,26 @@ impl RecordIds {
         Self {
             node,
             seq: AtomicU64::new(seq),
+            last_ms: AtomicU64::new(0),
         }
     }
 
     /// The next id, stamped with `at`.
     pub fn next(&self, at: DateTime<Utc>) -> u128 {
         let ms = (at.timestamp_millis().max(0) as u128) & ((1 << 48) - 1);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) as u128;
+        (ms << 80) | (self.node << 64) | seq
+    }
+}
+
+impl RecordIds {
+    /// The next id, stamped with `at` or, if later, the newest time this generator stamped: ids
+    /// issued in a row by one caller only grow, even when the times they stand for do not (the
+    /// recorder stamps records in log order, so id order is history order).
+    pub fn next_in_order(&self, at: DateTime<Utc>) -> u128 {
+        let ms = (at.timestamp_millis().max(0) as u64) & ((1 << 48) - 1);
+        let prev = self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        let ms = ms.max(prev) as u128;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) as u128;
         (ms << 80) | (self.node << 64) | seq
     }
@@ -213,6 +263,9 @@ mod tests {
                 .with_timezone(&Utc),
         };
         let back = Record::from_json(&r.to_json()).unwrap();
+        let mut direct = Vec::new();
+        r.write_json(&mut direct).unwrap();
+        assert_eq!(direct, serde_json::to_vec(&r.to_json()).unwrap());
         assert_eq!(back, r);
         assert_eq!(r.to_json()["cost"], "0.0011912");
     }

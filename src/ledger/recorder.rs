@@ -1,10 +1,11 @@
 //! The recorder: a background thread that writes records to the store in batches.
 //!
 //! The hot path hands records over a channel and never waits. The thread (its own OS thread,
-//! since sled's writes and fsyncs block and must not stall the async workers) takes whatever has
-//! queued up, writes it as one atomic batch (records plus aggregates), flushes, and repeats: a
-//! record reaches disk within one flush of being handed over, and under load batches grow on
-//! their own. A failing write is retried with backoff, never dropped.
+//! since file writes and fsyncs block and must not stall the async workers) takes whatever has
+//! queued up, appends it to the record log with one write and one fsync, then applies its
+//! aggregates to sled in one atomic batch, and repeats: a record reaches disk within one fsync
+//! of being handed over, and under load batches grow on their own. A failing write is retried
+//! with backoff, never dropped; each step is retried alone, so nothing is written twice.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -15,7 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::alerts::Alert;
-use super::record::Record;
+use super::record::{Record, RecordIds};
 use super::store::{SledStore, StoreError};
 
 /// Largest batch written at once.
@@ -127,6 +128,8 @@ impl RecorderHandle {
 /// The recorder task.
 pub struct Recorder {
     store: SledStore,
+    /// Stamps records in log order (see [`RecordIds::next_in_order`]).
+    ids: RecordIds,
     rx: mpsc::UnboundedReceiver<Msg>,
     stats: Arc<RecorderStats>,
 }
@@ -139,6 +142,7 @@ impl Recorder {
         (
             Recorder {
                 store,
+                ids: RecordIds::new(),
                 rx,
                 stats: stats.clone(),
             },
@@ -155,8 +159,7 @@ impl Recorder {
 
     /// Runs until every handle is dropped and the queue is drained (blocking).
     pub fn run(mut self) {
-        let mut buf: Vec<Record> = Vec::with_capacity(1024);
-        let mut alerts: Vec<Alert> = Vec::new();
+        let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
         let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.rx.blocking_recv() {
@@ -164,10 +167,9 @@ impl Recorder {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Record(r) => buf.push(*r),
+                    Msg::Record(r) => buf.push((*r, Vec::new())),
                     Msg::Alerted(r, a, done) => {
-                        buf.push(*r);
-                        alerts.extend(a);
+                        buf.push((*r, a));
                         on_disk.push(done);
                     }
                     Msg::Barrier(b) => barriers.push(b),
@@ -183,10 +185,16 @@ impl Recorder {
                 next = self.rx.try_recv().ok();
             }
             if !buf.is_empty() {
-                self.write(&buf, &alerts);
+                for (rec, alerts) in &mut buf {
+                    let id = self.ids.next_in_order(rec.created_at);
+                    for a in alerts.iter_mut().filter(|a| a.record_id == rec.id) {
+                        a.record_id = id;
+                    }
+                    rec.id = id;
+                }
+                self.write(&buf);
                 self.stats.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
                 buf.clear();
-                alerts.clear();
                 for done in on_disk.drain(..) {
                     let _ = done.try_send(());
                 }
@@ -219,25 +227,24 @@ impl Recorder {
         }
     }
 
-    /// Writes one batch, retrying until it is applied and flushed. Applying twice would double
-    /// the aggregates, so the apply and the flush are retried separately.
-    fn write(&self, batch: &[Record], alerts: &[Alert]) {
+    /// Writes one batch: appended to the log and synced (retried until it is), then applied to
+    /// the aggregates (retried alone: appending again would record the batch twice).
+    fn write(&self, batch: &[(Record, Vec<Alert>)]) {
         let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.store.write_batch(batch, alerts) {
-                Ok(()) => break,
+        let t0 = Instant::now();
+        let (positions, end) = loop {
+            match self.store.append(batch) {
+                Ok(a) => break a,
                 Err(e) => self.failed(&e, &mut backoff),
             }
-        }
+        };
+        self.stats
+            .last_flush_us
+            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         loop {
-            let t0 = Instant::now();
-            match self.store.flush_sync() {
-                Ok(()) => {
-                    self.stats
-                        .last_flush_us
-                        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    break;
-                }
+            let items = batch.iter().zip(positions.iter()).map(|((r, a), p)| (*p, r, &a[..]));
+            match self.store.apply(items, end) {
+                Ok(()) => break,
                 Err(e) => self.failed(&e, &mut backoff),
             }
         }

@@ -1,13 +1,20 @@
-//! The sled store: users, keys, the ledger and its aggregates.
+//! The store: the record log (every usage record, see [`super::log`]) and sled (users, keys,
+//! upload sessions, alerts, and the aggregates the records add up to).
 //!
-//! The ledger tree holds every record and every aggregate the records add up to, under key
-//! prefixes, so that one `apply_batch` (atomic within a tree) writes a batch of records together
-//! with the totals they change: after a crash, aggregates and ledger never disagree.
+//! A batch of records is appended to the log and synced first; then its aggregates are applied
+//! to sled in one atomic batch together with the log position they reach (`P`). sled is not
+//! flushed for every batch: after a crash, whatever part of the log lies past the `P` sled kept
+//! is applied again at open, so aggregates and ledger never disagree and sled's own recovery
+//! stays small (sled replays what was written since its last open; keeping records out of it
+//! is what keeps restarts short).
+//!
+//! Keys of the `ledger` tree:
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
-//! | `r` | record id (16 bytes, big-endian) | record JSON |
-//! | `u` | user `/` record id | empty (per-user index, newest last) |
+//! | `P` | | log position up to which aggregates are applied (u64) |
+//! | `h` | user | log positions of the user's newest record, overall and per type (4 x u64) |
+//! | `L` | segment start (u64) | oldest and newest record time in that segment (2 x i64 ms) |
 //! | `a` | `YYYY-MM` `/` user | [`Totals`] of the user's month |
 //! | `d` | user `/` `YYYY-MM-DD` `/` type | [`Totals`] of a user's day |
 //! | `g` | `YYYY-MM-DD` `/` type | [`Totals`] of a day, all users |
@@ -19,19 +26,28 @@
 //! | `O` | delivery id | a pending alert delivery (the outbox): [`Delivery`](super::alerts::Delivery) JSON |
 //! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished alert delivery (sent or failed) |
 //!
-//! `F` and `O` are written in the batch of the record that crossed the threshold (see
+//! `F` and `O` are staged in the batch of the record that crossed the threshold (see
 //! [`super::alerts`]), so an alert exists on disk exactly when the usage that caused it does.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde_json::Value;
 
 use super::alerts::Alert;
+use super::log::{Links, LogError, NONE, RecordLog};
 use super::record::{Record, RecordKind};
 use super::totals::Totals;
 use crate::clock::Month;
+
+/// Key of the log position the aggregates reach.
+const APPLIED: u8 = b'P';
+/// Prefix of a user's chain heads.
+const HEADS: u8 = b'h';
+/// Prefix of a segment's time span.
+const SPAN: u8 = b'L';
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +61,18 @@ pub enum StoreError {
     /// sled failed.
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    /// The record log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// A stored value could not be decoded.
     #[error("corrupt stored value under {0}")]
     Corrupt(String),
+    /// A cursor that this store never gave out.
+    #[error("cursor is not valid")]
+    BadCursor,
 }
 
-/// The embedded sled store.
+/// The embedded store: the record log and sled.
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
@@ -58,11 +80,21 @@ pub struct SledStore {
     users: sled::Tree,
     keys: sled::Tree,
     meta: sled::Tree,
+    log: Arc<RecordLog>,
 }
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+/// Which of a user's chain heads a type uses (0 is the chain of all types).
+fn kind_slot(k: RecordKind) -> usize {
+    match k {
+        RecordKind::MessageSent => 1,
+        RecordKind::AiResponse => 2,
+        RecordKind::FileUpload => 3,
     }
 }
 
@@ -85,28 +117,11 @@ fn join(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-/// Key of a record.
-fn rec_key(id: u128) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = b'r';
-    k[1..].copy_from_slice(&id.to_be_bytes());
+fn span_key(segment: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = SPAN;
+    k[1..].copy_from_slice(&segment.to_be_bytes());
     k
-}
-
-fn user_idx_prefix(user: &str) -> Vec<u8> {
-    let mut k = join(b'u', &[user.as_bytes()]);
-    k.push(b'/');
-    k
-}
-
-fn user_idx_key(user: &str, id: u128) -> Vec<u8> {
-    let mut k = user_idx_prefix(user);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-fn day_string(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d").to_string()
 }
 
 /// Filters for listing records.
@@ -120,8 +135,21 @@ pub struct RecordFilter {
     pub from: Option<DateTime<Utc>>,
     /// Only records created before this time.
     pub to: Option<DateTime<Utc>>,
-    /// Only records with an id below this one (the cursor).
-    pub before: Option<u128>,
+    /// Start at this record (a cursor from an earlier page), newest first from there.
+    pub cursor: Option<u64>,
+}
+
+/// Renders a page cursor (a log position).
+pub fn format_cursor(pos: u64) -> String {
+    format!("{pos:016x}")
+}
+
+/// Parses a page cursor.
+pub fn parse_cursor(s: &str) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok().filter(|p| *p != NONE)
 }
 
 /// One row of a per-day breakdown.
@@ -136,18 +164,18 @@ pub struct DayRow {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `path`. A second process on the same path gets
-    /// [`StoreError::Locked`].
+    /// Opens (or creates) the store in `path`, applying any part of the record log that sled
+    /// had not kept. A second process on the same path gets [`StoreError::Locked`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, 256 * 1024 * 1024)
+        Self::open_with_cache(path, 64 * 1024 * 1024)
     }
 
-    /// Opens the store with a page cache of `cache_bytes`.
+    /// Opens the store with a sled page cache of `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            // The recorder flushes after each batch; sled's own timer would only add I/O.
-            .flush_every_ms(None)
+            // The log is what makes a record durable; sled's flush only bounds the replay.
+            .flush_every_ms(Some(1000))
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| match e {
@@ -160,16 +188,73 @@ impl SledStore {
                 }
                 other => StoreError::Sled(other),
             })?;
-        Ok(Self {
+        // Opened after sled, whose file lock keeps a second process out of the log too.
+        let log = RecordLog::open(&path.join("records"))?;
+        let store = Self {
             ledger: db.open_tree("ledger")?,
             users: db.open_tree("users")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
             db,
-        })
+            log: Arc::new(log),
+        };
+        store.replay()?;
+        Ok(store)
     }
 
-    /// Flushes everything written so far to disk.
+    /// Applies the log past the position sled's aggregates reached (after a crash).
+    fn replay(&self) -> Result<(), StoreError> {
+        let from = match self.ledger.get([APPLIED])? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("P".into()))?),
+            None => self.log.first(),
+        };
+        let started = std::time::Instant::now();
+        let mut chunk: Vec<(u64, Record, Vec<Alert>)> = Vec::new();
+        let mut chunk_end = from;
+        let mut replayed = 0u64;
+        let mut failed: Option<StoreError> = None;
+        let end = self.log.recover(from, |f| {
+            if failed.is_some() {
+                return Ok(());
+            }
+            if !f.erased {
+                match decode_record(f.record()) {
+                    Ok(r) => chunk.push((f.pos, r, super::alerts::decode_alerts(f.alerts()))),
+                    Err(e) => {
+                        tracing::error!(position = f.pos, error = %e, "undecodable record in the log; skipped");
+                    }
+                }
+            }
+            chunk_end = f.end();
+            if chunk.len() >= 4096 {
+                replayed += chunk.len() as u64;
+                if let Err(e) = self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end) {
+                    failed = Some(e);
+                }
+                chunk.clear();
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        replayed += chunk.len() as u64;
+        if chunk_end > from {
+            self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end)?;
+        }
+        if replayed > 0 {
+            self.db.flush()?;
+            tracing::info!(
+                records = replayed,
+                ms = started.elapsed().as_millis() as u64,
+                "applied the log's tail"
+            );
+        }
+        self.log.set_visible(end);
+        Ok(())
+    }
+
+    /// Flushes sled (the log is synced by every write already).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())
@@ -181,75 +266,219 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes records and the aggregates they add to in one atomic batch (not yet flushed).
+    /// Writes records: appended and synced, then applied (tests and tools; the recorder runs
+    /// the two steps itself so that it can retry each alone).
     pub fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
         self.write_batch(records, &[])
     }
 
-    /// Writes records, the aggregates they add to and the alerts they fired (marks and outbox
-    /// entries) in one atomic batch (not yet flushed).
+    /// Writes records and alerts (carried by the last record's frame; with no records, staged
+    /// in sled directly). For tests and tools.
     pub fn write_batch(&self, records: &[Record], alerts: &[Alert]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut deltas: HashMap<Vec<u8>, Totals> = HashMap::new();
-        for r in records {
-            let json = serde_json::to_vec(&r.to_json()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            batch.insert(&rec_key(r.id)[..], json);
-            batch.insert(user_idx_key(&r.user_id, r.id), &[][..]);
-            let t = Totals::of(r);
-            let m = r.month().to_string();
-            let day = day_string(r.created_at);
-            let kind = r.kind.as_str();
-            let user = r.user_id.as_bytes();
-            for k in [
-                join(b'a', &[m.as_bytes(), user]),
-                join(b'd', &[user, day.as_bytes(), kind.as_bytes()]),
-                join(b'g', &[day.as_bytes(), kind.as_bytes()]),
-                month_key(b's', r.month()),
-            ] {
-                deltas.entry(k).or_default().add(&t);
+        if records.is_empty() {
+            let mut batch = sled::Batch::default();
+            super::alerts::stage(&self.ledger, &mut batch, alerts)?;
+            self.ledger.apply_batch(batch)?;
+            return Ok(());
+        }
+        let mut items: Vec<(Record, Vec<Alert>)> = records.iter().map(|r| (r.clone(), Vec::new())).collect();
+        if let Some(last) = items.last_mut() {
+            last.1 = alerts.to_vec();
+        }
+        let (positions, end) = self.append(&items)?;
+        self.apply(items.iter().zip(positions).map(|((r, a), p)| (p, r, &a[..])), end)
+    }
+
+    /// Appends records, each with the alerts it fired, to the log and syncs it; returns their
+    /// positions and the end of the batch. Nothing is visible until [`SledStore::apply`]. A
+    /// failed append can be retried as a whole: nothing refers to positions of a batch that was
+    /// never applied.
+    pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<(Vec<u64>, u64), StoreError> {
+        let mut heads: HashMap<&str, [u64; 4]> = HashMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        let mut app = self.log.append();
+        let mut json = Vec::with_capacity(1024);
+        for (rec, alerts) in items {
+            let h = match heads.get_mut(&*rec.user_id) {
+                Some(h) => h,
+                None => {
+                    let h = self.heads(&rec.user_id)?;
+                    heads.entry(&rec.user_id).or_insert(h)
+                }
+            };
+            let k = kind_slot(rec.kind);
+            json.clear();
+            rec.write_json(&mut json)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let links = Links {
+                prev_user: h[0],
+                prev_kind: h[k],
+                created_ms: rec.created_at.timestamp_millis(),
+            };
+            let pos = app.push(links, &json, &super::alerts::encode_alerts(alerts))?;
+            h[0] = pos;
+            h[k] = pos;
+            out.push(pos);
+        }
+        let end = app.commit()?;
+        Ok((out, end))
+    }
+
+    /// The log positions of a user's newest record, overall and per type.
+    fn heads(&self, user: &str) -> Result<[u64; 4], StoreError> {
+        let mut h = [NONE; 4];
+        if let Some(v) = self.ledger.get(join(HEADS, &[user.as_bytes()]))? {
+            if v.len() != 32 {
+                return Err(StoreError::Corrupt(format!("heads of {user}")));
             }
-            if let Some(model) = r.model() {
-                deltas
-                    .entry(join(b'M', &[m.as_bytes(), model.as_bytes()]))
-                    .or_default()
-                    .add(&t);
+            for (i, slot) in h.iter_mut().enumerate() {
+                *slot = u64::from_be_bytes(
+                    v[i * 8..i * 8 + 8]
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("heads".into()))?,
+                );
+            }
+        }
+        Ok(h)
+    }
+
+    /// Applies appended records (position, record, alerts fired) to the aggregates, the users'
+    /// chains and the alerts in one atomic sled batch that also moves `P` to `end`, then makes
+    /// them visible. Not flushed: the log is what is durable.
+    pub fn apply<'a>(
+        &self,
+        items: impl IntoIterator<Item = (u64, &'a Record, &'a [Alert])>,
+        end: u64,
+    ) -> Result<(), StoreError> {
+        // Deltas grouped by what they add to, keyed by borrowed parts: one key built per group.
+        let mut user_month: HashMap<(&str, Month), Totals> = HashMap::new();
+        let mut user_day: HashMap<(&str, i32, RecordKind), Totals> = HashMap::new();
+        let mut day: HashMap<(i32, RecordKind), Totals> = HashMap::new();
+        let mut month: HashMap<Month, Totals> = HashMap::new();
+        let mut model: HashMap<(Month, &str), Totals> = HashMap::new();
+        let mut tag: HashMap<(Month, &str, &str), Totals> = HashMap::new();
+        let mut heads: HashMap<&str, [u64; 4]> = HashMap::new();
+        let mut spans: HashMap<u64, (i64, i64)> = HashMap::new();
+        let mut alerts: Vec<Alert> = Vec::new();
+        let segments = self.log.segment_ranges();
+        for (pos, r, fired) in items {
+            let ms = r.created_at.timestamp_millis();
+            let seg = segments
+                .iter()
+                .rev()
+                .find(|(s, _)| *s <= pos)
+                .map(|(s, _)| *s)
+                .unwrap_or(0);
+            let span = spans.entry(seg).or_insert((ms, ms));
+            span.0 = span.0.min(ms);
+            span.1 = span.1.max(ms);
+            let user: &str = &r.user_id;
+            if !heads.contains_key(user) {
+                heads.insert(user, self.heads(user)?);
+            }
+            if let Some(h) = heads.get_mut(user) {
+                h[0] = pos;
+                h[kind_slot(r.kind)] = pos;
+            }
+            alerts.extend(fired.iter().cloned());
+            let t = Totals::of(r);
+            let m = r.month();
+            let d = r.created_at.date_naive().num_days_from_ce();
+            user_month.entry((user, m)).or_default().add(&t);
+            user_day.entry((user, d, r.kind)).or_default().add(&t);
+            day.entry((d, r.kind)).or_default().add(&t);
+            month.entry(m).or_default().add(&t);
+            if let Some(name) = r.model() {
+                model.entry((m, name)).or_default().add(&t);
             }
             if let Some(tags) = r.metadata.get("tags").and_then(Value::as_object) {
                 for (name, value) in tags {
                     if let Some(v) = value.as_str() {
-                        deltas
-                            .entry(join(b'T', &[m.as_bytes(), name.as_bytes(), v.as_bytes()]))
-                            .or_default()
-                            .add(&t);
+                        tag.entry((m, name, v)).or_default().add(&t);
                     }
                 }
             }
         }
-        let mut new_users: HashMap<Vec<u8>, u64> = HashMap::new();
-        for (k, d) in deltas {
-            let cur = self.ledger.get(&k)?;
-            let mut total = match &cur {
-                Some(v) => Totals::decode(v).ok_or_else(|| StoreError::Corrupt(String::from_utf8_lossy(&k).into()))?,
-                None => Totals::default(),
-            };
-            if cur.is_none() && k.first() == Some(&b'a') {
+        let day_str = |d: i32| {
+            NaiveDate::from_num_days_from_ce_opt(d)
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_default()
+        };
+        let mut batch = sled::Batch::default();
+        let mut new_users: HashMap<Month, u64> = HashMap::new();
+        for ((user, m), d) in user_month {
+            let k = join(b'a', &[m.to_string().as_bytes(), user.as_bytes()]);
+            if !self.add_totals(&mut batch, k, &d)? {
                 // First record of this user in this month: one more active user.
-                if let Some(month) = k.get(1..8) {
-                    let mut sk = vec![b'S'];
-                    sk.extend_from_slice(month);
-                    *new_users.entry(sk).or_default() += 1;
-                }
+                *new_users.entry(m).or_default() += 1;
             }
-            total.add(&d);
-            batch.insert(k, &total.encode()[..]);
         }
-        for (k, n) in new_users {
+        for ((user, d, kind), t) in user_day {
+            let k = join(
+                b'd',
+                &[user.as_bytes(), day_str(d).as_bytes(), kind.as_str().as_bytes()],
+            );
+            self.add_totals(&mut batch, k, &t)?;
+        }
+        for ((d, kind), t) in day {
+            let k = join(b'g', &[day_str(d).as_bytes(), kind.as_str().as_bytes()]);
+            self.add_totals(&mut batch, k, &t)?;
+        }
+        for (m, t) in month {
+            self.add_totals(&mut batch, month_key(b's', m), &t)?;
+        }
+        for ((m, name), t) in model {
+            let k = join(b'M', &[m.to_string().as_bytes(), name.as_bytes()]);
+            self.add_totals(&mut batch, k, &t)?;
+        }
+        for ((m, name, v), t) in tag {
+            let k = join(b'T', &[m.to_string().as_bytes(), name.as_bytes(), v.as_bytes()]);
+            self.add_totals(&mut batch, k, &t)?;
+        }
+        for (m, n) in new_users {
+            let k = month_key(b'S', m);
             let cur = self.get_u64(&k)?;
             batch.insert(k, &(cur + n).to_be_bytes()[..]);
         }
-        super::alerts::stage(&self.ledger, &mut batch, alerts)?;
+        for (user, h) in heads {
+            let mut v = [0u8; 32];
+            for (i, p) in h.iter().enumerate() {
+                v[i * 8..i * 8 + 8].copy_from_slice(&p.to_be_bytes());
+            }
+            batch.insert(join(HEADS, &[user.as_bytes()]), &v[..]);
+        }
+        for (seg, (lo, hi)) in spans {
+            let k = span_key(seg);
+            let (lo, hi) = match self.ledger.get(k)? {
+                Some(v) if v.len() == 16 => {
+                    let old_lo = i64::from_be_bytes(v[..8].try_into().map_err(|_| StoreError::Corrupt("L".into()))?);
+                    let old_hi = i64::from_be_bytes(v[8..].try_into().map_err(|_| StoreError::Corrupt("L".into()))?);
+                    (lo.min(old_lo), hi.max(old_hi))
+                }
+                _ => (lo, hi),
+            };
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&lo.to_be_bytes());
+            v[8..].copy_from_slice(&hi.to_be_bytes());
+            batch.insert(&k[..], &v[..]);
+        }
+        super::alerts::stage(&self.ledger, &mut batch, &alerts)?;
+        batch.insert(&[APPLIED][..], &end.to_be_bytes()[..]);
         self.ledger.apply_batch(batch)?;
+        self.log.set_visible(end);
         Ok(())
+    }
+
+    /// Stages `key = stored + delta`; returns whether the key existed.
+    fn add_totals(&self, batch: &mut sled::Batch, key: Vec<u8>, delta: &Totals) -> Result<bool, StoreError> {
+        let cur = self.ledger.get(&key)?;
+        let mut total = match &cur {
+            Some(v) => Totals::decode(v).ok_or_else(|| StoreError::Corrupt(String::from_utf8_lossy(&key).into()))?,
+            None => Totals::default(),
+        };
+        total.add(delta);
+        batch.insert(key, &total.encode()[..]);
+        Ok(cur.is_some())
     }
 
     fn get_u64(&self, k: &[u8]) -> Result<u64, StoreError> {
@@ -354,112 +583,206 @@ impl SledStore {
         Ok(out)
     }
 
-    /// Records matching `f`, newest first, at most `limit`.
-    pub fn records(&self, f: &RecordFilter, limit: usize) -> Result<Vec<Record>, StoreError> {
+    /// Records matching `f`, newest first, at most `limit`, each with its position (the
+    /// cursor that starts a page at it). One user's records are read by following their chain
+    /// in the log (a page costs its own records, however long the history); everyone's by
+    /// walking the log backwards.
+    pub fn records(&self, f: &RecordFilter, limit: usize) -> Result<Vec<(u64, Record)>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(512));
-        let from_id = f.from.map(|t| (t.timestamp_millis().max(0) as u128) << 80);
-        let to_id = f.to.map(|t| (t.timestamp_millis().max(0) as u128) << 80);
-        let mut upper = f.before.unwrap_or(u128::MAX);
-        if let Some(t) = to_id {
-            upper = upper.min(t);
+        if limit == 0 {
+            return Ok(out);
         }
-        let lower = from_id.unwrap_or(0);
+        let from_ms = f.from.map(|t| t.timestamp_millis());
+        let to_ms = f.to.map(|t| t.timestamp_millis());
         match &f.user_id {
             Some(user) => {
-                let lo = user_idx_key(user, lower);
-                let hi = user_idx_key(user, upper);
-                for kv in self.ledger.range(lo..hi).rev() {
-                    let (k, _) = kv?;
-                    let id_bytes: [u8; 16] = k[k.len() - 16..]
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("index".into()))?;
-                    let id = u128::from_be_bytes(id_bytes);
-                    let Some(v) = self.ledger.get(rec_key(id))? else {
-                        continue;
+                let slot = f.kind.map(kind_slot).unwrap_or(0);
+                let mut pos = match f.cursor {
+                    Some(c) => c,
+                    None => self.heads(user)?[slot],
+                };
+                while pos != NONE {
+                    let Some(frame) = self.log.read(pos)? else {
+                        if f.cursor == Some(pos) {
+                            return Err(StoreError::BadCursor);
+                        }
+                        break;
                     };
-                    let rec = decode_record(&v)?;
-                    if f.kind.is_none_or(|kd| kd == rec.kind) {
-                        out.push(rec);
+                    let ms = frame.links.created_ms;
+                    if from_ms.is_some_and(|from| ms < from) {
+                        break;
+                    }
+                    // The chain of the type asked for, once on it (a cursor may land elsewhere).
+                    let next = if slot != 0 {
+                        frame.links.prev_kind
+                    } else {
+                        frame.links.prev_user
+                    };
+                    if !frame.erased && to_ms.is_none_or(|to| ms < to) {
+                        let rec = decode_record(frame.record())?;
+                        if &*rec.user_id != user.as_str() {
+                            // Only a forged cursor leads off the user's own chain.
+                            return Err(StoreError::BadCursor);
+                        }
+                        if f.kind.is_some_and(|k| k != rec.kind) {
+                            pos = frame.links.prev_user;
+                            continue;
+                        }
+                        out.push((frame.pos, rec));
                         if out.len() >= limit {
                             break;
                         }
                     }
+                    pos = next;
                 }
             }
             None => {
-                for kv in self.ledger.range(rec_key(lower)..rec_key(upper)).rev() {
-                    let (_, v) = kv?;
-                    let rec = decode_record(&v)?;
-                    if f.kind.is_none_or(|kd| kd == rec.kind) {
-                        out.push(rec);
-                        if out.len() >= limit {
-                            break;
+                let mut frame = match f.cursor {
+                    Some(c) => Some(self.log.read(c)?.ok_or(StoreError::BadCursor)?),
+                    None => self.log.read_before(self.log.visible())?,
+                };
+                while let Some(fr) = frame {
+                    let ms = fr.links.created_ms;
+                    if from_ms.is_some_and(|from| ms < from) {
+                        break;
+                    }
+                    if !fr.erased && to_ms.is_none_or(|to| ms < to) {
+                        let rec = decode_record(fr.record())?;
+                        if f.kind.is_none_or(|k| k == rec.kind) {
+                            out.push((fr.pos, rec));
+                            if out.len() >= limit {
+                                break;
+                            }
                         }
                     }
+                    frame = self.log.read_before(fr.pos)?;
                 }
             }
         }
         Ok(out)
     }
 
-    /// Calls `each` with every record of a month, oldest first, as stored JSON bytes.
+    /// The time span (oldest, newest record, ms) of each segment, by segment start.
+    fn spans(&self) -> Result<HashMap<u64, (i64, i64)>, StoreError> {
+        let mut out = HashMap::new();
+        for kv in self.ledger.scan_prefix([SPAN]) {
+            let (k, v) = kv?;
+            let (Ok(seg), Ok(lo), Ok(hi)) = (
+                <[u8; 8]>::try_from(&k[1..]),
+                <[u8; 8]>::try_from(v.get(..8).unwrap_or_default()),
+                <[u8; 8]>::try_from(v.get(8..16).unwrap_or_default()),
+            ) else {
+                return Err(StoreError::Corrupt("L".into()));
+            };
+            out.insert(
+                u64::from_be_bytes(seg),
+                (i64::from_be_bytes(lo), i64::from_be_bytes(hi)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Calls `each` with every record of a month, oldest first, as stored JSON bytes; reads only
+    /// the segments whose records overlap the month, sequentially.
     pub fn for_each_record_in(&self, m: Month, mut each: impl FnMut(&[u8]) -> bool) -> Result<(), StoreError> {
-        let lo = (m.start().timestamp_millis().max(0) as u128) << 80;
-        let hi = (m.next().start().timestamp_millis().max(0) as u128) << 80;
-        for kv in self.ledger.range(rec_key(lo)..rec_key(hi)) {
-            let (_, v) = kv?;
-            if !each(&v) {
+        let lo = m.start().timestamp_millis();
+        let hi = m.next().start().timestamp_millis();
+        let spans = self.spans()?;
+        let mut open = true;
+        for (start, end) in self.log.segment_ranges() {
+            if !open {
                 break;
             }
+            if spans.get(&start).is_none_or(|&(a, b)| b < lo || a >= hi) {
+                continue;
+            }
+            self.log.scan(start, end, |fr| {
+                let ms = fr.links.created_ms;
+                if !fr.erased && ms >= lo && ms < hi {
+                    open = each(fr.record());
+                }
+                open
+            })?;
         }
         Ok(())
     }
 
-    /// Number of records in the ledger (slow: a scan; for tests and tools).
+    /// Number of records in the ledger (slow: reads the whole log; for tests and tools).
     pub fn count_records(&self) -> Result<u64, StoreError> {
         let mut n = 0;
-        for kv in self.ledger.scan_prefix([b'r']) {
-            kv?;
-            n += 1;
-        }
+        self.log.scan(0, u64::MAX, |fr| {
+            n += u64::from(!fr.erased);
+            true
+        })?;
         Ok(n)
     }
 
-    /// Deletes records created before `cutoff`; aggregates stay. Returns how many went.
+    /// Deletes records created before `cutoff`; aggregates stay. Whole segments older than the
+    /// cutoff are removed; older records in a segment that straddles it are erased in place.
+    /// Returns how many records went.
     pub fn delete_records_before(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let hi = (cutoff.timestamp_millis().max(0) as u128) << 80;
+        let cut = cutoff.timestamp_millis();
+        // Every record about to go must already count in the aggregates sled keeps.
+        self.db.flush()?;
+        let spans = self.spans()?;
         let mut deleted = 0;
-        loop {
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for kv in self.ledger.range(rec_key(0)..rec_key(hi)).take(10_000) {
-                let (k, v) = kv?;
-                let rec = decode_record(&v)?;
-                batch.remove(k);
-                batch.remove(user_idx_key(&rec.user_id, rec.id));
-                n += 1;
+        let mut gone = sled::Batch::default();
+        for (start, end) in self.log.segment_ranges() {
+            let Some(&(lo, hi)) = spans.get(&start) else {
+                continue;
+            };
+            if lo >= cut {
+                continue;
             }
-            if n == 0 {
-                break;
+            let mut old = Vec::new();
+            let mut live = 0u64;
+            self.log.scan(start, end, |fr| {
+                if !fr.erased {
+                    live += 1;
+                    if fr.links.created_ms < cut {
+                        old.push(fr.pos);
+                    }
+                }
+                true
+            })?;
+            if hi < cut && !self.log.is_active(start) && self.log.drop_segment(start)? {
+                deleted += live;
+                gone.remove(&span_key(start)[..]);
+                continue;
             }
-            self.ledger.apply_batch(batch)?;
-            deleted += n;
+            for pos in old {
+                if self.log.erase(pos)? {
+                    deleted += 1;
+                }
+            }
         }
+        self.log.sync()?;
+        self.ledger.apply_batch(gone)?;
         Ok(deleted)
     }
 
-    /// Deletes a user's records and per-user aggregates.
+    /// Deletes a user's records (erased in the log) and per-user aggregates.
     pub fn delete_user_usage(&self, user: &str) -> Result<u64, StoreError> {
-        let mut batch = sled::Batch::default();
+        // The records erased must already count in what sled keeps, or a replay after a crash
+        // would miss them while the global totals already include them.
+        self.db.flush()?;
         let mut n = 0;
-        for kv in self.ledger.scan_prefix(user_idx_prefix(user)) {
-            let (k, _) = kv?;
-            if let Ok(id_bytes) = <[u8; 16]>::try_from(&k[k.len() - 16..]) {
-                batch.remove(&rec_key(u128::from_be_bytes(id_bytes))[..]);
+        let mut pos = self.heads(user)?[0];
+        while pos != NONE {
+            let Some(frame) = self.log.read(pos)? else {
+                break;
+            };
+            if !frame.erased
+                && decode_record(frame.record()).is_ok_and(|r| &*r.user_id == user)
+                && self.log.erase(pos)?
+            {
+                n += 1;
             }
-            batch.remove(k);
-            n += 1;
+            pos = frame.links.prev_user;
         }
+        self.log.sync()?;
+        let mut batch = sled::Batch::default();
+        batch.remove(join(HEADS, &[user.as_bytes()]));
         let mut dprefix = join(b'd', &[user.as_bytes()]);
         dprefix.push(b'/');
         let mut months = std::collections::BTreeSet::new();
@@ -497,9 +820,9 @@ impl SledStore {
         &self.meta
     }
 
-    /// Bytes the database occupies on disk.
+    /// Bytes the database occupies on disk (sled and the record log).
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.log.size_on_disk()
     }
 }
 

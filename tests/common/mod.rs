@@ -187,6 +187,9 @@ impl Harness {
                 100_000,
             )
             .unwrap()
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
     }
 
     /// The mock's counters.
