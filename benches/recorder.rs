@@ -56,10 +56,8 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(batch as u64));
     g.bench_function(format!("append+apply batch of {batch}"), |b| {
         b.iter(|| {
-            let (positions, end) = store.append(black_box(&items)).expect("append");
-            store
-                .apply(items.iter().zip(positions).map(|((r, a), p)| (p, r, &a[..])), end)
-                .expect("apply");
+            let appended = store.append(black_box(&items)).expect("append");
+            store.apply_appended(&items, &appended).expect("apply");
         })
     });
     g.bench_function(format!("serialize {batch} records"), |b| {

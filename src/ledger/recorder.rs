@@ -232,7 +232,7 @@ impl Recorder {
     fn write(&self, batch: &[(Record, Vec<Alert>)]) {
         let mut backoff = Duration::from_millis(50);
         let t0 = Instant::now();
-        let (positions, end) = loop {
+        let appended = loop {
             match self.store.append(batch) {
                 Ok(a) => break a,
                 Err(e) => self.failed(&e, &mut backoff),
@@ -242,8 +242,7 @@ impl Recorder {
             .last_flush_us
             .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         loop {
-            let items = batch.iter().zip(positions.iter()).map(|((r, a), p)| (*p, r, &a[..]));
-            match self.store.apply(items, end) {
+            match self.store.apply_appended(batch, &appended) {
                 Ok(()) => break,
                 Err(e) => self.failed(&e, &mut backoff),
             }

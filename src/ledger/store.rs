@@ -89,6 +89,16 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
+/// A batch appended to the log: each record's position, the end, and the chain heads it left.
+#[derive(Debug)]
+pub struct Appended {
+    /// Position of each record, in order.
+    pub positions: Vec<u64>,
+    /// Where the batch ends.
+    pub end: u64,
+    heads: HashMap<Arc<str>, [u64; 4]>,
+}
+
 /// Which of a user's chain heads a type uses (0 is the chain of all types).
 fn kind_slot(k: RecordKind) -> usize {
     match k {
@@ -228,7 +238,7 @@ impl SledStore {
             chunk_end = f.end();
             if chunk.len() >= 4096 {
                 replayed += chunk.len() as u64;
-                if let Err(e) = self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end) {
+                if let Err(e) = self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end, None) {
                     failed = Some(e);
                 }
                 chunk.clear();
@@ -240,7 +250,7 @@ impl SledStore {
         }
         replayed += chunk.len() as u64;
         if chunk_end > from {
-            self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end)?;
+            self.apply(chunk.iter().map(|(p, r, a)| (*p, r, &a[..])), chunk_end, None)?;
         }
         if replayed > 0 {
             self.db.flush()?;
@@ -285,16 +295,16 @@ impl SledStore {
         if let Some(last) = items.last_mut() {
             last.1 = alerts.to_vec();
         }
-        let (positions, end) = self.append(&items)?;
-        self.apply(items.iter().zip(positions).map(|((r, a), p)| (p, r, &a[..])), end)
+        let appended = self.append(&items)?;
+        self.apply_appended(&items, &appended)
     }
 
     /// Appends records, each with the alerts it fired, to the log and syncs it; returns their
     /// positions and the end of the batch. Nothing is visible until [`SledStore::apply`]. A
     /// failed append can be retried as a whole: nothing refers to positions of a batch that was
     /// never applied.
-    pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<(Vec<u64>, u64), StoreError> {
-        let mut heads: HashMap<&str, [u64; 4]> = HashMap::new();
+    pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<Appended, StoreError> {
+        let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::new();
         let mut out = Vec::with_capacity(items.len());
         let mut app = self.log.append();
         let mut json = Vec::with_capacity(1024);
@@ -303,7 +313,7 @@ impl SledStore {
                 Some(h) => h,
                 None => {
                     let h = self.heads(&rec.user_id)?;
-                    heads.entry(&rec.user_id).or_insert(h)
+                    heads.entry(rec.user_id.clone()).or_insert(h)
                 }
             };
             let k = kind_slot(rec.kind);
@@ -321,7 +331,20 @@ impl SledStore {
             out.push(pos);
         }
         let end = app.commit()?;
-        Ok((out, end))
+        Ok(Appended {
+            positions: out,
+            end,
+            heads,
+        })
+    }
+
+    /// [`SledStore::apply`] for a batch [`SledStore::append`] wrote.
+    pub fn apply_appended(&self, items: &[(Record, Vec<Alert>)], a: &Appended) -> Result<(), StoreError> {
+        self.apply(
+            items.iter().zip(&a.positions).map(|((r, al), p)| (*p, r, &al[..])),
+            a.end,
+            Some(&a.heads),
+        )
     }
 
     /// The log positions of a user's newest record, overall and per type.
@@ -344,11 +367,13 @@ impl SledStore {
 
     /// Applies appended records (position, record, alerts fired) to the aggregates, the users'
     /// chains and the alerts in one atomic sled batch that also moves `P` to `end`, then makes
-    /// them visible. Not flushed: the log is what is durable.
+    /// them visible. Not flushed: the log is what is durable. `known_heads` are the chain heads
+    /// the append left (else they are read back and moved along the records).
     pub fn apply<'a>(
         &self,
         items: impl IntoIterator<Item = (u64, &'a Record, &'a [Alert])>,
         end: u64,
+        known_heads: Option<&HashMap<Arc<str>, [u64; 4]>>,
     ) -> Result<(), StoreError> {
         // Deltas grouped by what they add to, keyed by borrowed parts: one key built per group.
         let mut user_month: HashMap<(&str, Month), Totals> = HashMap::new();
@@ -373,12 +398,14 @@ impl SledStore {
             span.0 = span.0.min(ms);
             span.1 = span.1.max(ms);
             let user: &str = &r.user_id;
-            if !heads.contains_key(user) {
-                heads.insert(user, self.heads(user)?);
-            }
-            if let Some(h) = heads.get_mut(user) {
-                h[0] = pos;
-                h[kind_slot(r.kind)] = pos;
+            if known_heads.is_none() {
+                if !heads.contains_key(user) {
+                    heads.insert(user, self.heads(user)?);
+                }
+                if let Some(h) = heads.get_mut(user) {
+                    h[0] = pos;
+                    h[kind_slot(r.kind)] = pos;
+                }
             }
             alerts.extend(fired.iter().cloned());
             let t = Totals::of(r);
@@ -440,7 +467,8 @@ impl SledStore {
             let cur = self.get_u64(&k)?;
             batch.insert(k, &(cur + n).to_be_bytes()[..]);
         }
-        for (user, h) in heads {
+        let known = known_heads.into_iter().flatten().map(|(u, h)| (&**u, h));
+        for (user, h) in heads.iter().map(|(u, h)| (*u, h)).chain(known) {
             let mut v = [0u8; 32];
             for (i, p) in h.iter().enumerate() {
                 v[i * 8..i * 8 + 8].copy_from_slice(&p.to_be_bytes());
@@ -829,4 +857,200 @@ impl SledStore {
 fn decode_record(v: &[u8]) -> Result<Record, StoreError> {
     let json: Value = serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Record::from_json(&json).ok_or_else(|| StoreError::Corrupt("record".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::record::RecordIds;
+    use chrono::TimeZone;
+
+    fn rec(ids: &RecordIds, user: &str, kind: RecordKind, at: DateTime<Utc>) -> Record {
+        Record {
+            id: ids.next_in_order(at),
+            user_id: Arc::from(user),
+            kind,
+            tokens: 10,
+            messages: u64::from(kind == RecordKind::MessageSent),
+            bytes: 0,
+            cost: rust_decimal::Decimal::new(5, 3),
+            metadata: serde_json::Map::new(),
+            created_at: at,
+        }
+    }
+
+    fn ids_of(page: &[(u64, Record)]) -> Vec<u128> {
+        page.iter().map(|(_, r)| r.id).collect()
+    }
+
+    #[test]
+    fn a_batch_appended_but_never_applied_is_applied_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = RecordIds::new();
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 12, 0, 0).unwrap();
+        let m = Month::of(at);
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.write_records(&[rec(&ids, "ann", RecordKind::MessageSent, at)])
+                .unwrap();
+            // A crash between the log's fsync and sled's batch: only the log has these.
+            let items: Vec<(Record, Vec<Alert>)> = (0..3)
+                .map(|_| (rec(&ids, "ann", RecordKind::AiResponse, at), Vec::new()))
+                .collect();
+            s.append(&items).unwrap();
+            s.flush_sync().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        let t = s.user_month("ann", m).unwrap();
+        assert_eq!((t.records, t.messages, t.tokens), (4, 1, 40));
+        let page = s
+            .records(
+                &RecordFilter {
+                    user_id: Some("ann".into()),
+                    ..Default::default()
+                },
+                10,
+            )
+            .unwrap();
+        assert_eq!(page.len(), 4);
+        // Opening again applies nothing twice.
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.user_month("ann", m).unwrap().records, 4);
+        assert_eq!(s.count_records().unwrap(), 4);
+    }
+
+    #[test]
+    fn pages_follow_each_users_chain_by_type_and_reject_other_users_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let ids = RecordIds::new();
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 12, 0, 0).unwrap();
+        let mut all = Vec::new();
+        for i in 0..30 {
+            let user = if i % 3 == 0 { "bob" } else { "ann" };
+            let kind = if i % 2 == 0 {
+                RecordKind::MessageSent
+            } else {
+                RecordKind::AiResponse
+            };
+            all.push(rec(&ids, user, kind, at + chrono::Duration::seconds(i)));
+        }
+        // Two batches, so chains cross batch boundaries.
+        s.write_records(&all[..13]).unwrap();
+        s.write_records(&all[13..]).unwrap();
+        let want = |user: &str, kind: Option<RecordKind>| -> Vec<u128> {
+            let mut v: Vec<u128> = all
+                .iter()
+                .filter(|r| &*r.user_id == user && kind.is_none_or(|k| k == r.kind))
+                .map(|r| r.id)
+                .collect();
+            v.reverse();
+            v
+        };
+        for kind in [None, Some(RecordKind::AiResponse), Some(RecordKind::MessageSent)] {
+            let mut f = RecordFilter {
+                user_id: Some("ann".into()),
+                kind,
+                ..Default::default()
+            };
+            let mut got = Vec::new();
+            loop {
+                let page = s.records(&f, 4).unwrap();
+                got.extend(ids_of(&page[..page.len().min(3)]));
+                match page.get(3) {
+                    Some((pos, _)) => f.cursor = Some(*pos),
+                    None => break,
+                }
+            }
+            assert_eq!(got, want("ann", kind), "{kind:?}");
+        }
+        // Everyone's records, newest first, and a time window.
+        let every = s.records(&RecordFilter::default(), 100).unwrap();
+        let mut newest_first: Vec<u128> = all.iter().map(|r| r.id).collect();
+        newest_first.reverse();
+        assert_eq!(ids_of(&every), newest_first);
+        let window = s
+            .records(
+                &RecordFilter {
+                    from: Some(at + chrono::Duration::seconds(10)),
+                    to: Some(at + chrono::Duration::seconds(20)),
+                    ..Default::default()
+                },
+                100,
+            )
+            .unwrap();
+        assert_eq!(window.len(), 10);
+        // A cursor at one of bob's records does not page through ann's history.
+        let bobs = s
+            .records(
+                &RecordFilter {
+                    user_id: Some("bob".into()),
+                    ..Default::default()
+                },
+                1,
+            )
+            .unwrap();
+        let forged = RecordFilter {
+            user_id: Some("ann".into()),
+            cursor: Some(bobs[0].0),
+            ..Default::default()
+        };
+        assert!(matches!(s.records(&forged, 5), Err(StoreError::BadCursor)));
+        let inside = RecordFilter {
+            user_id: Some("ann".into()),
+            cursor: Some(bobs[0].0 + 1),
+            ..Default::default()
+        };
+        assert!(matches!(s.records(&inside, 5), Err(StoreError::BadCursor)));
+    }
+
+    #[test]
+    fn deleting_a_user_erases_their_records_and_retention_drops_old_months() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let ids = RecordIds::new();
+        let sep = Utc.with_ymd_and_hms(2026, 9, 10, 0, 0, 0).unwrap();
+        let nov = Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap();
+        s.write_records(&[
+            rec(&ids, "ann", RecordKind::MessageSent, sep),
+            rec(&ids, "bob", RecordKind::MessageSent, sep),
+        ])
+        .unwrap();
+        s.write_records(&[
+            rec(&ids, "ann", RecordKind::MessageSent, nov),
+            rec(&ids, "bob", RecordKind::AiResponse, nov),
+        ])
+        .unwrap();
+        assert_eq!(s.log.segment_ranges().len(), 2, "a segment per month");
+        assert_eq!(s.delete_user_usage("bob").unwrap(), 2);
+        let bob = RecordFilter {
+            user_id: Some("bob".into()),
+            ..Default::default()
+        };
+        assert!(s.records(&bob, 10).unwrap().is_empty());
+        assert_eq!(s.count_records().unwrap(), 2);
+        // Erased on disk: the record's JSON is gone from the files.
+        for (start, _) in s.log.segment_ranges() {
+            let bytes = std::fs::read(dir.path().join("records").join(format!("{start:020}.seg"))).unwrap();
+            assert!(!bytes.windows(5).any(|w| w == b"\"bob\""));
+        }
+        // Retention: September's segment goes whole; month totals stay.
+        let cutoff = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+        assert_eq!(s.delete_records_before(cutoff).unwrap(), 1);
+        assert_eq!(s.log.segment_ranges().len(), 1);
+        assert_eq!(s.count_records().unwrap(), 1);
+        assert_eq!(s.user_month("ann", Month::of(sep)).unwrap().records, 1);
+        let mut n = 0;
+        s.for_each_record_in(Month::of(nov), |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        // A user created again under the same id starts a history of their own.
+        s.write_records(&[rec(&ids, "bob", RecordKind::MessageSent, nov)])
+            .unwrap();
+        assert_eq!(s.records(&bob, 10).unwrap().len(), 1);
+    }
 }
