@@ -68,7 +68,8 @@ enum Command {
         /// Stream chunks the mock sends per answer.
         #[arg(long, default_value_t = 5)]
         chunks: u32,
-        /// Gap between stream chunks at the mock, in milliseconds.
+        /// Gap between stream chunks at the mock, in milliseconds; SSE workers start spread over
+        /// one such gap, so streams do not all tick in the same millisecond.
         #[arg(long, default_value_t = 0)]
         chunk_delay_ms: u64,
         /// Mock delay before the first byte, in milliseconds.

@@ -73,6 +73,10 @@ pub struct Phase {
     pub duration: Duration,
     /// Events a complete stream has.
     pub chunks: u32,
+    /// Worker `i` of `n` sends its first request `stagger * i / n` after the common start, so
+    /// that streams are spread over one chunk interval instead of all ticking in the same
+    /// millisecond (a thousand chat streams are not in lockstep); zero for unary.
+    pub stagger: Duration,
 }
 
 impl Phase {
@@ -98,6 +102,7 @@ pub async fn run_phase(p: &Phase) -> Tally {
             0 => HeaderValue::from_static("loadtest"),
             len => p.keys[i % len].clone(),
         };
+        let offset = p.stagger.mul_f64(i as f64 / n as f64);
         let w = Worker {
             addr: p.addr,
             kind: p.kind,
@@ -108,7 +113,7 @@ pub async fn run_phase(p: &Phase) -> Tally {
         };
         let barrier = barrier.clone();
         let duration = p.duration;
-        tasks.spawn(async move { w.run(barrier, duration).await });
+        tasks.spawn(async move { w.run(barrier, duration, offset).await });
     }
     barrier.wait().await;
     let start = Instant::now();
@@ -150,7 +155,7 @@ enum Outcome {
 }
 
 impl Worker {
-    async fn run(self, barrier: Arc<Barrier>, duration: Duration) -> Tally {
+    async fn run(self, barrier: Arc<Barrier>, duration: Duration, offset: Duration) -> Tally {
         let mut t = Tally::default();
         let mut sender = match connect(self.addr).await {
             Ok(s) => Some(s),
@@ -161,6 +166,9 @@ impl Worker {
         };
         barrier.wait().await;
         let deadline = Instant::now() + duration;
+        if !offset.is_zero() {
+            tokio::time::sleep(offset).await;
+        }
         while Instant::now() < deadline {
             let mut s = match sender.take() {
                 Some(s) if !s.is_closed() => s,

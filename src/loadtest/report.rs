@@ -208,7 +208,7 @@ impl Report {
         let cores = std::thread::available_parallelism().map_or(0, usize::from);
         let _ = writeln!(
             s,
-            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart, ttfb {} ms; {nginx}",
+            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart (streams started spread over one gap), ttfb {} ms; {nginx}",
             cores,
             o.concurrency,
             o.rounds,

@@ -73,6 +73,10 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
             concurrency: opts.concurrency,
             duration,
             chunks: opts.chunks,
+            stagger: match kind {
+                CallKind::Sse => opts.chunk_delay,
+                CallKind::Unary => Duration::ZERO,
+            },
         };
         if !opts.warmup.is_zero() {
             for (target, addr, keys) in &targets {
