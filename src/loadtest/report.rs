@@ -93,6 +93,8 @@ pub struct Metering {
     pub expected_records: Option<u64>,
     /// Tokens in the ledger's month totals.
     pub ledger_tokens: u64,
+    /// From the end of the load until the ledger held every message (the recorder's lag).
+    pub catch_up: Duration,
     /// Messages (and records, when exact) match.
     pub pass: bool,
 }
@@ -208,7 +210,7 @@ impl Report {
         let cores = std::thread::available_parallelism().map_or(0, usize::from);
         let _ = writeln!(
             s,
-            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart (streams started spread over one gap), ttfb {} ms; {nginx}",
+            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart{}, ttfb {} ms; {nginx}",
             cores,
             o.concurrency,
             o.rounds,
@@ -217,6 +219,11 @@ impl Report {
             o.users,
             o.chunks,
             o.chunk_delay.as_millis(),
+            if o.chunk_delay.is_zero() {
+                ""
+            } else {
+                " (SSE streams started spread over one gap)"
+            },
             o.ttfb.as_millis(),
         );
         for k in &self.kinds {
@@ -312,7 +319,7 @@ impl Report {
         let m = &self.metering;
         let _ = writeln!(
             s,
-            "metering: {} successful gateway requests ({} failed, warm-up included); ledger: {} messages, {} records{}, {} tokens: {}",
+            "metering: {} successful gateway requests ({} failed, warm-up included); ledger: {} messages, {} records{}, {} tokens, complete {:.2} s after the load: {}",
             m.tool_ok,
             m.tool_failed,
             m.ledger_messages,
@@ -320,6 +327,7 @@ impl Report {
             m.expected_records
                 .map_or_else(String::new, |r| format!(" (expected {r})")),
             m.ledger_tokens,
+            m.catch_up.as_secs_f64(),
             if m.pass { "PASS" } else { "FAIL" }
         );
         let _ = writeln!(s);
@@ -407,7 +415,7 @@ impl Report {
             "metering": {
                 "tool_ok": m.tool_ok, "tool_failed": m.tool_failed, "ledger_messages": m.ledger_messages,
                 "ledger_records": m.ledger_records, "expected_records": m.expected_records,
-                "ledger_tokens": m.ledger_tokens, "pass": m.pass,
+                "ledger_tokens": m.ledger_tokens, "catch_up_s": m.catch_up.as_secs_f64(), "pass": m.pass,
             },
             "checks": checks,
         })

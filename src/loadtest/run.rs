@@ -264,15 +264,18 @@ fn kind_report(
 /// Waits until the ledger's month totals reach the tool's count (or the wait runs out), then
 /// watches a little longer so that extra records would show too.
 async fn check_metering(admin: &Admin, ok: u64, failed: u64) -> Result<Metering, LoadError> {
-    let deadline = tokio::time::Instant::now() + METERING_WAIT;
+    let started = tokio::time::Instant::now();
+    let deadline = started + METERING_WAIT;
     let mut s: Summary;
     loop {
         s = admin.summary().await?;
         if s.messages >= ok || tokio::time::Instant::now() > deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // How far the recorder was behind the load when it stopped (its backlog is held in memory).
+    let catch_up = started.elapsed();
     tokio::time::sleep(METERING_SETTLE).await;
     s = admin.summary().await?;
     // Every answered call leaves a message_sent and an ai_response record; a failed one may
@@ -286,6 +289,7 @@ async fn check_metering(admin: &Admin, ok: u64, failed: u64) -> Result<Metering,
         ledger_records: s.records,
         expected_records,
         ledger_tokens: s.tokens,
+        catch_up,
         pass,
     })
 }
