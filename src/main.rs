@@ -201,6 +201,10 @@ fn main() -> ExitCode {
                 } else {
                     print!("{}", report.table());
                 }
+                // Missed performance targets are figures; an unmetered request is a failure.
+                if !report.metering.pass {
+                    anyhow::bail!("metering check failed: the ledger does not match the requests sent");
+                }
                 Ok(())
             }
             Command::CheckConfig { .. } => Ok(()),

@@ -79,7 +79,7 @@ impl KindReport {
 }
 
 /// The metering check: the ledger against the tool's own count.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Metering {
     /// Successful gateway requests the tool counted (warm-up included).
     pub tool_ok: u64,
@@ -97,6 +97,8 @@ pub struct Metering {
     pub catch_up: Duration,
     /// Messages (and records, when exact) match.
     pub pass: bool,
+    /// Why the ledger could not be read (the check then fails).
+    pub error: Option<String>,
 }
 
 /// The whole run.
@@ -330,6 +332,9 @@ impl Report {
             m.catch_up.as_secs_f64(),
             if m.pass { "PASS" } else { "FAIL" }
         );
+        if let Some(e) = &m.error {
+            let _ = writeln!(s, "metering check could not read the ledger: {e}");
+        }
         let _ = writeln!(s);
         let _ = writeln!(s, "targets (issue 6):");
         for c in self.checks() {
@@ -416,6 +421,7 @@ impl Report {
                 "tool_ok": m.tool_ok, "tool_failed": m.tool_failed, "ledger_messages": m.ledger_messages,
                 "ledger_records": m.ledger_records, "expected_records": m.expected_records,
                 "ledger_tokens": m.ledger_tokens, "catch_up_s": m.catch_up.as_secs_f64(), "pass": m.pass,
+                "error": m.error,
             },
             "checks": checks,
         })

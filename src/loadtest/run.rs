@@ -120,7 +120,16 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         kinds.push(kind_report(kind, &targets, tallies, gw_cpu, nginx_cpu));
     }
 
-    let metering = check_metering(&admin, gateway_ok, gateway_failed).await?;
+    // A gateway that died under load is a finding, not a reason to lose every figure measured.
+    let metering = match check_metering(&admin, gateway_ok, gateway_failed).await {
+        Ok(m) => m,
+        Err(e) => Metering {
+            tool_ok: gateway_ok,
+            tool_failed: gateway_failed,
+            error: Some(format!("{e}; gateway output: {}", gateway.tail())),
+            ..Metering::default()
+        },
+    };
     sampler.abort();
     let rss_end = procs::rss_bytes(gateway.pid()).unwrap_or(0);
     let rss_peak = peak.load(Ordering::Relaxed).max(rss_end);
@@ -291,5 +300,6 @@ async fn check_metering(admin: &Admin, ok: u64, failed: u64) -> Result<Metering,
         ledger_tokens: s.tokens,
         catch_up,
         pass,
+        error: None,
     })
 }
