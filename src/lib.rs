@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod ledger;
+pub mod loadtest;
 pub mod metering;
 pub mod metrics;
 pub mod mock;

@@ -47,12 +47,58 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         chunk_interval_ms: u64,
     },
+    /// Load-tests the gateway against the built-in mock, side by side with the mock directly and
+    /// with nginx in front of it (when installed), interleaved in one run.
+    Loadtest {
+        /// Which calls: unary (`:generateContent`), sse (`:streamGenerateContent?alt=sse`) or both.
+        #[arg(long, value_enum, default_value_t = LoadMode::Both)]
+        mode: LoadMode,
+        /// Requests in flight per target, each on its own keep-alive connection.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of load per target in each round.
+        #[arg(long, default_value_t = 3.0)]
+        duration_secs: f64,
+        /// Rounds; each runs direct, gateway, nginx in turn.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Seconds of unmeasured load per target before the first round.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        /// Stream chunks the mock sends per answer.
+        #[arg(long, default_value_t = 5)]
+        chunks: u32,
+        /// Gap between stream chunks at the mock, in milliseconds; SSE workers start spread over
+        /// one such gap, so streams do not all tick in the same millisecond.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+        /// Mock delay before the first byte, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        ttfb_ms: u64,
+        /// Gateway users the load is spread over (one key each).
+        #[arg(long, default_value_t = 16)]
+        users: usize,
+        /// Leave nginx out even when it is installed.
+        #[arg(long)]
+        no_nginx: bool,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validates a config file.
     CheckConfig {
         /// Config file.
         #[arg(long, default_value = "config/gemini-meter.toml")]
         config: PathBuf,
     },
+}
+
+/// `loadtest --mode` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LoadMode {
+    Unary,
+    Sse,
+    Both,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +108,16 @@ fn main() -> ExitCode {
     }
     // rustls needs exactly one process-wide provider; ignore "already installed".
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The load tool's stdout is its report (possibly JSON): its progress goes to stderr.
+    let to_stderr = matches!(cli.command, Command::Loadtest { .. });
     tracing_subscriber::fmt()
+        .with_writer(move || -> Box<dyn std::io::Write> {
+            if to_stderr {
+                Box::new(std::io::stderr())
+            } else {
+                Box::new(std::io::stdout())
+            }
+        })
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -105,6 +160,52 @@ fn main() -> ExitCode {
                     r = gemini_meter::mock::serve(listener, opts) => r.context("mock upstream failed"),
                     _ = shutdown_signal() => Ok(()),
                 }
+            }
+            Command::Loadtest {
+                mode,
+                concurrency,
+                duration_secs,
+                rounds,
+                warmup_secs,
+                chunks,
+                chunk_delay_ms,
+                ttfb_ms,
+                users,
+                no_nginx,
+                json,
+            } => {
+                let secs = |v: f64, flag: &str| {
+                    Duration::try_from_secs_f64(v)
+                        .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0"))
+                };
+                let opts = gemini_meter::loadtest::Options {
+                    mode: match mode {
+                        LoadMode::Unary => gemini_meter::loadtest::Mode::Unary,
+                        LoadMode::Sse => gemini_meter::loadtest::Mode::Sse,
+                        LoadMode::Both => gemini_meter::loadtest::Mode::Both,
+                    },
+                    concurrency,
+                    duration: secs(duration_secs, "--duration-secs")?,
+                    rounds,
+                    warmup: secs(warmup_secs, "--warmup-secs")?,
+                    chunks,
+                    chunk_delay: Duration::from_millis(chunk_delay_ms),
+                    ttfb: Duration::from_millis(ttfb_ms),
+                    users,
+                    no_nginx,
+                    binary: std::env::current_exe().context("locating the gemini-meter binary")?,
+                };
+                let report = gemini_meter::loadtest::run(&opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report.json())?);
+                } else {
+                    print!("{}", report.table());
+                }
+                // Missed performance targets are figures; an unmetered request is a failure.
+                if !report.metering.pass {
+                    anyhow::bail!("metering check failed: the ledger does not match the requests sent");
+                }
+                Ok(())
             }
             Command::CheckConfig { .. } => Ok(()),
         }

@@ -1,0 +1,306 @@
+//! The child processes (mock, gateway, nginx): start, wait until ready, read /proc, stop.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::LoadError;
+
+/// How long a child may take to say it is listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a child may take to exit after SIGTERM (the gateway drains and flushes).
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output lines kept per child, for error messages.
+const KEPT_LINES: usize = 20;
+/// Linux reports utime/stime in USER_HZ, which is 100 on every architecture (it is ABI).
+const TICKS_PER_SEC: u64 = 100;
+
+/// A running child process; dropping it sends SIGTERM.
+#[derive(Debug)]
+pub struct Proc {
+    name: &'static str,
+    child: Child,
+    pid: u32,
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The last lines it printed (stdout and stderr), for error messages.
+    pub fn tail(&self) -> String {
+        match self.tail.lock() {
+            Ok(t) => t.iter().cloned().collect::<Vec<_>>().join(" | "),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within the stop timeout. Returns whether it
+    /// exited on its own with status 0.
+    pub async fn stop(mut self) -> bool {
+        signal(self.pid, libc::SIGTERM);
+        let clean = match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+                false
+            }
+        };
+        // Already reaped: nothing left for Drop to signal.
+        self.pid = 0;
+        clean
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM rather than SIGKILL: nginx's master only takes its workers down on a signal it
+        // can handle. tokio reaps the child in the background.
+        if self.pid != 0 && matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid, libc::SIGTERM);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is our own
+    // child, not yet reaped (so not reused).
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Spawns `cmd` with piped output, and waits until a line contains `ready`; returns the child
+/// and the rest of that line after `ready`.
+async fn spawn_until(name: &'static str, mut cmd: Command, ready: &'static str) -> Result<(Proc, String), LoadError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| LoadError::Start {
+        name,
+        reason: e.to_string(),
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(KEPT_LINES)));
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    if let Some(out) = child.stdout.take() {
+        drain(out, tail.clone(), tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        drain(err, tail.clone(), tx);
+    }
+    let proc = Proc { name, child, pid, tail };
+    let found = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = rx.recv().await {
+            if let Some((_, rest)) = line.split_once(ready) {
+                return Some(rest.to_string());
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(rest)) => Ok((proc, rest)),
+        Ok(None) => Err(LoadError::Start {
+            name,
+            reason: format!("exited: {}", proc.tail()),
+        }),
+        Err(_) => Err(LoadError::Start {
+            name,
+            reason: format!("no `{ready}` within {START_TIMEOUT:?}: {}", proc.tail()),
+        }),
+    }
+}
+
+/// Reads a child's output to its end (so the pipe never fills and blocks it), keeping the last
+/// lines and passing each on while someone listens.
+fn drain(
+    out: impl AsyncRead + Unpin + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    tx: mpsc::UnboundedSender<String>,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(mut t) = tail.lock() {
+                if t.len() == KEPT_LINES {
+                    t.pop_front();
+                }
+                t.push_back(line.clone());
+            }
+            let _ = tx.send(line);
+        }
+    });
+}
+
+fn parse_addr(name: &'static str, rest: &str) -> Result<SocketAddr, LoadError> {
+    rest.split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| LoadError::Start {
+            name,
+            reason: format!("cannot read the address from `{rest}`"),
+        })
+}
+
+/// Starts `gemini-meter mock-upstream` on a free loopback port.
+pub async fn start_mock(
+    binary: &Path,
+    chunks: u32,
+    chunk_delay: Duration,
+    ttfb: Duration,
+) -> Result<(Proc, SocketAddr), LoadError> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("mock-upstream")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--chunks")
+        .arg(chunks.to_string())
+        .arg("--chunk-interval-ms")
+        .arg(chunk_delay.as_millis().to_string())
+        .arg("--ttfb-ms")
+        .arg(ttfb.as_millis().to_string())
+        .env("RUST_LOG", "info");
+    let (p, rest) = spawn_until("mock upstream", cmd, "listening on ").await?;
+    let addr = parse_addr("mock upstream", &rest)?;
+    Ok((p, addr))
+}
+
+/// Starts `gemini-meter serve --config PATH` with the admin token and upstream key in its env.
+pub async fn start_gateway(
+    binary: &Path,
+    config: &Path,
+    admin_token: &str,
+    upstream_key: &str,
+) -> Result<(Proc, SocketAddr), LoadError> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env(super::configs::ADMIN_TOKEN_ENV, admin_token)
+        .env(super::configs::UPSTREAM_KEY_ENV, upstream_key)
+        .env("RUST_LOG", "info")
+        .env_remove("GEMINI_METER_FAKE_NOW");
+    let (p, rest) = spawn_until("gateway", cmd, "listening on ").await?;
+    let addr = parse_addr("gateway", &rest)?;
+    Ok((p, addr))
+}
+
+/// `nginx` on PATH, else Debian's /usr/sbin/nginx.
+pub fn find_nginx() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nginx")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+}
+
+/// Starts nginx on `conf` and waits until `listen` accepts connections (nginx prints nothing
+/// when it is ready).
+pub async fn start_nginx(nginx: &Path, prefix: &Path, conf: &Path, listen: SocketAddr) -> Result<Proc, LoadError> {
+    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(prefix.join("nginx-tmp").join(sub)).map_err(LoadError::io("nginx temp dir"))?;
+    }
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(conf)
+        .arg("-e")
+        .arg(prefix.join("nginx-error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| LoadError::Start {
+        name: "nginx",
+        reason: e.to_string(),
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(KEPT_LINES)));
+    let (tx, _rx) = mpsc::unbounded_channel::<String>();
+    if let Some(out) = child.stdout.take() {
+        drain(out, tail.clone(), tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        drain(err, tail.clone(), tx);
+    }
+    let mut proc = Proc {
+        name: "nginx",
+        child,
+        pid,
+        tail,
+    };
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            return Ok(proc);
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            let log = std::fs::read_to_string(prefix.join("nginx-error.log")).unwrap_or_default();
+            return Err(LoadError::Start {
+                name: proc.name,
+                reason: format!("exited with {status}: {} {}", proc.tail(), log.trim()),
+            });
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(LoadError::Start {
+                name: proc.name,
+                reason: format!("{listen} not accepting within {START_TIMEOUT:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free loopback port (bind, read, release; nginx needs a fixed one in its config).
+pub fn free_port() -> Result<SocketAddr, LoadError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(LoadError::io("finding a free port"))?;
+    l.local_addr().map_err(LoadError::io("finding a free port"))
+}
+
+/// Resident memory of `pid` in bytes (`VmRSS`), or `None` once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time (user + system, all threads) of `pid` so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let after = &s[s.rfind(')')? + 1..];
+    let mut f = after.split_whitespace();
+    // After ')' come state (field 3) ... utime is field 14, stime field 15.
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_SEC))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_proc() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).unwrap() > 0);
+        assert!(cpu_time(pid).is_some());
+    }
+}

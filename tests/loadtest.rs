@@ -1,0 +1,60 @@
+//! `gemini-meter loadtest` end to end, tiny: the real binary starts its mock and gateway, drives
+//! them for a second, and the report's metering check passes. No timing is asserted: the figures
+//! depend on the machine; only that they exist and that every gateway request was metered.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn tiny_run_reports_and_meters_every_request() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gemini-meter"))
+        .args([
+            "loadtest",
+            "--mode",
+            "both",
+            "--duration-secs",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup-secs",
+            "0.2",
+            "--concurrency",
+            "4",
+            "--users",
+            "3",
+            "--no-nginx",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gemini-meter loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadtest failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON report on stdout");
+
+    assert_eq!(v["nginx"]["used"], false, "{v}");
+    let kinds = v["kinds"].as_array().expect("kinds");
+    assert_eq!(kinds.len(), 2);
+    for k in kinds {
+        let rows = k["targets"].as_array().expect("targets");
+        let names: Vec<&str> = rows.iter().filter_map(|r| r["target"].as_str()).collect();
+        assert_eq!(names, ["direct", "gateway"], "{k}");
+        for r in rows {
+            assert!(r["ok"].as_u64().unwrap_or(0) > 0, "no successful requests: {r}");
+            assert_eq!(r["errors"]["total"], 0, "{r}");
+            assert!(r["latency"]["p99_ms"].as_f64().is_some(), "{r}");
+        }
+        if k["kind"] == "sse" {
+            assert!(rows[1]["gap"]["count"].as_u64().unwrap_or(0) > 0, "{k}");
+            assert!(rows[1]["added_gap_p99_ms"].as_f64().is_some(), "{k}");
+        }
+        assert!(rows[1]["cpu_per_request_us"].as_f64().is_some(), "{k}");
+    }
+
+    let m = &v["metering"];
+    assert_eq!(m["pass"], true, "{m}");
+    assert_eq!(m["ledger_messages"], m["tool_ok"], "{m}");
+    assert!(v["gateway_rss_bytes"]["peak"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["gateway_clean_exit"], true, "{v}");
+}
