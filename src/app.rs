@@ -102,7 +102,7 @@ impl App {
         m.upload_bytes.fetch_add(rec.bytes, Relaxed);
         let nanos = (rec.cost * rust_decimal::Decimal::from(1_000_000_000u32)).trunc();
         m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
-        let alerts = self.alerts.detect(&self.live.load(), user, &rec, &*self.clock);
+        let alerts = self.alerts.detect(&self.live.load(), &self.registry, user, &rec, &*self.clock);
         if alerts.is_empty() {
             self.recorder.record(rec);
         } else {

@@ -23,17 +23,18 @@ use crate::proxy::headers::caller_key;
 /// Routes `/api/usage/*`.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let key = authenticate(app, &req)?;
+    let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, &key.user))),
-        (&Method::GET, "/api/usage/history") => history(app, &key.user, &req),
-        (&Method::GET, "/api/usage/daily") => daily(app, &key.user, &req),
-        (&Method::GET, "/api/usage/breakdown") => breakdown(app, &key.user, &req).await,
-        (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, &key)),
+        (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
+        (&Method::GET, "/api/usage/history") => history(app, user, &req),
+        (&Method::GET, "/api/usage/daily") => daily(app, user, &req),
+        (&Method::GET, "/api/usage/breakdown") => breakdown(app, user, &req).await,
+        (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, key)),
         _ => Err(ApiError::not_found("No such usage route.")),
     }
 }
 
-fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Arc<KeyEntry>, ApiError> {
+fn authenticate(app: &App, req: &Request<Incoming>) -> Result<KeyEntry, ApiError> {
     let (key, _) = caller_key(req.headers(), req.uri().query()).ok_or_else(ApiError::missing_key)?;
     app.registry.identify(&key).ok_or_else(ApiError::invalid_key)
 }
@@ -53,7 +54,7 @@ pub fn current(app: &App, user: &User) -> Value {
     let t = user.usage.snapshot(month);
     let rt = app.live.load();
     let tier_name = user.tier();
-    let tier = rt.tiers.get(tier_name.as_str()).map(|t| &t.tier);
+    let tier = rt.tier_by_id(user.tier_id()).map(|t| &t.tier);
     let lim_u = |f: fn(&crate::config::Tier) -> Option<u64>| tier.and_then(f);
     let limits = json!({
         "messages": lim_u(|t| t.messages),
@@ -153,7 +154,7 @@ pub const MODEL_SCAN_LIMIT: usize = 20_000;
 
 /// `GET /api/usage/breakdown?month=YYYY-MM` (default: this month): the caller's usage of a
 /// month by record type (from the per-day aggregates, exact) and by model (from the records).
-async fn breakdown(app: &Arc<App>, user: &Arc<User>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+async fn breakdown(app: &Arc<App>, user: &User, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let month = match query_map(req).get("month") {
         Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM"))?,
         None => Month::of(app.clock.now()),
