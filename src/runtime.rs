@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::DefaultClock;
+use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
+use crate::admission::KeyCells;
 use crate::config::{Config, ConfigError, Tier};
 
 /// Errors of building a runtime from a config.
@@ -32,8 +34,9 @@ pub fn process_env() -> EnvLookup {
     Arc::new(|name| std::env::var(name).ok())
 }
 
-/// A per-key requests-per-minute limiter, keyed by the key's slot in the registry.
-pub type KeyLimiter = DefaultKeyedRateLimiter<u32>;
+/// A per-key requests-per-minute limiter (governor's GCRA), keyed by the key's slot in the
+/// registry, its state one cell per slot ([`KeyCells`]).
+pub type KeyLimiter = RateLimiter<u32, KeyCells, DefaultClock>;
 
 /// A tier name as a small number, so each of a million users holds 2 bytes rather than a
 /// pointer, and admission finds its tier by index rather than by hashing a string.
@@ -158,7 +161,13 @@ impl Runtime {
                     .and_then(|p| p.tiers.get(name))
                     .filter(|old| old.tier.requests_per_minute == Some(rpm))
                     .and_then(|old| old.rpm.clone());
-                reuse.unwrap_or_else(|| Arc::new(RateLimiter::keyed(Quota::per_minute(rpm))))
+                reuse.unwrap_or_else(|| {
+                    Arc::new(RateLimiter::new(
+                        Quota::per_minute(rpm),
+                        KeyCells::default(),
+                        DefaultClock::default(),
+                    ))
+                })
             });
             let limit_values = [
                 tier.messages.map(http::HeaderValue::from),

@@ -2,6 +2,7 @@
 //! rate limits, then the monthly quotas. The message is reserved atomically here, so the message
 //! quota is exact under any concurrency. Nothing is sent upstream before this passes.
 
+mod cells;
 mod window;
 
 use chrono::{DateTime, Utc};
@@ -10,6 +11,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use rust_decimal::Decimal;
 use serde_json::json;
 
+pub use cells::KeyCells;
 pub use window::TokenWindow;
 
 use crate::clock::{Month, rfc3339};
