@@ -9,9 +9,10 @@
 //!   a restart does. The tier limits messages, tokens, requests per minute (governor, per key),
 //!   tokens per minute and models, so every check of admission runs.
 //! - Memory per user, idle: over `Registry::load`, (a) the growth of live heap bytes, counted by
-//!   a wrapping global allocator, minus what is still live once the registry is dropped (so the
-//!   store's own cache is left out), and (b) the growth of RSS (includes malloc's per-block
-//!   overhead, but also sled's page cache, capped here at 8 MB). Both divided by N.
+//!   a wrapping global allocator as malloc holds them (usable size + header of each block),
+//!   minus what is still live once the registry is dropped (so the store's own cache is left
+//!   out), and (b) the growth of RSS after `malloc_trim` (includes sled's page cache, capped here
+//!   at 8 MB). Both divided by N.
 //! - Memory per user, active: every user's key is then identified and admitted once, which
 //!   creates its rate-limiter state; the growth of live heap and RSS over that, divided by N,
 //!   is added to the idle figure.
@@ -39,32 +40,52 @@ use gemini_meter::identity::{KeyEntry, Registry, generate_key, hash_key};
 use gemini_meter::ledger::SledStore;
 use gemini_meter::runtime::{EnvLookup, Runtime};
 
-/// Counts live heap bytes (what the program asked for, without malloc's overhead).
+/// Counts live heap bytes as glibc's malloc holds them: each block's usable size plus its
+/// 8-byte header, so small blocks count with their rounding and overhead.
 struct Counting;
 
 static LIVE: AtomicI64 = AtomicI64::new(0);
 
+unsafe extern "C" {
+    fn malloc_usable_size(p: *mut std::ffi::c_void) -> usize;
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+fn block(p: *mut u8) -> i64 {
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: `p` is a live block from the system allocator (glibc malloc).
+    unsafe { malloc_usable_size(p.cast()) as i64 + 8 }
+}
+
 // SAFETY: forwards to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
+        let p = unsafe { System.alloc(l) };
+        LIVE.fetch_add(block(p), Ordering::Relaxed);
+        p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as i64, Ordering::Relaxed);
+        LIVE.fetch_sub(block(p), Ordering::Relaxed);
         // SAFETY: same contract as ours.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
         // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(l) }
+        let p = unsafe { System.alloc_zeroed(l) };
+        LIVE.fetch_add(block(p), Ordering::Relaxed);
+        p
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as i64 - l.size() as i64, Ordering::Relaxed);
+        let old = block(p);
         // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, new) }
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_add(block(q) - old, Ordering::Relaxed);
+        }
+        q
     }
 }
 
@@ -75,7 +96,11 @@ fn live() -> i64 {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// Resident memory, after handing freed heap pages back to the OS (otherwise memory freed while
+/// writing the store would be reused unseen and the growth undercounted).
 fn rss() -> i64 {
+    // SAFETY: glibc's malloc_trim has no preconditions.
+    unsafe { malloc_trim(0) };
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok()))
@@ -146,7 +171,10 @@ models = ["gemini-2.5-flash"]
             store.keys().apply_batch(std::mem::take(&mut kb)).expect("keys batch");
         }
     }
-    eprintln!("wrote {n} users with one key each in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {n} users with one key each in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 
     let month = Month::of(now);
     let per = |bytes: i64| bytes as f64 / n.max(1) as f64;
@@ -282,7 +310,9 @@ fn bench(c: &mut Criterion) {
         let e = entries[0];
         admit(&s.rt, s.registry.user_of(e).expect("user"), e, &ask, now).expect("admitted")
     };
-    g.bench_function("quota_headers", |b| b.iter(|| black_box(admitted.quota_headers(&s.rt).len())));
+    g.bench_function("quota_headers", |b| {
+        b.iter(|| black_box(admitted.quota_headers(&s.rt).len()))
+    });
 
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     g.bench_function(format!("identify_admit_{threads}_threads_hot64"), |b| {

@@ -159,7 +159,10 @@ pub fn admit(
             StatusCode::FORBIDDEN,
             "PERMISSION_DENIED",
             "model_not_allowed",
-            format!("Model {m} is not available on the {} plan. Upgrade your plan to use it.", tr.name),
+            format!(
+                "Model {m} is not available on the {} plan. Upgrade your plan to use it.",
+                tr.name
+            ),
         )
         .with_reason("MODEL_NOT_ALLOWED", json!({"model": m, "tier": &*tr.name})));
     }

@@ -136,7 +136,7 @@ impl Alerts {
             if created != a.user_created {
                 continue;
             }
-            let mut e = self.fired.entry(user.id.clone()).or_insert(Fired {
+            let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
                 month,
                 user_created: created,
                 bits: [0; 4],
@@ -231,11 +231,11 @@ impl Alerts {
                 if email {
                     channels.push(Channel::Email);
                 }
-                tracing::info!(user = %user.id, quota = q.as_str(), threshold = t, %used, %limit, "quota alert");
+                tracing::info!(user = %user.id(), quota = q.as_str(), threshold = t, %used, %limit, "quota alert");
                 self.metrics.fired.fetch_add(1, Ordering::Relaxed);
                 out.push(Alert {
-                    id: Alert::make_id(&user.id, user_created, month, q, t),
-                    user_id: user.id.clone(),
+                    id: Alert::make_id(user.id(), user_created, month, q, t),
+                    user_id: user.id_arc(),
                     user_created,
                     tier: tier_name.to_string(),
                     quota: q,
@@ -258,14 +258,14 @@ impl Alerts {
         let created = user.created_unix();
         let i = q.index();
         // Read lock first: a user past a threshold keeps hitting it, and it is fired already.
-        if let Some(f) = self.fired.get(&*user.id)
+        if let Some(f) = self.fired.get(user.id())
             && f.month == month
             && f.user_created == created
             && want & !f.bits[i] == 0
         {
             return 0;
         }
-        let mut e = self.fired.entry(user.id.clone()).or_insert(Fired {
+        let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
             month,
             user_created: created,
             bits: [0; 4],

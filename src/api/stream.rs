@@ -88,10 +88,7 @@ pub fn response(app: &Arc<App>, key: KeyEntry) -> Response<ProxyBody> {
 /// Ends when the key is revoked (seen at the next heartbeat), when [`close_all`] is called, or
 /// when the app goes away.
 pub fn events(app: Arc<App>, key: KeyEntry, timing: StreamTiming) -> impl Stream<Item = Bytes> + Send + 'static {
-    let user_id = app
-        .registry
-        .user_of(key)
-        .map_or_else(|| Arc::from(""), |u| u.id.clone());
+    let user_id = app.registry.user_of(key).map_or_else(|| Arc::from(""), |u| u.id_arc());
     let state = State {
         rx: app.usage_events.subscribe(),
         user_id,

@@ -76,7 +76,7 @@ pub fn current(app: &App, user: &User) -> Value {
         "cost": tier.and_then(|tr| tr.cost).map(|l| pct(t.cost, l)).unwrap_or(Value::Null),
     });
     json!({
-        "user_id": &*user.id,
+        "user_id": user.id(),
         "tier": &*tier_name,
         "month": month.to_string(),
         "resets_at": rfc3339(month.resets_at()),
@@ -94,7 +94,7 @@ fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<P
         None => None,
     };
     let f = RecordFilter {
-        user_id: Some(user.id.to_string()),
+        user_id: Some(user.id().to_string()),
         before,
         ..Default::default()
     };
@@ -120,7 +120,7 @@ pub fn records_page(app: &App, f: &RecordFilter, limit: usize) -> Result<Value, 
 fn daily(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let q = query_map(req);
     let days = bounded(&q, "days", 30, 366)?;
-    Ok(json_response(StatusCode::OK, &daily_rows(app, Some(&user.id), days)?))
+    Ok(json_response(StatusCode::OK, &daily_rows(app, Some(user.id()), days)?))
 }
 
 /// Per day and type totals for the last `days` days (one user or everyone).
@@ -159,7 +159,7 @@ async fn breakdown(app: &Arc<App>, user: &User, req: &Request<Incoming>) -> Resu
         Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM"))?,
         None => Month::of(app.clock.now()),
     };
-    let (app, user_id) = (app.clone(), user.id.to_string());
+    let (app, user_id) = (app.clone(), user.id().to_string());
     let body = tokio::task::spawn_blocking(move || breakdown_body(&app, &user_id, month, MODEL_SCAN_LIMIT))
         .await
         .map_err(|e| ApiError::internal(format!("breakdown task: {e}")))??;

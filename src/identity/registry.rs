@@ -69,11 +69,43 @@ pub fn valid_user_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
+/// A user id, inline when it is short (most are: no heap block, no pointer to chase).
+#[derive(Debug)]
+enum UserId {
+    Inline { len: u8, bytes: [u8; 22] },
+    Heap(Box<str>),
+}
+
+impl UserId {
+    fn new(s: &str) -> Self {
+        let mut bytes = [0u8; 22];
+        match bytes.get_mut(..s.len()) {
+            Some(b) => {
+                b.copy_from_slice(s.as_bytes());
+                UserId::Inline {
+                    len: s.len() as u8,
+                    bytes,
+                }
+            }
+            None => UserId::Heap(Box::from(s)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `&str` whole, so always valid UTF-8.
+            UserId::Inline { len, bytes } => {
+                std::str::from_utf8(bytes.get(..usize::from(*len)).unwrap_or_default()).unwrap_or_default()
+            }
+            UserId::Heap(s) => s,
+        }
+    }
+}
+
 /// A user: what admission and settling need, kept small (one of a million in memory).
 #[derive(Debug)]
 pub struct User {
-    /// The user id.
-    pub id: Arc<str>,
+    id: UserId,
     /// Creation time in Unix seconds (what is stored; alerts tell incarnations of an id apart by it).
     created: i64,
     has_email: bool,
@@ -86,6 +118,16 @@ pub struct User {
 }
 
 impl User {
+    /// The user id.
+    pub fn id(&self) -> &str {
+        self.id.as_str()
+    }
+
+    /// The user id as a shared string (for records and events).
+    pub fn id_arc(&self) -> Arc<str> {
+        Arc::from(self.id())
+    }
+
     /// The user's tier (changes apply to the next request).
     pub fn tier_id(&self) -> TierId {
         TierId::from_raw(self.tier.load(Ordering::Relaxed))
@@ -257,9 +299,8 @@ impl Registry {
     }
 
     fn find_user(&self, id: &str) -> Option<u32> {
-        self.by_user_id.find(self.str_hash(id), |i| {
-            self.users.get(i).is_some_and(|u| &*u.id == id)
-        })
+        self.by_user_id
+            .find(self.str_hash(id), |i| self.users.get(i).is_some_and(|u| u.id() == id))
     }
 
     fn find_key_id(&self, key_id: &str) -> Option<u32> {
@@ -282,7 +323,7 @@ impl Registry {
             return Err(IdentityError::Exists(id.into()));
         }
         let slot = self.users.push(User {
-            id: Arc::from(id),
+            id: UserId::new(id),
             created,
             has_email,
             tier: AtomicU16::new(TierId::of(tier).raw()),
@@ -293,8 +334,8 @@ impl Registry {
         let inserted = self.by_user_id.insert(
             hash,
             slot,
-            |i| self.users.get(i).is_some_and(|u| &*u.id == id),
-            |i| self.users.get(i).map_or(0, |u| self.str_hash(&u.id)),
+            |i| self.users.get(i).is_some_and(|u| u.id() == id),
+            |i| self.users.get(i).map_or(0, |u| self.str_hash(u.id())),
         );
         if inserted.is_err() {
             // Lost a race with a create of the same id: this slot stays unused.
@@ -346,11 +387,14 @@ impl Registry {
             return None;
         }
         let hash = hash_key(key);
-        let k = self.by_hash.find(digest_hash(&hash), |i| {
-            self.keys.get(i).is_some_and(|s| s.hash == hash)
-        })?;
+        let k = self
+            .by_hash
+            .find(digest_hash(&hash), |i| self.keys.get(i).is_some_and(|s| s.hash == hash))?;
         let slot = self.keys.get(k)?;
-        Some(KeyEntry { user: slot.user, key: k })
+        Some(KeyEntry {
+            user: slot.user,
+            key: k,
+        })
     }
 
     /// True while a key is active (not revoked, its user not deleted).
@@ -364,7 +408,10 @@ impl Registry {
     pub fn entry_by_key_id(&self, key_id: &str) -> Option<KeyEntry> {
         let k = self.find_key_id(key_id)?;
         let slot = self.keys.get(k)?;
-        Some(KeyEntry { user: slot.user, key: k })
+        Some(KeyEntry {
+            user: slot.user,
+            key: k,
+        })
     }
 
     /// The public id of a key.
@@ -392,7 +439,7 @@ impl Registry {
         if !user.has_email {
             return None;
         }
-        let v = self.store.users().get(user.id.as_bytes()).ok()??;
+        let v = self.store.users().get(user.id().as_bytes()).ok()??;
         let j: Value = serde_json::from_slice(&v).ok()?;
         j["email"].as_str().map(str::to_string)
     }
@@ -400,7 +447,7 @@ impl Registry {
     /// JSON view for the admin API.
     pub fn user_json(&self, user: &User) -> Value {
         let email = self.email(user);
-        user_json(&user.id, &user.tier(), email.as_deref(), user.created_at())
+        user_json(user.id(), &user.tier(), email.as_deref(), user.created_at())
     }
 
     /// Creates a user in `tier` (the caller checked that the tier exists).
@@ -428,9 +475,9 @@ impl Registry {
 
     /// Takes a user out of the id index and marks it deleted.
     fn remove_user(&self, id: &str) -> Option<u32> {
-        let slot = self.by_user_id.remove(self.str_hash(id), |i| {
-            self.users.get(i).is_some_and(|u| &*u.id == id)
-        })?;
+        let slot = self
+            .by_user_id
+            .remove(self.str_hash(id), |i| self.users.get(i).is_some_and(|u| u.id() == id))?;
         if let Some(u) = self.users.get(slot) {
             u.deleted.store(true, Ordering::Release);
         }
@@ -535,7 +582,7 @@ impl Registry {
             .get(k)
             .and_then(|s| self.users.get(s.user))
             .ok_or_else(|| IdentityError::NoKey(key_id.into()))?;
-        let skey = format!("{}/{}", user.id, key_id);
+        let skey = format!("{}/{}", user.id(), key_id);
         if let Some(v) = self.store.keys().get(skey.as_bytes())? {
             let mut j: Value = serde_json::from_slice(&v).map_err(corrupt)?;
             j["revoked_at"] = Value::String(rfc3339(now));
@@ -553,8 +600,19 @@ mod tests {
     #[test]
     fn slots_stay_small() {
         // The per-user budget of issue 3 (300 bytes) is mostly these two.
-        assert!(std::mem::size_of::<User>() <= 128, "User: {}", std::mem::size_of::<User>());
-        assert!(std::mem::size_of::<KeySlot>() <= 64, "KeySlot: {}", std::mem::size_of::<KeySlot>());
+        assert!(
+            std::mem::size_of::<User>() <= 136,
+            "User: {}",
+            std::mem::size_of::<User>()
+        );
+        assert_eq!(UserId::new("user-0000001").as_str(), "user-0000001");
+        let long = "u".repeat(64);
+        assert_eq!(UserId::new(&long).as_str(), long);
+        assert!(
+            std::mem::size_of::<KeySlot>() <= 64,
+            "KeySlot: {}",
+            std::mem::size_of::<KeySlot>()
+        );
     }
 
     #[test]
@@ -564,7 +622,8 @@ mod tests {
         let now = Utc::now();
         let month = Month::of(now);
         let reg = Registry::load(store.clone(), month).unwrap();
-        reg.create_user("ann", "free", Some("ann@example.com"), now, month).unwrap();
+        reg.create_user("ann", "free", Some("ann@example.com"), now, month)
+            .unwrap();
         assert!(matches!(
             reg.create_user("ann", "free", None, now, month),
             Err(IdentityError::Exists(_))
@@ -573,7 +632,7 @@ mod tests {
         let (k2, _) = reg.create_key("ann", now).unwrap();
         let e1 = reg.identify(&k1).unwrap();
         assert_eq!(reg.key_id(e1), id1);
-        assert_eq!(&*reg.user_of(e1).unwrap().id, "ann");
+        assert_eq!(reg.user_of(e1).unwrap().id(), "ann");
         assert_eq!(reg.entry_by_key_id(&id1), Some(e1));
         assert_eq!(reg.email(reg.user("ann").unwrap()).as_deref(), Some("ann@example.com"));
         reg.set_tier("ann", "pro").unwrap();

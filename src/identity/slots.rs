@@ -39,7 +39,9 @@ impl<T> Default for Arena<T> {
 
 impl<T: std::fmt::Debug> std::fmt::Debug for Arena<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena").field("len", &self.len()).finish_non_exhaustive()
+        f.debug_struct("Arena")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -156,7 +158,10 @@ mod tests {
         assert_eq!(a.get(CHUNK as u32 + 3).map(String::as_str), Some("v16387"));
         assert!(a.get(n).is_none());
         let idx = Index::default();
-        let h = |s: &str| s.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)) << 3);
+        let h = |s: &str| {
+            s.bytes()
+                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)) << 3)
+        };
         let rehash = |i: u32| h(a.get(i).unwrap());
         for i in 0..n {
             let v = a.get(i).unwrap();

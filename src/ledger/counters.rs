@@ -99,7 +99,11 @@ mod tests {
 
     #[test]
     fn counters_stay_small() {
-        assert!(std::mem::size_of::<UserUsage>() <= 72, "{}", std::mem::size_of::<UserUsage>());
+        assert!(
+            std::mem::size_of::<UserUsage>() <= 72,
+            "{}",
+            std::mem::size_of::<UserUsage>()
+        );
     }
 
     #[test]

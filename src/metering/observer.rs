@@ -250,7 +250,7 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     }
     let rec = Record {
         id: m.app.ids.next(now),
-        user_id: user.id.clone(),
+        user_id: user.id_arc(),
         kind: RecordKind::AiResponse,
         tokens: tokens.total,
         messages: 0,
@@ -259,10 +259,7 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
         metadata: md,
         created_at: now,
     };
-    if let Some(tpm) = rt
-        .tier_by_id(user.tier_id())
-        .and_then(|t| t.tier.tokens_per_minute)
-    {
+    if let Some(tpm) = rt.tier_by_id(user.tier_id()).and_then(|t| t.tier.tokens_per_minute) {
         user.tpm.add(tokens.total, Some(tpm));
     }
     m.app.settle_record(user, rec, false);

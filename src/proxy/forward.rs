@@ -76,7 +76,7 @@ impl Pending {
         }
         Record {
             id: self.app.ids.next(self.at),
-            user_id: user.id.clone(),
+            user_id: user.id_arc(),
             kind: RecordKind::MessageSent,
             tokens: 0,
             messages,
@@ -183,9 +183,9 @@ async fn forward_inner(
                 s.key
             }
             Some(_) => return Err(ApiError::invalid_key()),
-            None => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+            None => identify(app, presented.as_ref().map(|p| p.0.as_ref()))?,
         },
-        _ => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+        _ => identify(app, presented.as_ref().map(|p| p.0.as_ref()))?,
     };
     let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     let tags = take_tags(&mut parts.headers);

@@ -161,7 +161,7 @@ pub fn record_upload(
     }
     let rec = Record {
         id: app.ids.next(now),
-        user_id: user.id.clone(),
+        user_id: user.id_arc(),
         kind: RecordKind::FileUpload,
         tokens: 0,
         messages: 0,
