@@ -102,7 +102,10 @@ impl App {
         m.upload_bytes.fetch_add(rec.bytes, Relaxed);
         let nanos = (rec.cost * rust_decimal::Decimal::from(1_000_000_000u32)).trunc();
         m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
-        let alerts = self.alerts.detect(&self.live.load(), user, &rec, &*self.clock);
+        let user_id = rec.user_id.clone();
+        let alerts = self
+            .alerts
+            .detect(&self.live.load(), &self.registry, user, &rec, &*self.clock);
         if alerts.is_empty() {
             self.recorder.record(rec);
         } else {
@@ -114,6 +117,6 @@ impl App {
             crate::alerts::wait_on_disk(&on_disk);
         }
         // Nobody listening is the common case; that is not an error.
-        let _ = self.usage_events.send(user.id.clone());
+        let _ = self.usage_events.send(user_id);
     }
 }

@@ -2,6 +2,7 @@
 //! rate limits, then the monthly quotas. The message is reserved atomically here, so the message
 //! quota is exact under any concurrency. Nothing is sent upstream before this passes.
 
+mod cells;
 mod window;
 
 use chrono::{DateTime, Utc};
@@ -10,13 +11,14 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use rust_decimal::Decimal;
 use serde_json::json;
 
+pub use cells::KeyCells;
 pub use window::TokenWindow;
 
 use crate::clock::{Month, rfc3339};
 use crate::error::ApiError;
-use crate::identity::KeyEntry;
+use crate::identity::{KeyEntry, User};
 use crate::ledger::Totals;
-use crate::runtime::{Runtime, TierRuntime};
+use crate::runtime::{Runtime, TierId, TierRuntime};
 
 /// What kind of request is being admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +51,23 @@ pub struct Admitted {
     pub at: DateTime<Utc>,
     /// True when a message was reserved (to settle or give back).
     pub reserved_message: bool,
-    /// `x-quota-*` headers for the response.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The tier and the totals as of admission, for the `x-quota-*` headers; `None`: no headers.
+    pub quota: Option<(TierId, Totals)>,
+}
+
+impl Admitted {
+    /// The `x-quota-*` headers for the response, as of admission. Rendered when the response
+    /// goes out rather than at admission: formatting numbers allocates, and a refused or failed
+    /// request never needs them. `rt` is the snapshot the request was admitted under.
+    pub fn quota_headers(&self, rt: &Runtime) -> Vec<(HeaderName, HeaderValue)> {
+        match &self.quota {
+            Some((tier, totals)) => match rt.tier_by_id(*tier) {
+                Some(tr) => quota_headers(tr, totals),
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Which quota a refusal is about.
@@ -107,11 +124,18 @@ fn rate_limited(what: &str, retry_secs: u64) -> ApiError {
     e
 }
 
-/// Checks a request against its tier and reserves what it needs.
-pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) -> Result<Admitted, ApiError> {
-    let user = &key.user;
-    let tier_name = user.tier();
-    let Some(tr) = rt.tiers.get(tier_name.as_str()) else {
+/// Checks a request of `user` (the owner of `key`) against their tier and reserves what it
+/// needs. No allocation unless it refuses.
+pub fn admit(
+    rt: &Runtime,
+    user: &User,
+    key: KeyEntry,
+    ask: &Ask<'_>,
+    now: DateTime<Utc>,
+) -> Result<Admitted, ApiError> {
+    let tier_id = user.tier_id();
+    let Some(tr) = rt.tier_by_id(tier_id) else {
+        let tier_name = user.tier();
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "PERMISSION_DENIED",
@@ -135,14 +159,17 @@ pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) ->
             StatusCode::FORBIDDEN,
             "PERMISSION_DENIED",
             "model_not_allowed",
-            format!("Model {m} is not available on the {tier_name} plan. Upgrade your plan to use it."),
+            format!(
+                "Model {m} is not available on the {} plan. Upgrade your plan to use it.",
+                tr.name
+            ),
         )
-        .with_reason("MODEL_NOT_ALLOWED", json!({"model": m, "tier": &*tier_name})));
+        .with_reason("MODEL_NOT_ALLOWED", json!({"model": m, "tier": &*tr.name})));
     }
 
     // 2. Rate limits: per key, then tokens per minute per user.
     if let Some(lim) = &tr.rpm
-        && let Err(not_until) = lim.check_key(&key.limiter_id)
+        && let Err(not_until) = lim.check_key(&key.limiter_key())
     {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -219,11 +246,12 @@ pub fn admit(rt: &Runtime, key: &KeyEntry, ask: &Ask<'_>, now: DateTime<Utc>) ->
         month,
         at: now,
         reserved_message: reserved,
-        headers: quota_headers(tr, &totals),
+        quota: Some((tier_id, totals)),
     })
 }
 
-fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
+/// The `x-quota-*` headers for `tr`'s limits and totals `t`.
+pub fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
     let tier = &tr.tier;
     let mut h = Vec::with_capacity(8);
     let mut warn: Option<(&str, u64)> = None;

@@ -132,11 +132,11 @@ impl Alerts {
             let Some(user) = registry.user(&a.user_id) else {
                 continue;
             };
-            let created = user.created_at.timestamp();
+            let created = user.created_unix();
             if created != a.user_created {
                 continue;
             }
-            let mut e = self.fired.entry(user.id.clone()).or_insert(Fired {
+            let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
                 month,
                 user_created: created,
                 bits: [0; 4],
@@ -164,7 +164,14 @@ impl Alerts {
     /// Nothing is detected while no channel is configured, or for a user no channel reaches
     /// (only email configured, and the user has none): once one is, a user already past a
     /// threshold is alerted on their next use of that quota.
-    pub fn detect(&self, rt: &Runtime, user: &User, rec: &Record, clock: &dyn Clock) -> Vec<Alert> {
+    pub fn detect(
+        &self,
+        rt: &Runtime,
+        registry: &Registry,
+        user: &User,
+        rec: &Record,
+        clock: &dyn Clock,
+    ) -> Vec<Alert> {
         let cfg = &rt.config.alerts;
         let Some(&lowest) = cfg.thresholds.first() else {
             return Vec::new();
@@ -179,14 +186,14 @@ impl Alerts {
             return Vec::new();
         }
         let webhook = cfg.webhook_url.is_some();
-        let email = cfg.smtp.is_some() && user.email.as_deref().is_some_and(|e| !e.is_empty());
+        let email = cfg.smtp.is_some() && user.has_email();
         if !webhook && !email {
             return Vec::new();
         }
-        let tier_name = user.tier();
-        let Some(tier) = rt.tiers.get(tier_name.as_str()).map(|t| &t.tier) else {
+        let Some(tr) = rt.tier_by_id(user.tier_id()) else {
             return Vec::new();
         };
+        let (tier, tier_name) = (&tr.tier, &tr.name);
         let month = rec.month();
         let after = user.usage.snapshot(month);
         let mut out = Vec::new();
@@ -209,7 +216,9 @@ impl Alerts {
                 continue;
             }
             let (used, limit) = level.amounts();
-            let user_created = user.created_at.timestamp();
+            let user_created = user.created_unix();
+            // The address is kept in storage only; a crossing is rare enough to read it there.
+            let address = if email { registry.email(user) } else { None };
             let at = clock.now();
             for &t in &cfg.thresholds {
                 if new & (1u128 << t) == 0 {
@@ -222,11 +231,11 @@ impl Alerts {
                 if email {
                     channels.push(Channel::Email);
                 }
-                tracing::info!(user = %user.id, quota = q.as_str(), threshold = t, %used, %limit, "quota alert");
+                tracing::info!(user = %user.id(), quota = q.as_str(), threshold = t, %used, %limit, "quota alert");
                 self.metrics.fired.fetch_add(1, Ordering::Relaxed);
                 out.push(Alert {
-                    id: Alert::make_id(&user.id, user_created, month, q, t),
-                    user_id: user.id.clone(),
+                    id: Alert::make_id(user.id(), user_created, month, q, t),
+                    user_id: user.id_arc(),
                     user_created,
                     tier: tier_name.to_string(),
                     quota: q,
@@ -236,7 +245,7 @@ impl Alerts {
                     month,
                     at,
                     record_id: rec.id,
-                    email: if email { user.email.clone() } else { None },
+                    email: address.clone(),
                     channels,
                 });
             }
@@ -246,17 +255,17 @@ impl Alerts {
 
     /// Marks the thresholds in `want` as fired and returns those that were not yet.
     fn mark(&self, user: &User, month: Month, q: Quota, want: u128) -> u128 {
-        let created = user.created_at.timestamp();
+        let created = user.created_unix();
         let i = q.index();
         // Read lock first: a user past a threshold keeps hitting it, and it is fired already.
-        if let Some(f) = self.fired.get(&*user.id)
+        if let Some(f) = self.fired.get(user.id())
             && f.month == month
             && f.user_created == created
             && want & !f.bits[i] == 0
         {
             return 0;
         }
-        let mut e = self.fired.entry(user.id.clone()).or_insert(Fired {
+        let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
             month,
             user_created: created,
             bits: [0; 4],

@@ -88,8 +88,8 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .registry
                 .user(id)
                 .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
-            let mut v = u.to_json();
-            v["current"] = super::usage::current(app, &u);
+            let mut v = app.registry.user_json(u);
+            v["current"] = super::usage::current(app, u);
             Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["admin", "users", id]) => {
@@ -101,8 +101,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
             known_tier(app, tier)?;
             let u = app.registry.set_tier(&id, tier).map_err(identity_error)?;
+            let body = app.registry.user_json(u);
             app.store.flush().await.map_err(storage)?;
-            Ok(json_response(StatusCode::OK, &u.to_json()))
+            Ok(json_response(StatusCode::OK, &body))
         }
         (Method::DELETE, ["admin", "users", id]) => {
             let id = id.to_string();
@@ -230,7 +231,7 @@ fn group_row(label: &str, name: &str, t: &Totals) -> Value {
 }
 
 fn known_tier(app: &App, tier: &str) -> Result<(), ApiError> {
-    if app.live.load().tiers.contains_key(tier) {
+    if app.live.load().tier(tier).is_some() {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!("Unknown tier {tier}.")))
@@ -266,8 +267,9 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         .registry
         .create_user(id, tier, email, now, Month::of(now))
         .map_err(identity_error)?;
+    let body = app.registry.user_json(u);
     app.store.flush().await.map_err(storage)?;
-    Ok(json_response(StatusCode::CREATED, &u.to_json()))
+    Ok(json_response(StatusCode::CREATED, &body))
 }
 
 fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {

@@ -63,8 +63,8 @@ pub fn close_all(app: &App) {
 }
 
 /// The response of `GET /api/usage/stream` for an identified caller.
-pub fn response(app: &Arc<App>, key: &Arc<KeyEntry>) -> Response<ProxyBody> {
-    let frames = events(app.clone(), key.clone(), StreamTiming::default());
+pub fn response(app: &Arc<App>, key: KeyEntry) -> Response<ProxyBody> {
+    let frames = events(app.clone(), key, StreamTiming::default());
     let body = StreamBody::new(futures_util::StreamExt::map(frames, |b| {
         Ok::<_, BoxError>(Frame::data(b))
     }));
@@ -87,9 +87,11 @@ pub fn response(app: &Arc<App>, key: &Arc<KeyEntry>) -> Response<ProxyBody> {
 /// The bytes of a usage stream for `key`'s user: SSE frames, each a complete event or comment.
 /// Ends when the key is revoked (seen at the next heartbeat), when [`close_all`] is called, or
 /// when the app goes away.
-pub fn events(app: Arc<App>, key: Arc<KeyEntry>, timing: StreamTiming) -> impl Stream<Item = Bytes> + Send + 'static {
+pub fn events(app: Arc<App>, key: KeyEntry, timing: StreamTiming) -> impl Stream<Item = Bytes> + Send + 'static {
+    let user_id = app.registry.user_of(key).map_or_else(|| Arc::from(""), |u| u.id_arc());
     let state = State {
         rx: app.usage_events.subscribe(),
+        user_id,
         app,
         key,
         timing,
@@ -120,7 +122,8 @@ impl Drop for OpenGuard {
 
 struct State {
     app: Arc<App>,
-    key: Arc<KeyEntry>,
+    key: KeyEntry,
+    user_id: Arc<str>,
     rx: Receiver<Arc<str>>,
     timing: StreamTiming,
     started: bool,
@@ -141,7 +144,10 @@ enum Wake {
 
 impl State {
     fn usage_event(&mut self) -> Bytes {
-        let body = super::usage::current(&self.app, &self.key.user);
+        let body = match self.app.registry.user_of(self.key) {
+            Some(user) => super::usage::current(&self.app, user),
+            None => serde_json::Value::Null,
+        };
         self.next_allowed = Instant::now() + self.timing.min_gap;
         self.dirty = false;
         let mut s = String::with_capacity(512);
@@ -170,13 +176,13 @@ impl State {
             };
             match wake {
                 Wake::Flush => {
-                    if !self.app.registry.key_active(&self.key.key_id) {
+                    if !self.app.registry.key_active(self.key) {
                         return None;
                     }
                     return Some(self.usage_event());
                 }
                 Wake::Ping => {
-                    if !self.app.registry.key_active(&self.key.key_id) {
+                    if !self.app.registry.key_active(self.key) {
                         return None;
                     }
                     self.next_ping = Instant::now() + self.timing.ping;
@@ -184,7 +190,7 @@ impl State {
                 }
                 Wake::Event(Ok(id)) if &*id == CLOSE_ALL => return None,
                 Wake::Event(Ok(id)) => {
-                    if *id == *self.key.user.id {
+                    if *id == *self.user_id {
                         self.dirty = true;
                     }
                 }

@@ -22,17 +22,18 @@ use crate::proxy::headers::caller_key;
 /// Routes `/api/usage/*`.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let key = authenticate(app, &req)?;
+    let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, &key.user))),
-        (&Method::GET, "/api/usage/history") => history(app, &key.user, &req),
-        (&Method::GET, "/api/usage/daily") => daily(app, &key.user, &req),
-        (&Method::GET, "/api/usage/breakdown") => breakdown(app, &key.user, &req).await,
-        (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, &key)),
+        (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
+        (&Method::GET, "/api/usage/history") => history(app, user, &req),
+        (&Method::GET, "/api/usage/daily") => daily(app, user, &req),
+        (&Method::GET, "/api/usage/breakdown") => breakdown(app, user, &req).await,
+        (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, key)),
         _ => Err(ApiError::not_found("No such usage route.")),
     }
 }
 
-fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Arc<KeyEntry>, ApiError> {
+fn authenticate(app: &App, req: &Request<Incoming>) -> Result<KeyEntry, ApiError> {
     let (key, _) = caller_key(req.headers(), req.uri().query()).ok_or_else(ApiError::missing_key)?;
     app.registry.identify(&key).ok_or_else(ApiError::invalid_key)
 }
@@ -52,7 +53,7 @@ pub fn current(app: &App, user: &User) -> Value {
     let t = user.usage.snapshot(month);
     let rt = app.live.load();
     let tier_name = user.tier();
-    let tier = rt.tiers.get(tier_name.as_str()).map(|t| &t.tier);
+    let tier = rt.tier_by_id(user.tier_id()).map(|t| &t.tier);
     let lim_u = |f: fn(&crate::config::Tier) -> Option<u64>| tier.and_then(f);
     let limits = json!({
         "messages": lim_u(|t| t.messages),
@@ -74,7 +75,7 @@ pub fn current(app: &App, user: &User) -> Value {
         "cost": tier.and_then(|tr| tr.cost).map(|l| pct(t.cost, l)).unwrap_or(Value::Null),
     });
     json!({
-        "user_id": &*user.id,
+        "user_id": user.id(),
         "tier": &*tier_name,
         "month": month.to_string(),
         "resets_at": rfc3339(month.resets_at()),
@@ -92,7 +93,7 @@ fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<P
         None => None,
     };
     let f = RecordFilter {
-        user_id: Some(user.id.to_string()),
+        user_id: Some(user.id().to_string()),
         cursor: before,
         ..Default::default()
     };
@@ -122,7 +123,7 @@ pub fn records_page(app: &App, f: &RecordFilter, limit: usize) -> Result<Value, 
 fn daily(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let q = query_map(req);
     let days = bounded(&q, "days", 30, 366)?;
-    Ok(json_response(StatusCode::OK, &daily_rows(app, Some(&user.id), days)?))
+    Ok(json_response(StatusCode::OK, &daily_rows(app, Some(user.id()), days)?))
 }
 
 /// Per day and type totals for the last `days` days (one user or everyone).
@@ -156,12 +157,12 @@ pub const MODEL_SCAN_LIMIT: usize = 20_000;
 
 /// `GET /api/usage/breakdown?month=YYYY-MM` (default: this month): the caller's usage of a
 /// month by record type (from the per-day aggregates, exact) and by model (from the records).
-async fn breakdown(app: &Arc<App>, user: &Arc<User>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+async fn breakdown(app: &Arc<App>, user: &User, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let month = match query_map(req).get("month") {
         Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM"))?,
         None => Month::of(app.clock.now()),
     };
-    let (app, user_id) = (app.clone(), user.id.to_string());
+    let (app, user_id) = (app.clone(), user.id().to_string());
     let body = tokio::task::spawn_blocking(move || breakdown_body(&app, &user_id, month, MODEL_SCAN_LIMIT))
         .await
         .map_err(|e| ApiError::internal(format!("breakdown task: {e}")))??;

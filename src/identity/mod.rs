@@ -3,6 +3,7 @@
 
 pub mod keys;
 pub mod registry;
+mod slots;
 
 pub use keys::{KeyHash, generate_key, hash_key};
 pub use registry::{IdentityError, KeyEntry, Registry, User, valid_user_id};

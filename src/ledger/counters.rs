@@ -2,16 +2,30 @@
 //!
 //! One small mutex per user (never a global lock). The message quota is reserved under that
 //! mutex, so however many requests race, no more than `limit` are admitted in a month.
+//! A million users are loaded at once, so the layout is kept tight: a one-byte lock, the month
+//! packed next to the totals (72 bytes in all).
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use super::totals::Totals;
 use crate::clock::Month;
 
-#[derive(Debug, Default)]
+/// Stands for "no month yet": older than any real month, so the first touch starts from zero.
+const NO_MONTH: Month = Month(0);
+
+#[derive(Debug)]
 struct State {
-    month: Option<Month>,
+    month: Month,
     totals: Totals,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            month: NO_MONTH,
+            totals: Totals::default(),
+        }
+    }
 }
 
 /// A user's counters for the current month.
@@ -24,25 +38,18 @@ impl UserUsage {
     /// Counters starting from `totals` for `month` (loaded from storage at start).
     pub fn loaded(month: Month, totals: Totals) -> Self {
         Self {
-            state: Mutex::new(State {
-                month: Some(month),
-                totals,
-            }),
+            state: Mutex::new(State { month, totals }),
         }
     }
 
     fn with<R>(&self, month: Month, f: impl FnOnce(&mut Totals) -> R) -> Option<R> {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            // A panic elsewhere cannot leave the totals half-written (plain field updates).
-            Err(p) => p.into_inner(),
-        };
+        let mut st = self.state.lock();
         match st.month {
-            Some(m) if m == month => {}
-            Some(m) if m > month => return None,
+            m if m == month => {}
+            m if m > month => return None,
             // A new month starts from zero: no reset job, the first touch rolls it over.
             _ => {
-                st.month = Some(month);
+                st.month = month;
                 st.totals = Totals::default();
             }
         }
@@ -89,6 +96,15 @@ impl UserUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_stay_small() {
+        assert!(
+            std::mem::size_of::<UserUsage>() <= 72,
+            "{}",
+            std::mem::size_of::<UserUsage>()
+        );
+    }
 
     #[test]
     fn reservation_is_exact_and_months_roll_over() {

@@ -18,7 +18,7 @@ use super::decode::DecodingScanner;
 use super::pricing::{TokenSource, Tokens, response_cost};
 use super::scan::{Format, ScanSummary};
 use crate::app::App;
-use crate::identity::User;
+use crate::identity::KeyEntry;
 use crate::ledger::{Record, RecordKind};
 
 /// Boxed error type of proxied bodies.
@@ -40,10 +40,8 @@ pub enum Ending {
 pub struct Meter {
     /// Shared state.
     pub app: Arc<App>,
-    /// Who pays.
-    pub user: Arc<User>,
-    /// The key used.
-    pub key_id: Arc<str>,
+    /// The key used (and so who pays).
+    pub key: KeyEntry,
     /// The requested model id.
     pub model: String,
     /// Framing of the response.
@@ -204,6 +202,9 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
             TokenSource::Estimated,
         )
     };
+    let Some(user) = m.app.registry.user_of(m.key) else {
+        return;
+    };
     let rt = m.app.live.load();
     let pricing = &rt.config.pricing;
     let price_model = match (&s.model_version, pricing.model(&m.model)) {
@@ -232,7 +233,7 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     md.insert("upstream_status".into(), m.upstream_status.into());
     md.insert("status".into(), status.into());
     md.insert("token_source".into(), source.as_str().into());
-    md.insert("key_id".into(), (&*m.key_id).into());
+    md.insert("key_id".into(), m.app.registry.key_id(m.key).into());
     md.insert("duration_ms".into(), (m.started.elapsed().as_millis() as u64).into());
     if let Some(e) = &s.error {
         let mut em = Map::new();
@@ -249,7 +250,7 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     }
     let rec = Record {
         id: m.app.ids.next(now),
-        user_id: m.user.id.clone(),
+        user_id: user.id_arc(),
         kind: RecordKind::AiResponse,
         tokens: tokens.total,
         messages: 0,
@@ -258,14 +259,10 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
         metadata: md,
         created_at: now,
     };
-    if let Some(tpm) = rt
-        .tiers
-        .get(m.user.tier().as_str())
-        .and_then(|t| t.tier.tokens_per_minute)
-    {
-        m.user.tpm.add(tokens.total, Some(tpm));
+    if let Some(tpm) = rt.tier_by_id(user.tier_id()).and_then(|t| t.tier.tokens_per_minute) {
+        user.tpm.add(tokens.total, Some(tpm));
     }
-    m.app.settle_record(&m.user, rec, false);
+    m.app.settle_record(user, rec, false);
 }
 
 fn format_name(f: Format) -> &'static str {

@@ -19,7 +19,7 @@ use crate::admission::{Admitted, Ask, admit};
 use crate::app::App;
 use crate::clock::Month;
 use crate::error::ApiError;
-use crate::identity::KeyEntry;
+use crate::identity::{KeyEntry, User};
 use crate::ledger::{Record, RecordKind};
 use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
 use crate::metering::scan::{Format, TextCounter};
@@ -50,7 +50,7 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
 /// what was sent is recorded, estimated.
 struct Pending {
     app: Arc<App>,
-    key: Arc<KeyEntry>,
+    key: KeyEntry,
     model: String,
     month: Month,
     at: DateTime<Utc>,
@@ -62,7 +62,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn message_record(&self, messages: u64, status: &str, upstream_status: Option<u16>) -> Record {
+    fn message_record(&self, user: &User, messages: u64, status: &str, upstream_status: Option<u16>) -> Record {
         let rt = self.app.live.load();
         let mut md = Map::new();
         md.insert("model".into(), self.model.clone().into());
@@ -70,13 +70,13 @@ impl Pending {
         if let Some(s) = upstream_status {
             md.insert("upstream_status".into(), s.into());
         }
-        md.insert("key_id".into(), (&*self.key.key_id).into());
+        md.insert("key_id".into(), self.app.registry.key_id(self.key).into());
         if let Some(t) = &self.tags {
             md.insert("tags".into(), Value::Object(t.clone()));
         }
         Record {
             id: self.app.ids.next(self.at),
-            user_id: self.key.user.id.clone(),
+            user_id: user.id_arc(),
             kind: RecordKind::MessageSent,
             tokens: 0,
             messages,
@@ -94,8 +94,7 @@ impl Pending {
     fn meter(&mut self, upstream_status: u16, format: Format) -> Meter {
         Meter {
             app: self.app.clone(),
-            user: self.key.user.clone(),
-            key_id: self.key.key_id.clone(),
+            key: self.key,
             model: self.model.clone(),
             format,
             upstream_status,
@@ -110,23 +109,27 @@ impl Pending {
     fn responded(mut self, status: StatusCode, format: Format) -> Meter {
         self.armed = false;
         let ok = status.is_success();
-        if !ok && self.reserved {
-            self.key.user.usage.release(self.month);
+        if let Some(user) = self.app.registry.user_of(self.key) {
+            if !ok && self.reserved {
+                user.usage.release(self.month);
+            }
+            let status_label = if ok { "ok" } else { "upstream_error" };
+            let rec = self.message_record(user, u64::from(ok), status_label, Some(status.as_u16()));
+            self.app.settle_record(user, rec, ok && self.reserved);
         }
-        let status_label = if ok { "ok" } else { "upstream_error" };
-        let rec = self.message_record(u64::from(ok), status_label, Some(status.as_u16()));
-        self.app.settle_record(&self.key.user, rec, ok && self.reserved);
         self.meter(status.as_u16(), format)
     }
 
     /// The upstream could not be reached: the message is given back, the attempt recorded.
     fn failed(mut self, status: StatusCode) {
         self.armed = false;
-        if self.reserved {
-            self.key.user.usage.release(self.month);
+        if let Some(user) = self.app.registry.user_of(self.key) {
+            if self.reserved {
+                user.usage.release(self.month);
+            }
+            let rec = self.message_record(user, 0, "upstream_unavailable", Some(status.as_u16()));
+            self.app.settle_record(user, rec, false);
         }
-        let rec = self.message_record(0, "upstream_unavailable", Some(status.as_u16()));
-        self.app.settle_record(&self.key.user, rec, false);
     }
 }
 
@@ -135,11 +138,13 @@ impl Drop for Pending {
         if !self.armed {
             return;
         }
-        if self.reserved {
-            self.key.user.usage.release(self.month);
+        if let Some(user) = self.app.registry.user_of(self.key) {
+            if self.reserved {
+                user.usage.release(self.month);
+            }
+            let rec = self.message_record(user, 0, "client_closed", None);
+            self.app.settle_record(user, rec, false);
         }
-        let rec = self.message_record(0, "client_closed", None);
-        self.app.settle_record(&self.key.user, rec, false);
         let meter = self.meter(0, Format::UnaryJson);
         settle_unanswered(meter);
     }
@@ -173,15 +178,16 @@ async fn forward_inner(
     let mut session_chunk = false;
     let key = match &route {
         Route::UploadChunk { upload_id } => match app.uploads.get(upload_id, &app.registry) {
-            Some(s) if app.registry.key_active(&s.key.key_id) => {
+            Some(s) if app.registry.key_active(s.key) => {
                 session_chunk = true;
-                s.key.clone()
+                s.key
             }
             Some(_) => return Err(ApiError::invalid_key()),
-            None => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+            None => identify(app, presented.as_ref().map(|p| p.0.as_ref()))?,
         },
-        _ => identify(app, presented.as_ref().map(|p| p.0.as_str()))?,
+        _ => identify(app, presented.as_ref().map(|p| p.0.as_ref()))?,
     };
+    let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     let tags = take_tags(&mut parts.headers);
     let gateway_base = gateway_base(&rt.config.server.public_url, &parts);
 
@@ -237,14 +243,14 @@ async fn forward_inner(
             month: Month::of(now),
             at: now,
             reserved_message: false,
-            headers: Vec::new(),
+            quota: None,
         }
     } else {
-        admit(&rt, &key, &ask, now)?
+        admit(&rt, user, key, &ask, now)?
     };
     let mut pending = model.filter(|_| matches!(ask, Ask::Generate { .. })).map(|m| Pending {
         app: app.clone(),
-        key: key.clone(),
+        key,
         model: m.to_string(),
         month: admitted.month,
         at: admitted.at,
@@ -296,7 +302,7 @@ async fn forward_inner(
                     // Refused by us, not the upstream: give the message back, record nothing.
                     p.armed = false;
                     if p.reserved {
-                        p.key.user.usage.release(p.month);
+                        user.usage.release(p.month);
                     }
                 }
                 return Err(ApiError::too_large(max));
@@ -315,7 +321,7 @@ async fn forward_inner(
     strip_hop_by_hop(&mut rparts.headers);
     // Browsers would try HTTP/3 on our host otherwise.
     rparts.headers.remove(header::ALT_SVC);
-    for (n, v) in admitted.headers {
+    for (n, v) in admitted.quota_headers(&rt) {
         rparts.headers.insert(n, v);
     }
     let status = rparts.status;
@@ -358,7 +364,7 @@ async fn forward_inner(
                     .split_once('?')
                     .and_then(|(_, q)| super::headers::query_param(q, "upload_id"))
                 {
-                    app.uploads.insert(id, key.clone(), declared);
+                    app.uploads.insert(id, key, declared, &app.registry);
                 }
                 let prefix = rt.config.upstream.base_url.path();
                 if let Some(new) = rewrite_upload_url(&url, &gateway_base, prefix)
@@ -370,14 +376,14 @@ async fn forward_inner(
             ProxyBody::stream(rbody)
         }
         Route::UploadChunk { ref upload_id } => {
-            super::upload::record_upload(app, &key, &rparts, &tally, tags, Some(upload_id));
+            super::upload::record_upload(app, key, &rparts, &tally, tags, Some(upload_id));
             if rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) == Some("final") {
                 app.uploads.remove(upload_id);
             }
             ProxyBody::stream(rbody)
         }
         Route::UploadOther => {
-            super::upload::record_upload(app, &key, &rparts, &tally, tags, None);
+            super::upload::record_upload(app, key, &rparts, &tally, tags, None);
             ProxyBody::stream(rbody)
         }
         _ => ProxyBody::stream(rbody),
@@ -385,7 +391,7 @@ async fn forward_inner(
     Ok(Response::from_parts(rparts, body))
 }
 
-fn identify(app: &App, key: Option<&str>) -> Result<Arc<KeyEntry>, ApiError> {
+fn identify(app: &App, key: Option<&str>) -> Result<KeyEntry, ApiError> {
     let key = key.ok_or_else(ApiError::missing_key)?;
     app.registry.identify(key).ok_or_else(ApiError::invalid_key)
 }

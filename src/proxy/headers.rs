@@ -1,5 +1,7 @@
 //! Header and query handling: where the caller's key is, what must not be forwarded, tags.
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName};
 use serde_json::{Map, Value};
 
@@ -21,17 +23,23 @@ pub const MAX_TAGS: usize = 8;
 /// Tag names and values are at most this long.
 pub const MAX_TAG_LEN: usize = 64;
 
-/// The caller's key, from the header, the query, or a bearer token (in that order).
-pub fn caller_key(headers: &HeaderMap, query: Option<&str>) -> Option<(String, KeySource)> {
+/// The caller's key, from the header, the query, or a bearer token (in that order). Borrowed
+/// from the request (no allocation) unless the query form needs percent-decoding.
+pub fn caller_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<(Cow<'a, str>, KeySource)> {
     if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() {
-            return Some((v.to_string(), KeySource::Header));
+            return Some((Cow::Borrowed(v), KeySource::Header));
         }
     }
-    if let Some(k) = query.and_then(|q| query_param(q, "key"))
+    if let Some(k) = query.and_then(|q| query_value(q, "key"))
         && !k.is_empty()
     {
+        let k = if k.contains(['%', '+']) {
+            Cow::Owned(percent_decode(k))
+        } else {
+            Cow::Borrowed(k)
+        };
         return Some((k, KeySource::Query));
     }
     if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
@@ -39,19 +47,24 @@ pub fn caller_key(headers: &HeaderMap, query: Option<&str>) -> Option<(String, K
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             let t = v[7..].trim();
             if !t.is_empty() {
-                return Some((t.to_string(), KeySource::Bearer));
+                return Some((Cow::Borrowed(t), KeySource::Bearer));
             }
         }
     }
     None
 }
 
-/// The first value of a query parameter, percent-decoded.
-pub fn query_param(query: &str, name: &str) -> Option<String> {
+/// The first raw (still percent-encoded) value of a query parameter.
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
+        (k == name).then_some(v)
     })
+}
+
+/// The first value of a query parameter, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query_value(query, name).map(percent_decode)
 }
 
 /// The query without the `key` parameter (the caller's key never goes upstream).

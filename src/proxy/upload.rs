@@ -24,7 +24,7 @@ const SESSION_TTL: Duration = Duration::from_secs(48 * 3600);
 #[derive(Debug)]
 pub struct UploadSession {
     /// The key that started it.
-    pub key: Arc<KeyEntry>,
+    pub key: KeyEntry,
     /// Declared size at start.
     pub declared: Option<u64>,
     /// When it started.
@@ -61,11 +61,11 @@ impl UploadSessions {
     }
 
     /// Remembers a session.
-    pub fn insert(&self, upload_id: String, key: Arc<KeyEntry>, declared: Option<u64>) {
+    pub fn insert(&self, upload_id: String, key: KeyEntry, declared: Option<u64>, registry: &Registry) {
         if self.map.len() > 10_000 {
             self.map.retain(|_, s| s.started.elapsed() < SESSION_TTL);
         }
-        let rec = json!({"key_id": &*key.key_id, "declared": declared, "started": unix_now()});
+        let rec = json!({"key_id": registry.key_id(key), "declared": declared, "started": unix_now()});
         if let Err(e) = self.tree.insert(stored_key(&upload_id), rec.to_string().into_bytes()) {
             tracing::warn!(error = %e, "upload session not persisted; it lasts until a restart");
         }
@@ -129,12 +129,15 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
 /// Records the file bytes of an upload request the upstream accepted.
 pub fn record_upload(
     app: &Arc<App>,
-    key: &Arc<KeyEntry>,
+    key: KeyEntry,
     rparts: &http::response::Parts,
     tally: &RequestTally,
     tags: Option<Map<String, Value>>,
     upload_id: Option<&str>,
 ) {
+    let Some(user) = app.registry.user_of(key) else {
+        return;
+    };
     let sent = tally.bytes.load(Ordering::Relaxed);
     let ok = rparts.status.is_success();
     let bytes = if ok { sent } else { 0 };
@@ -144,7 +147,7 @@ pub fn record_upload(
     md.insert("upstream_status".into(), rparts.status.as_u16().into());
     md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
     md.insert("bytes_sent".into(), sent.into());
-    md.insert("key_id".into(), (&*key.key_id).into());
+    md.insert("key_id".into(), app.registry.key_id(key).into());
     if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
         md.insert("upload_status".into(), s.into());
     }
@@ -158,7 +161,7 @@ pub fn record_upload(
     }
     let rec = Record {
         id: app.ids.next(now),
-        user_id: key.user.id.clone(),
+        user_id: user.id_arc(),
         kind: RecordKind::FileUpload,
         tokens: 0,
         messages: 0,
@@ -167,7 +170,7 @@ pub fn record_upload(
         metadata: md,
         created_at: now,
     };
-    app.settle_record(&key.user, rec, false);
+    app.settle_record(user, rec, false);
 }
 
 #[cfg(test)]
