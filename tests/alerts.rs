@@ -286,8 +286,7 @@ async fn smtp_session(stream: tokio::net::TcpStream, mails: Arc<Mutex<Vec<Mail>>
 
 /// A loopback port nobody listens on (a receiver that is down).
 fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], common::spare_port()))
 }
 
 /// The `[alerts]` section.

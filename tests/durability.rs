@@ -32,11 +32,7 @@ const LOOPS: usize = 8;
 const LOAD_FOR: Duration = Duration::from_millis(1500);
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::spare_port()
 }
 
 fn http_client() -> reqwest::Client {

@@ -169,8 +169,7 @@ async fn assert_envelope(r: reqwest::Response, code: u16, status: &str, prefix: 
 
 /// A local address nobody listens on.
 fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], common::spare_port()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -266,7 +266,13 @@ impl SledStore {
 
     /// Flushes sled (the log is synced by every write already).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // Not sled's `flush_async`: in 0.34 concurrent calls can leave a future never woken
+        // (spacejam/sled#1308; seen here as tests hung in it). The blocking flush is safe
+        // under concurrency; it runs on the blocking pool.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task: {e}")))??;
         Ok(())
     }
 

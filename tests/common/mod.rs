@@ -355,3 +355,22 @@ impl Harness {
         }
     }
 }
+
+/// A loopback port that is free now and that the OS will not hand to anyone binding port 0
+/// (it lies below the ephemeral range, 32768 and up): for a server a test starts later on an
+/// address it had to name first. A port from `bind(":0")` released for later use can be taken
+/// meanwhile by another test process's own `bind(":0")`.
+#[allow(dead_code)]
+pub fn spare_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test process starts at its own place in 20000..32000, then walks.
+    let base = 20_000 + (std::process::id() * 7919) % 12_000;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (20_000 + (base - 20_000 + n * 13) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
