@@ -16,9 +16,10 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0 | type: 1 record, 2 erased |
-//! | 1..4 | zero |
+//! | 1 | flags: 1 when the payload ends with a day block ([`DAY_BLOCK`] bytes) |
+//! | 2..4 | zero |
 //! | 4..8 | payload length |
-//! | 8..12 | record length (the record's JSON; the rest of the payload is its alerts' JSON) |
+//! | 8..12 | record length (the record's JSON; then its alerts' JSON, then the day block if any) |
 //! | 12..16 | CRC-32 of bytes 0..12 and 16..40 and of the payload |
 //! | 16..24 | position of the user's previous record (`NONE` if none) |
 //! | 24..32 | position of the user's previous record of the same type |
@@ -44,6 +45,9 @@ const TYPE_ERASED: u8 = 2;
 /// A new segment is started past this size (and at each new month, so retention can drop whole
 /// files).
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Size of the optional block at the end of a payload: what the store keeps there (a user's
+/// running totals of the day) is opaque to the log.
+pub const DAY_BLOCK: usize = 64;
 /// Largest payload accepted (a record with its alerts is a few KB at most).
 const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 
@@ -102,6 +106,7 @@ pub struct Frame {
     pub erased: bool,
     payload: Vec<u8>,
     record_len: usize,
+    day_len: usize,
 }
 
 impl Frame {
@@ -112,7 +117,12 @@ impl Frame {
 
     /// The JSON of the alerts written with the record (empty when none).
     pub fn alerts(&self) -> &[u8] {
-        &self.payload[self.record_len..]
+        &self.payload[self.record_len..self.payload.len() - self.day_len]
+    }
+
+    /// The day block written with the record, if any.
+    pub fn day_block(&self) -> Option<&[u8]> {
+        (self.day_len > 0).then(|| &self.payload[self.payload.len() - self.day_len..])
     }
 
     /// Where the next frame starts.
@@ -141,14 +151,18 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn encode_frame(out: &mut Vec<u8>, links: Links, record: &[u8], alerts: &[u8]) {
-    let payload_len = record.len() + alerts.len();
+fn encode_frame(out: &mut Vec<u8>, links: Links, record: &[u8], alerts: &[u8], day: Option<&[u8; DAY_BLOCK]>) {
+    let payload_len = record.len() + alerts.len() + day.map_or(0, |d| d.len());
     let at = out.len();
     out.resize(at + HEADER, 0);
     out.extend_from_slice(record);
     out.extend_from_slice(alerts);
+    if let Some(d) = day {
+        out.extend_from_slice(d);
+    }
     let head = &mut out[at..at + HEADER];
     head[0] = TYPE_RECORD;
+    head[1] = u8::from(day.is_some());
     head[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
     head[8..12].copy_from_slice(&(record.len() as u32).to_le_bytes());
     head[16..24].copy_from_slice(&links.prev_user.to_le_bytes());
@@ -161,17 +175,18 @@ fn encode_frame(out: &mut Vec<u8>, links: Links, record: &[u8], alerts: &[u8]) {
 }
 
 /// Parses the header in `head`; `None` when it is not a valid header.
-fn parse_header(head: &[u8]) -> Option<(u8, usize, usize, Links)> {
-    if head.len() < HEADER || head[1..4] != [0, 0, 0] {
+fn parse_header(head: &[u8]) -> Option<(u8, usize, usize, usize, Links)> {
+    if head.len() < HEADER || head[1] > 1 || head[2..4] != [0, 0] {
         return None;
     }
+    let day_len = if head[1] == 1 { DAY_BLOCK } else { 0 };
     let kind = head[0];
     if kind != TYPE_RECORD && kind != TYPE_ERASED {
         return None;
     }
     let payload_len = u32_at(head, 4) as usize;
     let record_len = u32_at(head, 8) as usize;
-    if payload_len > MAX_PAYLOAD || record_len > payload_len {
+    if payload_len > MAX_PAYLOAD || record_len + day_len > payload_len {
         return None;
     }
     let links = Links {
@@ -179,12 +194,12 @@ fn parse_header(head: &[u8]) -> Option<(u8, usize, usize, Links)> {
         prev_kind: u64_at(head, 24),
         created_ms: u64_at(head, 32) as i64,
     };
-    Some((kind, payload_len, record_len, links))
+    Some((kind, payload_len, record_len, day_len, links))
 }
 
 /// Checks and builds a frame from its full bytes (header, payload, trailer).
 fn decode_frame(pos: u64, bytes: &[u8]) -> Option<Frame> {
-    let (kind, payload_len, record_len, links) = parse_header(bytes)?;
+    let (kind, payload_len, record_len, day_len, links) = parse_header(bytes)?;
     let total = HEADER + payload_len + TRAILER;
     if bytes.len() < total || u32_at(bytes, HEADER + payload_len) as usize != total {
         return None;
@@ -199,6 +214,7 @@ fn decode_frame(pos: u64, bytes: &[u8]) -> Option<Frame> {
         erased: kind == TYPE_ERASED,
         payload: payload.to_vec(),
         record_len,
+        day_len,
     })
 }
 
@@ -570,7 +586,7 @@ fn read_in(seg: &Arc<Segment>, pos: u64) -> Result<Option<Frame>, LogError> {
     let first = (len - off).min(2048) as usize;
     let mut buf = vec![0u8; first];
     seg.file.read_exact_at(&mut buf, off).map_err(io(&seg.path))?;
-    let Some((_, payload_len, _, _)) = parse_header(&buf) else {
+    let Some((_, payload_len, _, _, _)) = parse_header(&buf) else {
         return Ok(None);
     };
     let total = HEADER + payload_len + TRAILER;
@@ -647,7 +663,7 @@ impl SeqReader {
         if avail < HEADER {
             return Ok(Step::Bad(pos));
         }
-        let Some((_, payload_len, _, _)) = parse_header(&self.buf[self.at..]) else {
+        let Some((_, payload_len, _, _, _)) = parse_header(&self.buf[self.at..]) else {
             return Ok(Step::Bad(pos));
         };
         let total = HEADER + payload_len + TRAILER;
@@ -677,7 +693,13 @@ pub struct Appender<'a> {
 impl Appender<'_> {
     /// Adds a record; returns its position. Starts a new segment at a new month or when the
     /// active one is full.
-    pub fn push(&mut self, links: Links, record: &[u8], alerts: &[u8]) -> Result<u64, LogError> {
+    pub fn push(
+        &mut self,
+        links: Links,
+        record: &[u8],
+        alerts: &[u8],
+        day: Option<&[u8; DAY_BLOCK]>,
+    ) -> Result<u64, LogError> {
         let month = month_of_ms(links.created_ms);
         let active_len = self.pos - self.w.active.start;
         if active_len > 0 && (active_len >= SEGMENT_BYTES || (self.w.month != 0 && month != self.w.month)) {
@@ -697,8 +719,8 @@ impl Appender<'_> {
         }
         let pos = self.pos;
         if let Some((_, buf)) = self.parts.last_mut() {
-            encode_frame(buf, links, record, alerts);
-            self.pos += (HEADER + record.len() + alerts.len() + TRAILER) as u64;
+            encode_frame(buf, links, record, alerts, day);
+            self.pos += (HEADER + record.len() + alerts.len() + day.map_or(0, |d| d.len()) + TRAILER) as u64;
         }
         Ok(pos)
     }
@@ -744,10 +766,10 @@ mod tests {
         let log = RecordLog::open(dir.path()).unwrap();
         assert_eq!(log.recover(0, |_| Ok(())).unwrap(), 0);
         let mut a = log.append();
-        let p0 = a.push(links(NONE, NOV), b"{\"n\":0}", b"").unwrap();
-        let p1 = a.push(links(p0, NOV), b"{\"n\":1}", b"[1]").unwrap();
+        let p0 = a.push(links(NONE, NOV), b"{\"n\":0}", b"", None).unwrap();
+        let p1 = a.push(links(p0, NOV), b"{\"n\":1}", b"[1]", None).unwrap();
         // A new month starts a new segment.
-        let p2 = a.push(links(p1, DEC), b"{\"n\":2}", b"").unwrap();
+        let p2 = a.push(links(p1, DEC), b"{\"n\":2}", b"", None).unwrap();
         let end = a.commit().unwrap();
         drop(a);
         // Nothing is visible until the aggregates are applied.
@@ -792,7 +814,7 @@ mod tests {
         assert_eq!(seen, vec![(p1, true), (p2, false)]);
         // Appending continues in December's segment.
         let mut a = log.append();
-        let p3 = a.push(links(p2, DEC), b"{}", b"").unwrap();
+        let p3 = a.push(links(p2, DEC), b"{}", b"", None).unwrap();
         assert_eq!(p3, end);
         a.commit().unwrap();
         drop(a);
@@ -805,8 +827,8 @@ mod tests {
         let log = RecordLog::open(dir.path()).unwrap();
         log.recover(0, |_| Ok(())).unwrap();
         let mut a = log.append();
-        let p0 = a.push(links(NONE, NOV), b"{\"a\":1}", b"").unwrap();
-        let p1 = a.push(links(p0, NOV), b"{\"b\":2}", b"").unwrap();
+        let p0 = a.push(links(NONE, NOV), b"{\"a\":1}", b"", None).unwrap();
+        let p1 = a.push(links(p0, NOV), b"{\"b\":2}", b"", None).unwrap();
         let end = a.commit().unwrap();
         drop(a);
         drop(log);

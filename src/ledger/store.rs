@@ -16,7 +16,6 @@
 //! | `h` | user | log positions of the user's newest record, overall and per type (4 x u64) |
 //! | `L` | segment start (u64) | oldest and newest record time in that segment (2 x i64 ms) |
 //! | `a` | `YYYY-MM` `/` user | [`Totals`] of the user's month |
-//! | `d` | user `/` `YYYY-MM-DD` `/` type | [`Totals`] of a user's day |
 //! | `g` | `YYYY-MM-DD` `/` type | [`Totals`] of a day, all users |
 //! | `s` | `YYYY-MM` | [`Totals`] of a month, all users |
 //! | `S` | `YYYY-MM` | active users of a month (u64) |
@@ -37,7 +36,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde_json::Value;
 
 use super::alerts::Alert;
-use super::log::{Links, LogError, NONE, RecordLog};
+use super::log::{DAY_BLOCK, Links, LogError, NONE, RecordLog};
 use super::record::{Record, RecordKind};
 use super::totals::Totals;
 use crate::clock::Month;
@@ -97,6 +96,45 @@ pub struct Appended {
     /// Where the batch ends.
     pub end: u64,
     heads: HashMap<Arc<str>, [u64; 4]>,
+}
+
+/// A user's run of records of one type on one day, as each record's day block carries it: the
+/// totals so far that day, and the position of the last record of the run before (an earlier
+/// day). The newest record of a day holds the day's totals, so a user's daily figures are read
+/// from one frame per day and type, and sled keeps no per-user-day keys (they made sled's
+/// restart replay, and its writes, grow with users x days).
+#[derive(Debug, Clone, Copy)]
+struct DayRun {
+    /// Days since the common era (UTC).
+    day: i32,
+    totals: Totals,
+    link: u64,
+}
+
+impl DayRun {
+    fn encode(&self) -> [u8; DAY_BLOCK] {
+        let mut b = [0u8; DAY_BLOCK];
+        b[..8].copy_from_slice(&self.link.to_be_bytes());
+        b[8..].copy_from_slice(&self.totals.encode());
+        b
+    }
+
+    /// The run a frame's day block describes (`None` for a frame without one).
+    fn of(frame: &super::log::Frame) -> Option<DayRun> {
+        let b = frame.day_block()?;
+        Some(DayRun {
+            day: day_number(frame.links.created_ms),
+            link: u64::from_be_bytes(b.get(..8)?.try_into().ok()?),
+            totals: Totals::decode(b.get(8..)?)?,
+        })
+    }
+}
+
+/// The UTC day of a time in ms, as days since the common era.
+fn day_number(ms: i64) -> i32 {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.date_naive().num_days_from_ce())
+        .unwrap_or(0)
 }
 
 /// Which of a user's chain heads a type uses (0 is the chain of all types).
@@ -311,6 +349,8 @@ impl SledStore {
     /// never applied.
     pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<Appended, StoreError> {
         let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::new();
+        // Per user and type: the day of the newest run, its running totals, and its link.
+        let mut days: HashMap<(Arc<str>, usize), DayRun> = HashMap::new();
         let mut out = Vec::with_capacity(items.len());
         let mut app = self.log.append();
         let mut json = Vec::with_capacity(1024);
@@ -331,7 +371,27 @@ impl SledStore {
                 prev_kind: h[k],
                 created_ms: rec.created_at.timestamp_millis(),
             };
-            let pos = app.push(links, &json, &super::alerts::encode_alerts(alerts))?;
+            let day = day_number(links.created_ms);
+            let slot = (rec.user_id.clone(), k);
+            let prev = match days.get(&slot) {
+                Some(run) => Some(*run),
+                None => self.day_run(h[k])?,
+            };
+            let t = Totals::of(rec);
+            let run = match prev {
+                Some(mut run) if run.day == day => {
+                    run.totals.add(&t);
+                    run
+                }
+                // A new day: this record starts its run, linked to the last run's last record.
+                _ => DayRun {
+                    day,
+                    totals: t,
+                    link: h[k],
+                },
+            };
+            days.insert(slot, run);
+            let pos = app.push(links, &json, &super::alerts::encode_alerts(alerts), Some(&run.encode()))?;
             h[0] = pos;
             h[k] = pos;
             out.push(pos);
@@ -351,6 +411,11 @@ impl SledStore {
             a.end,
             Some(&a.heads),
         )
+    }
+
+    /// The day run the record at `pos` ends (`None` at the end of a chain or past erasure).
+    fn day_run(&self, pos: u64) -> Result<Option<DayRun>, StoreError> {
+        Ok(self.log.read(pos)?.filter(|f| !f.erased).and_then(|f| DayRun::of(&f)))
     }
 
     /// The log positions of a user's newest record, overall and per type.
@@ -383,7 +448,6 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         // Deltas grouped by what they add to, keyed by borrowed parts: one key built per group.
         let mut user_month: HashMap<(&str, Month), Totals> = HashMap::new();
-        let mut user_day: HashMap<(&str, i32, RecordKind), Totals> = HashMap::new();
         let mut day: HashMap<(i32, RecordKind), Totals> = HashMap::new();
         let mut month: HashMap<Month, Totals> = HashMap::new();
         let mut model: HashMap<(Month, &str), Totals> = HashMap::new();
@@ -418,7 +482,6 @@ impl SledStore {
             let m = r.month();
             let d = r.created_at.date_naive().num_days_from_ce();
             user_month.entry((user, m)).or_default().add(&t);
-            user_day.entry((user, d, r.kind)).or_default().add(&t);
             day.entry((d, r.kind)).or_default().add(&t);
             month.entry(m).or_default().add(&t);
             if let Some(name) = r.model() {
@@ -445,13 +508,6 @@ impl SledStore {
                 // First record of this user in this month: one more active user.
                 *new_users.entry(m).or_default() += 1;
             }
-        }
-        for ((user, d, kind), t) in user_day {
-            let k = join(
-                b'd',
-                &[user.as_bytes(), day_str(d).as_bytes(), kind.as_str().as_bytes()],
-            );
-            self.add_totals(&mut batch, k, &t)?;
         }
         for ((d, kind), t) in day {
             let k = join(b'g', &[day_str(d).as_bytes(), kind.as_str().as_bytes()]);
@@ -588,14 +644,38 @@ impl SledStore {
 
     /// Per-day, per-type totals from `since` (inclusive), for one user or for everyone.
     pub fn daily(&self, user: Option<&str>, since: NaiveDate) -> Result<Vec<DayRow>, StoreError> {
-        let prefix = match user {
-            Some(u) => {
-                let mut p = join(b'd', &[u.as_bytes()]);
-                p.push(b'/');
-                p
-            }
-            None => vec![b'g'],
+        let Some(user) = user else {
+            return self.daily_all(since);
         };
+        // One frame per day and type: the newest record of each run holds the run's totals.
+        let since_day = since.num_days_from_ce();
+        let heads = self.heads(user)?;
+        let mut sums: std::collections::BTreeMap<(i32, &'static str), Totals> = std::collections::BTreeMap::new();
+        for kind in [RecordKind::MessageSent, RecordKind::AiResponse, RecordKind::FileUpload] {
+            let mut pos = heads[kind_slot(kind)];
+            while let Some(run) = self.day_run(pos)? {
+                if run.day < since_day {
+                    break;
+                }
+                sums.entry((run.day, kind.as_str())).or_default().add(&run.totals);
+                pos = run.link;
+            }
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((day, kind), totals)| DayRow {
+                day: NaiveDate::from_num_days_from_ce_opt(day)
+                    .map(|d| d.format("%Y-%m-%d").to_string())
+                    .unwrap_or_default(),
+                kind: kind.to_string(),
+                totals,
+            })
+            .collect())
+    }
+
+    /// Per-day, per-type totals of everyone from `since`.
+    fn daily_all(&self, since: NaiveDate) -> Result<Vec<DayRow>, StoreError> {
+        let prefix = vec![b'g'];
         let mut start = prefix.clone();
         start.extend_from_slice(since.format("%Y-%m-%d").to_string().as_bytes());
         let mut end = prefix.clone();
@@ -801,11 +881,15 @@ impl SledStore {
         // would miss them while the global totals already include them.
         self.db.flush()?;
         let mut n = 0;
+        let mut months = std::collections::BTreeSet::new();
         let mut pos = self.heads(user)?[0];
         while pos != NONE {
             let Some(frame) = self.log.read(pos)? else {
                 break;
             };
+            if let Some(t) = DateTime::<Utc>::from_timestamp_millis(frame.links.created_ms) {
+                months.insert(Month::of(t));
+            }
             if !frame.erased
                 && decode_record(frame.record()).is_ok_and(|r| &*r.user_id == user)
                 && self.log.erase(pos)?
@@ -817,18 +901,8 @@ impl SledStore {
         self.log.sync()?;
         let mut batch = sled::Batch::default();
         batch.remove(join(HEADS, &[user.as_bytes()]));
-        let mut dprefix = join(b'd', &[user.as_bytes()]);
-        dprefix.push(b'/');
-        let mut months = std::collections::BTreeSet::new();
-        for kv in self.ledger.scan_prefix(&dprefix) {
-            let (k, _) = kv?;
-            if let Some(month) = k.get(dprefix.len()..dprefix.len() + 7) {
-                months.insert(month.to_vec());
-            }
-            batch.remove(k);
-        }
         for m in months {
-            batch.remove(join(b'a', &[&m, user.as_bytes()]));
+            batch.remove(join(b'a', &[m.to_string().as_bytes(), user.as_bytes()]));
         }
         self.ledger.apply_batch(batch)?;
         Ok(n)
@@ -1009,6 +1083,57 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(s.records(&inside, 5), Err(StoreError::BadCursor)));
+    }
+
+    #[test]
+    fn daily_totals_come_from_day_runs_across_batches_days_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = RecordIds::new();
+        let d0 = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let mut all = Vec::new();
+        // Three days, both types, two users interleaved; written in uneven batches.
+        for i in 0..60i64 {
+            let at = d0 + chrono::Duration::minutes(i * 50);
+            let kind = if i % 3 == 0 {
+                RecordKind::AiResponse
+            } else {
+                RecordKind::MessageSent
+            };
+            all.push(rec(&ids, if i % 4 == 0 { "bob" } else { "ann" }, kind, at));
+        }
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            for chunk in all[..40].chunks(7) {
+                s.write_records(chunk).unwrap();
+            }
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        s.write_records(&all[40..]).unwrap();
+        for user in ["ann", "bob"] {
+            let mut want: std::collections::BTreeMap<(String, String), Totals> = Default::default();
+            for r in all.iter().filter(|r| &*r.user_id == user) {
+                let day = r.created_at.format("%Y-%m-%d").to_string();
+                want.entry((day, r.kind.as_str().to_string()))
+                    .or_default()
+                    .add(&Totals::of(r));
+            }
+            let got: std::collections::BTreeMap<(String, String), Totals> = s
+                .daily(Some(user), d0.date_naive())
+                .unwrap()
+                .into_iter()
+                .map(|row| ((row.day, row.kind), row.totals))
+                .collect();
+            assert_eq!(got, want, "{user}");
+            // A later start leaves the earlier days out.
+            let later = s
+                .daily(Some(user), d0.date_naive() + chrono::Duration::days(1))
+                .unwrap();
+            assert!(later.iter().all(|r| r.day.as_str() > "2026-11-20"));
+            assert_eq!(
+                later.len(),
+                want.keys().filter(|(d, _)| d.as_str() > "2026-11-20").count()
+            );
+        }
     }
 
     #[test]
