@@ -19,6 +19,9 @@ use super::alerts::Alert;
 use super::record::{Record, RecordIds};
 use super::store::{SledStore, StoreError};
 
+/// How often sled is flushed while records flow.
+const SLED_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// Largest batch written at once.
 const MAX_BATCH: usize = 20_000;
 
@@ -130,6 +133,7 @@ pub struct Recorder {
     store: SledStore,
     /// Stamps records in log order (see [`RecordIds::next_in_order`]).
     ids: RecordIds,
+    last_sled_flush: Instant,
     rx: mpsc::UnboundedReceiver<Msg>,
     stats: Arc<RecorderStats>,
 }
@@ -143,6 +147,7 @@ impl Recorder {
             Recorder {
                 store,
                 ids: RecordIds::new(),
+                last_sled_flush: Instant::now(),
                 rx,
                 stats: stats.clone(),
             },
@@ -229,7 +234,7 @@ impl Recorder {
 
     /// Writes one batch: appended to the log and synced (retried until it is), then applied to
     /// the aggregates (retried alone: appending again would record the batch twice).
-    fn write(&self, batch: &[(Record, Vec<Alert>)]) {
+    fn write(&mut self, batch: &[(Record, Vec<Alert>)]) {
         let mut backoff = Duration::from_millis(50);
         let t0 = Instant::now();
         let appended = loop {
@@ -246,6 +251,13 @@ impl Recorder {
                 Ok(()) => break,
                 Err(e) => self.failed(&e, &mut backoff),
             }
+        }
+        // sled's flush only shortens the log tail a restart applies again: not every batch.
+        if self.last_sled_flush.elapsed() >= SLED_FLUSH_EVERY {
+            if let Err(e) = self.store.flush_sync() {
+                tracing::warn!(error = %e, "sled flush failed (the record log holds every record; retried after the next batch)");
+            }
+            self.last_sled_flush = Instant::now();
         }
         self.stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);

@@ -222,8 +222,10 @@ impl SledStore {
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            // The log is what makes a record durable; sled's flush only bounds the replay.
-            .flush_every_ms(Some(1000))
+            // The log is what makes a record durable; sled is flushed by the recorder (at most
+            // every second) and by admin writes. sled's own flusher thread would also hold the
+            // database open for a moment after the last handle is dropped.
+            .flush_every_ms(None)
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| match e {
