@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::record::{format_id, parse_id};
-use super::store::{SledStore, StoreError};
+use super::store::{SledStore, StoreError, join as key};
 use crate::clock::{Month, rfc3339, rfc3339_ms};
 
 /// How long after an alert its first delivery attempt is made. The alert is durable before the
@@ -374,18 +374,6 @@ impl Delivery {
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
-}
-
-fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
-    k.push(prefix);
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            k.push(b'/');
-        }
-        k.extend_from_slice(p);
-    }
-    k
 }
 
 fn fired_key(month: Month, user: &str, quota: Quota, threshold: u8) -> Vec<u8> {

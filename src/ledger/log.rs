@@ -312,12 +312,6 @@ impl RecordLog {
         self.segments().keys().next().copied().unwrap_or(0)
     }
 
-    /// The end of everything written.
-    pub fn end(&self) -> u64 {
-        let w = self.writer();
-        w.active.start + w.active.len.load(Ordering::Acquire)
-    }
-
     /// The end of what readers see (frames whose aggregates are applied).
     pub fn visible(&self) -> u64 {
         self.visible.load(Ordering::Acquire)
@@ -723,11 +717,6 @@ impl Appender<'_> {
             self.pos += (HEADER + record.len() + alerts.len() + day.map_or(0, |d| d.len()) + TRAILER) as u64;
         }
         Ok(pos)
-    }
-
-    /// The position the next frame would get.
-    pub fn next_pos(&self) -> u64 {
-        self.pos
     }
 
     /// Writes and syncs the batch; on error nothing is visible and the call can be repeated

@@ -153,7 +153,8 @@ fn month_key(prefix: u8, m: Month) -> Vec<u8> {
     k
 }
 
-fn join(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+/// A key: the prefix byte, then the parts joined by `/`.
+pub(super) fn join(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
     k.push(prefix);
     for (i, p) in parts.iter().enumerate() {
