@@ -71,7 +71,7 @@ impl App {
         let store = SledStore::open(&rt.config.storage.path)?;
         let registry = Registry::load(store.clone(), Month::of(now))?;
         let upstream = build_client(&rt.config.upstream);
-        let (recorder, handle) = Recorder::new(store.clone());
+        let (recorder, handle) = Recorder::new(store.clone(), rt.config.storage.flush_interval);
         let (usage_events, _) = broadcast::channel(1024);
         let uploads = UploadSessions::new(store.meta().clone());
         let alerts = Alerts::new(env.clone());

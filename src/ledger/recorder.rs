@@ -2,10 +2,13 @@
 //!
 //! The hot path hands records over a channel and never waits. The thread (its own OS thread,
 //! since file writes and fsyncs block and must not stall the async workers) takes whatever has
-//! queued up, appends it to the record log with one write and one fsync, then applies its
-//! aggregates to sled in one atomic batch, and repeats: a record reaches disk within one fsync
-//! of being handed over, and under load batches grow on their own. A failing write is retried
-//! with backoff, never dropped; each step is retried alone, so nothing is written twice.
+//! queued up and appends it to the record log with one write and one fsync: a record reaches
+//! disk within one fsync of being handed over, and under load batches grow on their own. The
+//! aggregates of the batches appended since are applied to sled in one atomic batch at most
+//! `apply_every` later (the config's `flush_interval`), or at once when a caller waits for them
+//! (a barrier, an admin operation, an alert). sled costs per batch, not per record, so this
+//! keeps its share small under load. A failing write is retried with backoff, never dropped;
+//! each step is retried alone, so nothing is written twice.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -13,11 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 
 use super::alerts::Alert;
 use super::record::{Record, RecordIds};
-use super::store::{SledStore, StoreError};
+use super::store::{Appended, SledStore, StoreError};
 
 /// How often sled is flushed while records flow.
 const SLED_FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -55,7 +60,7 @@ pub struct RecorderStats {
 /// Cheap handle used by the hot path to hand records over.
 #[derive(Clone)]
 pub struct RecorderHandle {
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     /// Counters about the write path.
     pub stats: Arc<RecorderStats>,
 }
@@ -134,14 +139,22 @@ pub struct Recorder {
     /// Stamps records in log order (see [`RecordIds::next_in_order`]).
     ids: RecordIds,
     last_sled_flush: Instant,
-    rx: mpsc::UnboundedReceiver<Msg>,
+    rx: mpsc::Receiver<Msg>,
     stats: Arc<RecorderStats>,
+    /// Longest a batch on disk waits for its aggregates to be applied.
+    apply_every: Duration,
+    /// Appended, not yet applied: the records and where they went.
+    unapplied: Vec<(Record, Vec<Alert>)>,
+    appended: Option<Appended>,
+    /// When the oldest unapplied batch must be applied.
+    apply_due: Option<Instant>,
 }
 
 impl Recorder {
-    /// Creates the recorder and its handle; run it with [`Recorder::run`].
-    pub fn new(store: SledStore) -> (Recorder, RecorderHandle) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Creates the recorder and its handle; run it with [`Recorder::run`]. Aggregates are
+    /// applied at most `apply_every` after their records reached the disk.
+    pub fn new(store: SledStore, apply_every: Duration) -> (Recorder, RecorderHandle) {
+        let (tx, rx) = mpsc::channel();
         let stats = Arc::new(RecorderStats::default());
         (
             Recorder {
@@ -150,6 +163,10 @@ impl Recorder {
                 last_sled_flush: Instant::now(),
                 rx,
                 stats: stats.clone(),
+                apply_every,
+                unapplied: Vec::new(),
+                appended: None,
+                apply_due: None,
             },
             RecorderHandle { tx, stats },
         )
@@ -162,12 +179,26 @@ impl Recorder {
             .spawn(move || self.run())
     }
 
+    /// The next message; `None` once every handle is gone. Applies what is due while waiting.
+    fn next_msg(&mut self) -> Option<Msg> {
+        loop {
+            let Some(due) = self.apply_due else {
+                return self.rx.recv().ok();
+            };
+            match self.rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(m) => return Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.apply(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
     /// Runs until every handle is dropped and the queue is drained (blocking).
     pub fn run(mut self) {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
         let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
-        while let Some(first) = self.rx.blocking_recv() {
+        while let Some(first) = self.next_msg() {
             let mut op = None;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
@@ -197,12 +228,16 @@ impl Recorder {
                     }
                     rec.id = id;
                 }
-                self.write(&buf);
-                self.stats.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
-                buf.clear();
-                for done in on_disk.drain(..) {
-                    let _ = done.try_send(());
-                }
+                self.append(&mut buf);
+            }
+            // Whoever waits reads sled next (alert delivery reads its outbox there), so what
+            // they wait for is applied first.
+            let waited = !on_disk.is_empty() || !barriers.is_empty() || op.is_some();
+            if waited || self.unapplied.len() >= MAX_BATCH || self.apply_due.is_some_and(|d| d <= Instant::now()) {
+                self.apply();
+            }
+            for done in on_disk.drain(..) {
+                let _ = done.try_send(());
             }
             for b in barriers.drain(..) {
                 let _ = b.send(());
@@ -227,14 +262,15 @@ impl Recorder {
                 _ => {}
             }
         }
+        self.apply();
         if let Err(e) = self.store.flush_sync() {
             tracing::error!(error = %e, "final flush failed");
         }
     }
 
-    /// Writes one batch: appended to the log and synced (retried until it is), then applied to
-    /// the aggregates (retried alone: appending again would record the batch twice).
-    fn write(&mut self, batch: &[(Record, Vec<Alert>)]) {
+    /// Appends one batch to the log and syncs it (retried until it is), and keeps it for the
+    /// next apply; empties `batch`.
+    fn append(&mut self, batch: &mut Vec<(Record, Vec<Alert>)>) {
         let mut backoff = Duration::from_millis(50);
         let t0 = Instant::now();
         let appended = loop {
@@ -246,21 +282,47 @@ impl Recorder {
         self.stats
             .last_flush_us
             .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let n = batch.len() as u64;
+        self.stats.queued.fetch_sub(n, Ordering::Relaxed);
+        self.stats.written.fetch_add(n, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.recovered();
+        match &mut self.appended {
+            Some(a) => a.merge(appended),
+            None => {
+                self.appended = Some(appended);
+                self.apply_due = Some(Instant::now() + self.apply_every);
+            }
+        }
+        self.unapplied.append(batch);
+    }
+
+    /// Applies the aggregates of every batch appended since the last apply (retried alone:
+    /// appending again would record them twice).
+    fn apply(&mut self) {
+        let Some(appended) = self.appended.take() else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.apply_appended(batch, &appended) {
+            match self.store.apply_appended(&self.unapplied, &appended) {
                 Ok(()) => break,
                 Err(e) => self.failed(&e, &mut backoff),
             }
         }
-        // sled's flush only shortens the log tail a restart applies again: not every batch.
+        self.recovered();
+        self.unapplied.clear();
+        self.apply_due = None;
+        // sled's flush only shortens the log tail a restart applies again: not every apply.
         if self.last_sled_flush.elapsed() >= SLED_FLUSH_EVERY {
             if let Err(e) = self.store.flush_sync() {
-                tracing::warn!(error = %e, "sled flush failed (the record log holds every record; retried after the next batch)");
+                tracing::warn!(error = %e, "sled flush failed (the record log holds every record; retried after the next apply)");
             }
             self.last_sled_flush = Instant::now();
         }
-        self.stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn recovered(&self) {
         if self.stats.degraded.swap(false, Ordering::Relaxed) {
             tracing::warn!("storage writes recovered");
             if let Ok(mut g) = self.stats.last_error.lock() {

@@ -2,7 +2,9 @@
 //! upload sessions, alerts, and the aggregates the records add up to).
 //!
 //! A batch of records is appended to the log and synced first; then its aggregates are applied
-//! to sled in one atomic batch together with the log position they reach (`P`). sled is not
+//! to sled in one atomic batch together with the log position they reach (`P`). The recorder
+//! groups the applies of the batches appended within `flush_interval` (sled's cost is per
+//! batch, and its I/O threads wake for each one); readers see records once applied. sled is not
 //! flushed for every batch: after a crash, whatever part of the log lies past the `P` sled kept
 //! is applied again at open, so aggregates and ledger never disagree and sled's own recovery
 //! stays small (sled replays what was written since its last open; keeping records out of it
@@ -80,6 +82,18 @@ pub struct SledStore {
     keys: sled::Tree,
     meta: sled::Tree,
     log: Arc<RecordLog>,
+    unapplied: Arc<parking_lot::Mutex<Unapplied>>,
+}
+
+/// The writer's view of records appended but not yet applied: their users' chain heads and day
+/// runs. sled (and so every reader) sees them only when they are applied, which the recorder
+/// does in groups; the next append must still link to them.
+#[derive(Debug, Default)]
+struct Unapplied {
+    heads: HashMap<Arc<str>, [u64; 4]>,
+    days: HashMap<(Arc<str>, usize), DayRun>,
+    /// The end of the last append.
+    end: u64,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -96,6 +110,15 @@ pub struct Appended {
     /// Where the batch ends.
     pub end: u64,
     heads: HashMap<Arc<str>, [u64; 4]>,
+}
+
+impl Appended {
+    /// Adds a later batch, so that both are applied in one go.
+    pub fn merge(&mut self, later: Appended) {
+        self.positions.extend(later.positions);
+        self.end = later.end;
+        self.heads.extend(later.heads);
+    }
 }
 
 /// A user's run of records of one type on one day, as each record's day block carries it: the
@@ -248,6 +271,7 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             db,
             log: Arc::new(log),
+            unapplied: Arc::default(),
         };
         store.replay()?;
         Ok(store)
@@ -354,6 +378,8 @@ impl SledStore {
         let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::new();
         // Per user and type: the day of the newest run, its running totals, and its link.
         let mut days: HashMap<(Arc<str>, usize), DayRun> = HashMap::new();
+        // Held to the end: one writer at a time, and this batch links to unapplied ones.
+        let mut unapplied = self.unapplied.lock();
         let mut out = Vec::with_capacity(items.len());
         let mut app = self.log.append();
         let mut json = Vec::with_capacity(1024);
@@ -361,7 +387,10 @@ impl SledStore {
             let h = match heads.get_mut(&*rec.user_id) {
                 Some(h) => h,
                 None => {
-                    let h = self.heads(&rec.user_id)?;
+                    let h = match unapplied.heads.get(&*rec.user_id) {
+                        Some(h) => *h,
+                        None => self.heads(&rec.user_id)?,
+                    };
                     heads.entry(rec.user_id.clone()).or_insert(h)
                 }
             };
@@ -376,8 +405,9 @@ impl SledStore {
             };
             let day = day_number(links.created_ms);
             let slot = (rec.user_id.clone(), k);
-            let prev = match days.get(&slot) {
+            let prev = match days.get(&slot).or_else(|| unapplied.days.get(&slot)) {
                 Some(run) => Some(*run),
+                // Not touched since the last apply: h[k] is a visible frame.
                 None => self.day_run(h[k])?,
             };
             let t = Totals::of(rec);
@@ -400,6 +430,9 @@ impl SledStore {
             out.push(pos);
         }
         let end = app.commit()?;
+        unapplied.heads.extend(heads.iter().map(|(u, h)| (u.clone(), *h)));
+        unapplied.days.extend(days);
+        unapplied.end = end;
         Ok(Appended {
             positions: out,
             end,
@@ -559,6 +592,12 @@ impl SledStore {
         batch.insert(&[APPLIED][..], &end.to_be_bytes()[..]);
         self.ledger.apply_batch(batch)?;
         self.log.set_visible(end);
+        let mut unapplied = self.unapplied.lock();
+        if end >= unapplied.end {
+            // sled now holds every head and the log every day run the writer kept.
+            unapplied.heads.clear();
+            unapplied.days.clear();
+        }
         Ok(())
     }
 
@@ -1086,6 +1125,84 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(s.records(&inside, 5), Err(StoreError::BadCursor)));
+    }
+
+    /// Every page, of every user and type, newest first.
+    fn all_pages(s: &SledStore) -> Vec<Vec<u128>> {
+        let mut out = Vec::new();
+        for user in ["ann", "bob"] {
+            for kind in [None, Some(RecordKind::MessageSent), Some(RecordKind::AiResponse)] {
+                let f = RecordFilter {
+                    user_id: Some(user.into()),
+                    kind,
+                    ..Default::default()
+                };
+                out.push(ids_of(&s.records(&f, 1000).unwrap()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn batches_applied_together_read_like_batches_applied_one_by_one() {
+        let ids = RecordIds::new();
+        let d0 = Utc.with_ymd_and_hms(2026, 11, 20, 22, 0, 0).unwrap();
+        let all: Vec<Record> = (0..90i64)
+            .map(|i| {
+                let kind = if i % 3 == 0 {
+                    RecordKind::AiResponse
+                } else {
+                    RecordKind::MessageSent
+                };
+                rec(
+                    &ids,
+                    if i % 4 == 0 { "bob" } else { "ann" },
+                    kind,
+                    d0 + chrono::Duration::minutes(i * 20),
+                )
+            })
+            .collect();
+        let one = tempfile::tempdir().unwrap();
+        let a = SledStore::open(one.path()).unwrap();
+        for chunk in all.chunks(4) {
+            a.write_records(chunk).unwrap();
+        }
+        let grouped = tempfile::tempdir().unwrap();
+        let b = SledStore::open(grouped.path()).unwrap();
+        let items: Vec<(Record, Vec<Alert>)> = all.iter().map(|r| (r.clone(), Vec::new())).collect();
+        let mut applied = 0;
+        for group in items.chunks(20) {
+            // Several appends, each linking to the unapplied ones before it, then one apply.
+            let mut pending: Option<Appended> = None;
+            for chunk in group.chunks(4) {
+                let appended = b.append(chunk).unwrap();
+                match &mut pending {
+                    Some(p) => p.merge(appended),
+                    None => pending = Some(appended),
+                }
+                // Readers see only what is applied.
+                let seen: usize = all_pages(&b).iter().step_by(3).map(Vec::len).sum();
+                assert_eq!(seen, applied);
+                assert_eq!(b.count_records().unwrap(), applied as u64);
+            }
+            b.apply_appended(group, &pending.unwrap()).unwrap();
+            applied += group.len();
+            assert_eq!(b.count_records().unwrap(), applied as u64);
+        }
+        assert_eq!(all_pages(&b), all_pages(&a));
+        for user in ["ann", "bob"] {
+            assert_eq!(
+                b.daily(Some(user), d0.date_naive()).unwrap(),
+                a.daily(Some(user), d0.date_naive()).unwrap()
+            );
+            assert_eq!(
+                b.user_month(user, Month::of(d0)).unwrap(),
+                a.user_month(user, Month::of(d0)).unwrap()
+            );
+        }
+        drop(b);
+        let b = SledStore::open(grouped.path()).unwrap();
+        assert_eq!(all_pages(&b), all_pages(&a));
     }
 
     #[test]
