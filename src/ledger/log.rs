@@ -223,6 +223,8 @@ struct WriterState {
     active: Arc<Segment>,
     /// The month (`YYYYMM`) of the active segment's records; 0 when unknown.
     month: u32,
+    /// Segments written to since the last sync.
+    unsynced: Vec<Arc<Segment>>,
 }
 
 /// The record log.
@@ -293,7 +295,11 @@ impl RecordLog {
         Ok(Self {
             dir: dir.to_path_buf(),
             segments: RwLock::new(segments),
-            writer: Mutex::new(WriterState { active, month: 0 }),
+            writer: Mutex::new(WriterState {
+                active,
+                month: 0,
+                unsynced: Vec::new(),
+            }),
             visible: AtomicU64::new(0),
         })
     }
@@ -519,6 +525,16 @@ impl RecordLog {
         Ok(true)
     }
 
+    /// Syncs what [`Appender::write`] wrote since the last sync.
+    pub fn sync_written(&self) -> Result<(), LogError> {
+        let mut w = self.writer();
+        while let Some(seg) = w.unsynced.last() {
+            seg.file.sync_data().map_err(io(&seg.path))?;
+            w.unsynced.pop();
+        }
+        Ok(())
+    }
+
     /// Syncs every segment to disk (after erasures).
     pub fn sync(&self) -> Result<(), LogError> {
         for seg in self.segments().values() {
@@ -719,18 +735,31 @@ impl Appender<'_> {
         Ok(pos)
     }
 
-    /// Writes and syncs the batch; on error nothing is visible and the call can be repeated
-    /// (writes are positional, so a retry rewrites the same bytes).
-    pub fn commit(&mut self) -> Result<u64, LogError> {
+    /// Writes the batch, not synced: it survives a crash of the process, and one of the
+    /// machine once [`RecordLog::sync_written`] ran. On error the call can be repeated (writes
+    /// are positional, so a retry rewrites the same bytes).
+    pub fn write(&mut self) -> Result<u64, LogError> {
         for (seg, bytes) in &self.parts {
             let off = seg.len.load(Ordering::Acquire);
             seg.file.write_all_at(bytes, off).map_err(io(&seg.path))?;
-            seg.file.sync_data().map_err(io(&seg.path))?;
         }
         for (seg, bytes) in self.parts.drain(..) {
             seg.len.fetch_add(bytes.len() as u64, Ordering::AcqRel);
+            if !self.w.unsynced.iter().any(|s| Arc::ptr_eq(s, &seg)) {
+                self.w.unsynced.push(seg);
+            }
         }
         Ok(self.pos)
+    }
+
+    /// Writes and syncs the batch; on error the call can be repeated.
+    pub fn commit(&mut self) -> Result<u64, LogError> {
+        let end = self.write()?;
+        while let Some(seg) = self.w.unsynced.last() {
+            seg.file.sync_data().map_err(io(&seg.path))?;
+            self.w.unsynced.pop();
+        }
+        Ok(end)
     }
 }
 

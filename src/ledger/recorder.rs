@@ -2,12 +2,13 @@
 //!
 //! The hot path hands records over a channel and never waits. The thread (its own OS thread,
 //! since file writes and fsyncs block and must not stall the async workers) takes whatever has
-//! queued up and appends it to the record log with one write and one fsync: a record reaches
-//! disk within one fsync of being handed over, and under load batches grow on their own. The
-//! aggregates of the batches appended since are applied to sled in one atomic batch at most
-//! `apply_every` later (the config's `flush_interval`), or at once when a caller waits for them
-//! (a barrier, an admin operation, an alert). sled costs per batch, not per record, so this
-//! keeps its share small under load. A failing write is retried with backoff, never dropped;
+//! queued up and writes it to the record log at once, with one write: from then on a record
+//! survives a crash of the process, and under load batches grow on their own. At most
+//! `apply_every` later (the config's `flush_interval`, "usage records reach disk within this
+//! bound"), or at once when a caller waits (a barrier, an admin operation, an alert), the log is
+//! synced and the aggregates of every batch written since are applied to sled in one atomic
+//! batch. An fsync and a sled batch cost about the same for one record as for a thousand, so
+//! this keeps their share small under load. A failing write is retried with backoff, never dropped;
 //! each step is retried alone, so nothing is written twice.
 
 use std::sync::Arc;
@@ -268,8 +269,8 @@ impl Recorder {
         }
     }
 
-    /// Appends one batch to the log and syncs it (retried until it is), and keeps it for the
-    /// next apply; empties `batch`.
+    /// Writes one batch to the log (retried until it is) and keeps it for the next apply;
+    /// empties `batch`.
     fn append(&mut self, batch: &mut Vec<(Record, Vec<Alert>)>) {
         let mut backoff = Duration::from_millis(50);
         let t0 = Instant::now();
@@ -297,8 +298,8 @@ impl Recorder {
         self.unapplied.append(batch);
     }
 
-    /// Applies the aggregates of every batch appended since the last apply (retried alone:
-    /// appending again would record them twice).
+    /// Syncs the log and applies the aggregates of every batch written since the last apply
+    /// (retried alone: appending again would record them twice).
     fn apply(&mut self) {
         let Some(appended) = self.appended.take() else {
             return;

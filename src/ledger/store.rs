@@ -1,10 +1,12 @@
 //! The store: the record log (every usage record, see [`super::log`]) and sled (users, keys,
 //! upload sessions, alerts, and the aggregates the records add up to).
 //!
-//! A batch of records is appended to the log and synced first; then its aggregates are applied
-//! to sled in one atomic batch together with the log position they reach (`P`). The recorder
-//! groups the applies of the batches appended within `flush_interval` (sled's cost is per
-//! batch, and its I/O threads wake for each one); readers see records once applied. sled is not
+//! A batch of records is written to the log first (from then on it survives a crash of the
+//! process). Before its aggregates are applied, the log is synced (from then on it survives a
+//! crash of the machine); then the aggregates go to sled in one atomic batch together with the
+//! log position they reach (`P`). The recorder groups the syncs and applies of the batches
+//! written within `flush_interval` (an fsync and a sled batch cost the same for one record or a
+//! thousand); readers see records once applied. sled is not
 //! flushed for every batch: after a crash, whatever part of the log lies past the `P` sled kept
 //! is applied again at open, so aggregates and ledger never disagree and sled's own recovery
 //! stays small (sled replays what was written since its last open; keeping records out of it
@@ -370,8 +372,8 @@ impl SledStore {
         self.apply_appended(&items, &appended)
     }
 
-    /// Appends records, each with the alerts it fired, to the log and syncs it; returns their
-    /// positions and the end of the batch. Nothing is visible until [`SledStore::apply`]. A
+    /// Appends records, each with the alerts it fired, to the log (written, synced by
+    /// [`SledStore::apply_appended`]); returns their positions and the end of the batch. Nothing is visible until [`SledStore::apply`]. A
     /// failed append can be retried as a whole: nothing refers to positions of a batch that was
     /// never applied.
     pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<Appended, StoreError> {
@@ -429,7 +431,9 @@ impl SledStore {
             h[k] = pos;
             out.push(pos);
         }
-        let end = app.commit()?;
+        // Synced before the aggregates are applied (see `apply_appended`), not here: one
+        // fsync per apply instead of one per batch.
+        let end = app.write()?;
         unapplied.heads.extend(heads.iter().map(|(u, h)| (u.clone(), *h)));
         unapplied.days.extend(days);
         unapplied.end = end;
@@ -441,7 +445,9 @@ impl SledStore {
     }
 
     /// [`SledStore::apply`] for a batch [`SledStore::append`] wrote.
+    /// The log is synced first, so `P` never runs ahead of what a machine crash keeps.
     pub fn apply_appended(&self, items: &[(Record, Vec<Alert>)], a: &Appended) -> Result<(), StoreError> {
+        self.log.sync_written()?;
         self.apply(
             items.iter().zip(&a.positions).map(|((r, al), p)| (*p, r, &al[..])),
             a.end,
