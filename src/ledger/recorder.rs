@@ -31,6 +31,12 @@ const SLED_FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Largest batch written at once.
 const MAX_BATCH: usize = 20_000;
 
+/// After writing a batch, the recorder sleeps this long before taking the next. While it sleeps
+/// nobody waits on the channel, so a send is a push and an atomic load; woken by every send, it
+/// cost the request path a futex call per record (3.5% of the gateway's CPU under unary load).
+/// A record waits at most this much longer before it is written.
+const GATHER: Duration = Duration::from_millis(1);
+
 enum Msg {
     Record(Box<Record>),
     /// A record and the alerts it fired: always written in the same batch; the sender is told
@@ -221,7 +227,8 @@ impl Recorder {
                 }
                 next = self.rx.try_recv().ok();
             }
-            if !buf.is_empty() {
+            let wrote = !buf.is_empty();
+            if wrote {
                 for (rec, alerts) in &mut buf {
                     let id = self.ids.next_in_order(rec.created_at);
                     for a in alerts.iter_mut().filter(|a| a.record_id == rec.id) {
@@ -261,6 +268,9 @@ impl Recorder {
                     let _ = reply.send(res);
                 }
                 _ => {}
+            }
+            if wrote {
+                std::thread::sleep(GATHER);
             }
         }
         self.apply();
