@@ -131,10 +131,38 @@ pub struct Runtime {
     by_id: Vec<Option<Arc<TierRuntime>>>,
     /// The real upstream key (never logged).
     pub upstream_key: Arc<str>,
+    /// The key as the header values sent upstream, built once per snapshot.
+    pub upstream_headers: UpstreamHeaders,
     /// The admin token, when the admin API is on.
     pub admin_token: Option<Arc<str>>,
     /// When this snapshot was loaded.
     pub loaded_at: DateTime<Utc>,
+}
+
+/// The upstream key as header values, marked sensitive (hidden from `Debug` and from HTTP/2
+/// header compression); `None` when the key is not a valid header value (requests then fail
+/// with an internal error, as they would have building it each time).
+#[derive(Debug, Clone)]
+pub struct UpstreamHeaders {
+    /// `x-goog-api-key: <key>`.
+    pub key: Option<http::HeaderValue>,
+    /// `Authorization: Bearer <key>`, for the OpenAI-compatible endpoint.
+    pub bearer: Option<http::HeaderValue>,
+}
+
+impl UpstreamHeaders {
+    fn of(key: &str) -> Self {
+        let sensitive = |v: String| {
+            http::HeaderValue::try_from(v).ok().map(|mut h| {
+                h.set_sensitive(true);
+                h
+            })
+        };
+        UpstreamHeaders {
+            key: sensitive(key.to_string()),
+            bearer: sensitive(format!("Bearer {key}")),
+        }
+    }
 }
 
 impl Runtime {
@@ -197,6 +225,7 @@ impl Runtime {
             config: Arc::new(config),
             tiers,
             by_id,
+            upstream_headers: UpstreamHeaders::of(&upstream_key),
             upstream_key,
             admin_token,
             loaded_at: now,

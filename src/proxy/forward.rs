@@ -25,6 +25,9 @@ use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
 
+/// The header the upstream key goes in (a constant: `from_static` validates on every call).
+const GOOG_API_KEY: header::HeaderName = header::HeaderName::from_static("x-goog-api-key");
+
 /// Forwards a proxied request; every failure becomes a Gemini error envelope.
 pub async fn forward(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut route_idx = route_index("other");
@@ -158,9 +161,10 @@ async fn forward_inner(
     let started = Instant::now();
     let rt = app.live.load();
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    let query = parts.uri.query().map(str::to_string);
-    let route = classify(&parts.method, &path, query.as_deref(), &parts.headers);
+    // A clone shares the URI's bytes: path and query are borrowed from it, not copied.
+    let uri_in = parts.uri.clone();
+    let (path, query) = (uri_in.path(), uri_in.query());
+    let route = classify(&parts.method, path, query, &parts.headers);
     *route_idx = route_index(match &route {
         Route::Generate { stream: false, .. } => "generate",
         Route::Generate { stream: true, .. } => "stream",
@@ -174,7 +178,7 @@ async fn forward_inner(
     }
 
     // Who is calling. Chunks of a session started here belong to the key that started it.
-    let presented = caller_key(&parts.headers, query.as_deref());
+    let presented = caller_key(&parts.headers, query);
     let mut session_chunk = false;
     let key = match &route {
         Route::UploadChunk { upload_id } => match app.uploads.get(upload_id, &app.registry) {
@@ -189,7 +193,9 @@ async fn forward_inner(
     };
     let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     let tags = take_tags(&mut parts.headers);
-    let gateway_base = gateway_base(&rt.config.server.public_url, &parts);
+    // Only an upload's start needs it (to rewrite the session URL).
+    let gateway_base =
+        matches!(route, Route::UploadStart { .. }).then(|| gateway_base(&rt.config.server.public_url, &parts));
 
     // The OpenAI-compatible endpoint names its model in the body: read it (bounded).
     let tally = Arc::new(RequestTally::default());
@@ -262,20 +268,17 @@ async fn forward_inner(
     });
 
     // Rewrite: upstream URI, the real key instead of the caller's, no hop-by-hop headers.
-    let uri = upstream_uri(&rt.config.upstream.base_url, &path, query.as_deref())?;
+    let uri = upstream_uri(&rt.config.upstream.base_url, path, query)?;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     parts.headers.remove(header::AUTHORIZATION);
-    let mut upstream_key = HeaderValue::from_str(&rt.upstream_key)
-        .map_err(|_| ApiError::internal("The upstream key is not a valid header value."))?;
-    upstream_key.set_sensitive(true);
+    let bad_key = || ApiError::internal("The upstream key is not a valid header value.");
+    let upstream_key = rt.upstream_headers.key.clone().ok_or_else(bad_key)?;
     if openai.is_some() {
-        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", rt.upstream_key))
-            .map_err(|_| ApiError::internal("The upstream key is not a valid header value."))?;
-        bearer.set_sensitive(true);
+        let bearer = rt.upstream_headers.bearer.clone().ok_or_else(bad_key)?;
         parts.headers.insert(header::AUTHORIZATION, bearer);
     }
-    parts.headers.insert("x-goog-api-key", upstream_key);
+    parts.headers.insert(GOOG_API_KEY, upstream_key);
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let up_req = Request::from_parts(parts, upstream_body);
@@ -367,7 +370,8 @@ async fn forward_inner(
                     app.uploads.insert(id, key, declared, &app.registry);
                 }
                 let prefix = rt.config.upstream.base_url.path();
-                if let Some(new) = rewrite_upload_url(&url, &gateway_base, prefix)
+                if let Some(base) = &gateway_base
+                    && let Some(new) = rewrite_upload_url(&url, base, prefix)
                     && let Ok(v) = HeaderValue::from_str(&new)
                 {
                     rparts.headers.insert("x-goog-upload-url", v);

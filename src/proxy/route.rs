@@ -44,7 +44,7 @@ pub fn is_proxied(path: &str) -> bool {
 }
 
 /// The model id and method named by a path such as `/v1beta/models/x:generateContent`.
-pub fn model_and_method(path: &str) -> Option<(String, String)> {
+pub fn model_and_method(path: &str) -> Option<(String, std::borrow::Cow<'_, str>)> {
     let (prefix, rest) = if let Some(i) = path.find("/models/") {
         ("", &path[i + "/models/".len()..])
     } else if let Some(i) = path.find("/tunedModels/") {
@@ -52,15 +52,26 @@ pub fn model_and_method(path: &str) -> Option<(String, String)> {
     } else {
         return None;
     };
-    let rest = rest.replace("%3A", ":").replace("%3a", ":");
-    let (model, method) = match rest.split_once(':') {
-        Some((m, meth)) => (m.to_string(), meth.to_string()),
-        None => (rest.clone(), String::new()),
-    };
+    // An escaped colon is rare: only then is the rest copied.
+    if rest.contains('%') {
+        let unescaped = rest.replace("%3A", ":").replace("%3a", ":");
+        let (model, method) = split_model(prefix, &unescaped)?;
+        return Some((model, std::borrow::Cow::Owned(method.to_string())));
+    }
+    let (model, method) = split_model(prefix, rest)?;
+    Some((model, std::borrow::Cow::Borrowed(method)))
+}
+
+/// `model:method` into the model id (with `prefix`) and the method.
+fn split_model<'a>(prefix: &str, rest: &'a str) -> Option<(String, &'a str)> {
+    let (model, method) = rest.split_once(':').unwrap_or((rest, ""));
     if model.is_empty() || model.contains('/') {
         return None;
     }
-    Some((format!("{prefix}{model}"), method))
+    let mut id = String::with_capacity(prefix.len() + model.len());
+    id.push_str(prefix);
+    id.push_str(model);
+    Some((id, method))
 }
 
 /// Classifies a proxied request.
@@ -118,6 +129,18 @@ mod tests {
         );
         assert_eq!(
             classify(&Method::POST, "/v1/models/gemini-2.5-flash:generateContent", None, &h),
+            Route::Generate {
+                model: "gemini-2.5-flash".into(),
+                stream: false
+            }
+        );
+        assert_eq!(
+            classify(
+                &Method::POST,
+                "/v1beta/models/gemini-2.5-flash%3agenerateContent",
+                None,
+                &h
+            ),
             Route::Generate {
                 model: "gemini-2.5-flash".into(),
                 stream: false
