@@ -81,6 +81,9 @@ enum Command {
         /// Leave nginx out even when it is installed.
         #[arg(long)]
         no_nginx: bool,
+        /// Tokio worker threads of the gateway (default: one per core).
+        #[arg(long)]
+        gateway_workers: Option<usize>,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
                 ttfb_ms,
                 users,
                 no_nginx,
+                gateway_workers,
                 json,
             } => {
                 let secs = |v: f64, flag: &str| {
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
                     ttfb: Duration::from_millis(ttfb_ms),
                     users,
                     no_nginx,
+                    gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                 };
                 let report = gemini_meter::loadtest::run(&opts).await?;

@@ -86,6 +86,8 @@ pub struct Options {
     pub users: usize,
     /// Skip nginx even when it is installed.
     pub no_nginx: bool,
+    /// Tokio worker threads of the gateway (`None`: one per core).
+    pub gateway_workers: Option<usize>,
     /// The `gemini-meter` binary to start as mock and gateway (normally this process's own).
     pub binary: std::path::PathBuf,
 }

@@ -179,12 +179,14 @@ pub async fn start_mock(
     Ok((p, addr))
 }
 
-/// Starts `gemini-meter serve --config PATH` with the admin token and upstream key in its env.
+/// Starts `gemini-meter serve --config PATH` with the admin token and upstream key in its env
+/// (and `workers` tokio worker threads, if set).
 pub async fn start_gateway(
     binary: &Path,
     config: &Path,
     admin_token: &str,
     upstream_key: &str,
+    workers: Option<usize>,
 ) -> Result<(Proc, SocketAddr), LoadError> {
     let mut cmd = Command::new(binary);
     cmd.arg("serve")
@@ -194,6 +196,10 @@ pub async fn start_gateway(
         .env(super::configs::UPSTREAM_KEY_ENV, upstream_key)
         .env("RUST_LOG", "info")
         .env_remove("GEMINI_METER_FAKE_NOW");
+    if let Some(n) = workers {
+        // Read by tokio's runtime builder when the program sets no count itself.
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
     let (p, rest) = spawn_until("gateway", cmd, "listening on ").await?;
     let addr = parse_addr("gateway", &rest)?;
     Ok((p, addr))

@@ -39,7 +39,14 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     let config_path = dir.path().join("gemini-meter.toml");
     std::fs::write(&config_path, configs::gateway_toml(mock_addr, &dir.path().join("data")))
         .map_err(LoadError::io("writing the gateway config"))?;
-    let (gateway, gw_addr) = procs::start_gateway(&opts.binary, &config_path, &secret, "loadtest-upstream-key").await?;
+    let (gateway, gw_addr) = procs::start_gateway(
+        &opts.binary,
+        &config_path,
+        &secret,
+        "loadtest-upstream-key",
+        opts.gateway_workers,
+    )
+    .await?;
     let admin = Admin::new(gw_addr, secret);
     let mut keys = Vec::with_capacity(opts.users);
     for i in 0..opts.users {
