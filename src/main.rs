@@ -32,6 +32,16 @@ enum Command {
     },
     /// Runs the mock upstream and the gateway in one process, with a demo user and key.
     Demo,
+    /// A plain hyper reverse proxy to `upstream` (the load tool's "hyper" target).
+    #[command(hide = true)]
+    LoadtestPassthrough {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The upstream's address (plain HTTP).
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
     /// Runs the built-in mock of the Gemini API.
     MockUpstream {
         /// Address to listen on.
@@ -81,6 +91,10 @@ enum Command {
         /// Leave nginx out even when it is installed.
         #[arg(long)]
         no_nginx: bool,
+        /// Leave out the plain hyper proxy (the gateway's HTTP server and client without the
+        /// metering), which shows what the HTTP stack costs by itself.
+        #[arg(long)]
+        no_hyper: bool,
         /// Tokio worker threads of the gateway (default: one per core).
         #[arg(long)]
         gateway_workers: Option<usize>,
@@ -149,6 +163,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
             Command::Demo => demo().await,
+            Command::LoadtestPassthrough { listen, upstream } => {
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                tracing::info!("passthrough listening on {}", listener.local_addr()?);
+                tokio::select! {
+                    r = gemini_meter::loadtest::passthrough::serve(listener, upstream) => r.context("passthrough failed"),
+                    _ = shutdown_signal() => Ok(()),
+                }
+            }
             Command::MockUpstream {
                 listen,
                 ttfb_ms,
@@ -182,6 +206,7 @@ fn main() -> ExitCode {
                 ttfb_ms,
                 users,
                 no_nginx,
+                no_hyper,
                 gateway_workers,
                 json,
             } => {
@@ -204,6 +229,7 @@ fn main() -> ExitCode {
                     ttfb: Duration::from_millis(ttfb_ms),
                     users,
                     no_nginx,
+                    no_hyper,
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                 };

@@ -39,7 +39,7 @@ fn tiny_run_reports_and_meters_every_request() {
     for k in kinds {
         let rows = k["targets"].as_array().expect("targets");
         let names: Vec<&str> = rows.iter().filter_map(|r| r["target"].as_str()).collect();
-        assert_eq!(names, ["direct", "gateway"], "{k}");
+        assert_eq!(names, ["direct", "gateway", "hyper"], "{k}");
         for r in rows {
             assert!(r["ok"].as_u64().unwrap_or(0) > 0, "no successful requests: {r}");
             assert_eq!(r["errors"]["total"], 0, "{r}");
@@ -50,6 +50,8 @@ fn tiny_run_reports_and_meters_every_request() {
             assert!(rows[1]["added_gap_p99_ms"].as_f64().is_some(), "{k}");
         }
         assert!(rows[1]["cpu_per_request_us"].as_f64().is_some(), "{k}");
+        // The plain hyper proxy forwards like the gateway, and its CPU is measured too.
+        assert!(rows[2]["cpu_per_request_us"].as_f64().is_some(), "{k}");
     }
 
     let m = &v["metering"];

@@ -12,6 +12,7 @@
 mod admin;
 mod client;
 mod configs;
+pub mod passthrough;
 mod procs;
 mod report;
 mod run;
@@ -86,6 +87,8 @@ pub struct Options {
     pub users: usize,
     /// Skip nginx even when it is installed.
     pub no_nginx: bool,
+    /// Leave out the plain hyper proxy (the "hyper" target).
+    pub no_hyper: bool,
     /// Tokio worker threads of the gateway (`None`: one per core).
     pub gateway_workers: Option<usize>,
     /// The `gemini-meter` binary to start as mock and gateway (normally this process's own).

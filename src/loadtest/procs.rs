@@ -179,6 +179,20 @@ pub async fn start_mock(
     Ok((p, addr))
 }
 
+/// Starts `gemini-meter loadtest-passthrough` (a plain hyper proxy) in front of `upstream`.
+pub async fn start_passthrough(binary: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr), LoadError> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("loadtest-passthrough")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--upstream")
+        .arg(upstream.to_string())
+        .env("RUST_LOG", "info");
+    let (p, rest) = spawn_until("hyper passthrough", cmd, "listening on ").await?;
+    let addr = parse_addr("hyper passthrough", &rest)?;
+    Ok((p, addr))
+}
+
 /// Starts `gemini-meter serve --config PATH` with the admin token and upstream key in its env
 /// (and `workers` tokio worker threads, if set).
 pub async fn start_gateway(

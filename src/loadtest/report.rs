@@ -18,6 +18,9 @@ pub enum Target {
     Gateway,
     /// nginx in front of the mock.
     Nginx,
+    /// A plain hyper proxy (the gateway's HTTP server and client, no metering) in front of the
+    /// mock: what the HTTP stack costs by itself.
+    Hyper,
 }
 
 impl Target {
@@ -27,6 +30,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Gateway => "gateway",
             Target::Nginx => "nginx",
+            Target::Hyper => "hyper",
         }
     }
 }
@@ -165,6 +169,27 @@ impl Report {
                 measured: format!("{} ms", opt_ms(p99)),
                 met: p99.map(|v| v <= 1.0),
             });
+            // The HTTP stack alone, measured alike: how much of the distance is hyper's.
+            let hy = u.row(Target::Hyper).map(|r| r.tally.rps());
+            if let Some(r) = hy.zip(ng).and_then(|(h, n)| (n > 0.0).then(|| h / n)) {
+                out.push(Check {
+                    what: "unary, for reference: hyper req/s / nginx req/s",
+                    measured: format!("{r:.2} x"),
+                    met: None,
+                });
+            }
+            for (what, t) in [
+                ("unary, for reference: hyper p99 added", Target::Hyper),
+                ("unary, for reference: nginx p99 added", Target::Nginx),
+            ] {
+                if let Some(v) = u.added(t, 0.99, |t| &t.latency) {
+                    out.push(Check {
+                        what,
+                        measured: format!("{v:.3} ms"),
+                        met: None,
+                    });
+                }
+            }
         }
         if let Some(s) = kind(CallKind::Sse) {
             let gw = s.row(Target::Gateway);
@@ -184,6 +209,18 @@ impl Report {
                 measured: format!("{} ms", opt_ms(gap)),
                 met: gap.map(|v| v < 1.0),
             });
+            for (what, t) in [
+                ("sse, for reference: hyper gap p99 added", Target::Hyper),
+                ("sse, for reference: nginx gap p99 added", Target::Nginx),
+            ] {
+                if let Some(v) = s.added(t, 0.99, |t| &t.gap) {
+                    out.push(Check {
+                        what,
+                        measured: format!("{v:.3} ms"),
+                        met: None,
+                    });
+                }
+            }
         }
         out.push(Check {
             what: "gateway RSS peak < 100 MB",
@@ -210,9 +247,14 @@ impl Report {
             NginxStatus::Skipped(why) => format!("nginx skipped: {why}"),
         };
         let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        let hyper = if self.kinds.iter().any(|k| k.row(Target::Hyper).is_some()) {
+            "; hyper: the gateway's HTTP server and client alone (no keys, quotas, metering or records)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
-            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart{}, ttfb {} ms; {nginx}",
+            "gemini-meter loadtest: {} cores; concurrency {}; {} rounds x {:.1} s per target (+{:.1} s warm-up); {} users; mock: {} chunks {} ms apart{}, ttfb {} ms; {nginx}{hyper}",
             cores,
             o.concurrency,
             o.rounds,
@@ -341,6 +383,7 @@ impl Report {
             let verdict = match c.met {
                 Some(true) => "met",
                 Some(false) => "NOT MET",
+                None if c.what.contains("for reference") => "reference",
                 None => "not judged",
             };
             let _ = writeln!(s, "  {:<48} {:<40} {verdict}", c.what, c.measured);

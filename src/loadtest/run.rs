@@ -55,6 +55,11 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     }
     let gw_keys = Arc::new(keys);
     let (nginx, nginx_status) = start_nginx(opts, dir.path(), mock_addr).await;
+    let hyper = if opts.no_hyper {
+        None
+    } else {
+        Some(procs::start_passthrough(&opts.binary, mock_addr).await?)
+    };
 
     let mut targets: Vec<(Target, SocketAddr, Arc<Vec<HeaderValue>>)> = vec![
         (Target::Direct, mock_addr, Arc::new(Vec::new())),
@@ -62,6 +67,9 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     ];
     if let Some((_, addr)) = &nginx {
         targets.push((Target::Nginx, *addr, Arc::new(Vec::new())));
+    }
+    if let Some((_, addr)) = &hyper {
+        targets.push((Target::Hyper, *addr, Arc::new(Vec::new())));
     }
 
     let rss_start = procs::rss_bytes(gateway.pid()).unwrap_or(0);
@@ -96,35 +104,30 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
             }
         }
         let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
-        let mut gw_cpu = Duration::ZERO;
-        let mut nginx_cpu = Duration::ZERO;
+        // CPU time of each target's process over the measured rounds (none for direct).
+        let mut cpu: Vec<Option<Duration>> = targets.iter().map(|_| None).collect();
         for round in 1..=opts.rounds {
             for (i, (target, addr, keys)) in targets.iter().enumerate() {
                 tracing::info!("{} round {round}/{}: {}", kind.as_str(), opts.rounds, target.as_str());
                 let cpu_pid = match target {
                     Target::Gateway => Some(gateway.pid()),
                     Target::Nginx => nginx.as_ref().map(|(p, _)| p.pid()),
+                    Target::Hyper => hyper.as_ref().map(|(p, _)| p.pid()),
                     Target::Direct => None,
                 };
                 let before = cpu_pid.map(tree_cpu);
                 let t = run_phase(&phase(*addr, keys, opts.duration)).await;
-                let spent = match (cpu_pid, before) {
-                    (Some(pid), Some(b)) => tree_cpu(pid).saturating_sub(b),
-                    _ => Duration::ZERO,
-                };
-                match target {
-                    Target::Gateway => {
-                        gateway_ok += t.ok;
-                        gateway_failed += t.errors.total();
-                        gw_cpu += spent;
-                    }
-                    Target::Nginx => nginx_cpu += spent,
-                    Target::Direct => {}
+                if let (Some(pid), Some(b), Some(slot)) = (cpu_pid, before, cpu.get_mut(i)) {
+                    *slot = Some(slot.unwrap_or_default() + tree_cpu(pid).saturating_sub(b));
+                }
+                if *target == Target::Gateway {
+                    gateway_ok += t.ok;
+                    gateway_failed += t.errors.total();
                 }
                 tallies[i].merge(&t);
             }
         }
-        kinds.push(kind_report(kind, &targets, tallies, gw_cpu, nginx_cpu));
+        kinds.push(kind_report(kind, &targets, tallies, cpu));
     }
 
     // A gateway that died under load is a finding, not a reason to lose every figure measured.
@@ -142,6 +145,9 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     let rss_peak = peak.load(Ordering::Relaxed).max(rss_end);
 
     if let Some((p, _)) = nginx {
+        p.stop().await;
+    }
+    if let Some((p, _)) = hyper {
         p.stop().await;
     }
     let gateway_clean_exit = gateway.stop().await;
@@ -247,8 +253,7 @@ fn kind_report(
     kind: CallKind,
     targets: &[(Target, SocketAddr, Arc<Vec<HeaderValue>>)],
     tallies: Vec<Tally>,
-    gw_cpu: Duration,
-    nginx_cpu: Duration,
+    cpu: Vec<Option<Duration>>,
 ) -> KindReport {
     let per_request = |cpu: Duration, t: &Tally| {
         let n = t.ok + t.errors.total();
@@ -257,21 +262,15 @@ fn kind_report(
     let rows = targets
         .iter()
         .zip(tallies)
-        .map(|((target, _, _), tally)| {
-            let cpu = match target {
-                Target::Gateway => Some(gw_cpu),
-                Target::Nginx => Some(nginx_cpu),
-                Target::Direct => None,
-            };
-            TargetReport {
-                target: *target,
-                cpu_per_request: cpu.and_then(|c| per_request(c, &tally)),
-                cpu_cores: cpu.map(|c| {
-                    let wall = tally.elapsed.as_secs_f64();
-                    if wall > 0.0 { c.as_secs_f64() / wall } else { 0.0 }
-                }),
-                tally,
-            }
+        .zip(cpu)
+        .map(|(((target, _, _), tally), cpu)| TargetReport {
+            target: *target,
+            cpu_per_request: cpu.and_then(|c| per_request(c, &tally)),
+            cpu_cores: cpu.map(|c| {
+                let wall = tally.elapsed.as_secs_f64();
+                if wall > 0.0 { c.as_secs_f64() / wall } else { 0.0 }
+            }),
+            tally,
         })
         .collect();
     KindReport { kind, rows }
