@@ -121,7 +121,6 @@ pub struct TierRuntime {
 }
 
 /// One immutable snapshot of the running configuration.
-#[derive(Debug)]
 pub struct Runtime {
     /// The validated config.
     pub config: Arc<Config>,
@@ -137,6 +136,19 @@ pub struct Runtime {
     pub admin_token: Option<Arc<str>>,
     /// When this snapshot was loaded.
     pub loaded_at: DateTime<Utc>,
+}
+
+// By hand: the derived form would print the upstream key and the admin token.
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .field("tiers", &self.tiers.keys().collect::<Vec<_>>())
+            .field("upstream_key", &"<redacted>")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("loaded_at", &self.loaded_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The upstream key as header values, marked sensitive (hidden from `Debug` and from HTTP/2
@@ -377,5 +389,30 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
     if old.storage.path != new.storage.path {
         tracing::warn!("storage.path changed: takes effect after a restart");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_upstream_key_and_the_admin_token() {
+        let env: EnvLookup = Arc::new(|name: &str| {
+            Some(
+                if name.contains("ADMIN") {
+                    "adm-secret-token-42"
+                } else {
+                    "upstream-secret-key-17"
+                }
+                .to_string(),
+            )
+        });
+        let rt = Runtime::build(Config::default(), None, Utc::now(), &env).expect("runtime");
+        assert_eq!(&*rt.upstream_key, "upstream-secret-key-17");
+        assert!(rt.admin_token.is_some());
+        let shown = format!("{rt:?} {:?}", rt.upstream_headers);
+        assert!(!shown.contains("upstream-secret-key-17"), "{shown}");
+        assert!(!shown.contains("adm-secret-token-42"), "{shown}");
     }
 }

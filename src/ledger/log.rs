@@ -223,8 +223,31 @@ struct WriterState {
     active: Arc<Segment>,
     /// The month (`YYYYMM`) of the active segment's records; 0 when unknown.
     month: u32,
-    /// Segments written to since the last sync.
-    unsynced: Vec<Arc<Segment>>,
+    /// What was written since the last sync, oldest first: the segment, the offset and the
+    /// bytes (kept to be written again if a sync fails, see [`sync_unsynced`]).
+    unsynced: Vec<(Arc<Segment>, u64, Vec<u8>)>,
+}
+
+/// Syncs the segments written since the last sync, oldest first (a crash mid-way then keeps a
+/// prefix of the log). After a failed fsync the kernel may have dropped the dirty pages and
+/// report the next fsync clean, so the unsynced bytes are written again before the error is
+/// returned: the retry then syncs them for real.
+fn sync_unsynced(w: &mut WriterState) -> Result<(), LogError> {
+    let mut done: Vec<*const Segment> = Vec::with_capacity(2);
+    for (seg, _, _) in &w.unsynced {
+        if done.contains(&Arc::as_ptr(seg)) {
+            continue;
+        }
+        if let Err(e) = seg.file.sync_data() {
+            for (s, off, bytes) in &w.unsynced {
+                let _ = s.file.write_all_at(bytes, *off);
+            }
+            return Err(io(&seg.path)(e));
+        }
+        done.push(Arc::as_ptr(seg));
+    }
+    w.unsynced.clear();
+    Ok(())
 }
 
 /// The record log.
@@ -527,12 +550,7 @@ impl RecordLog {
 
     /// Syncs what [`Appender::write`] wrote since the last sync.
     pub fn sync_written(&self) -> Result<(), LogError> {
-        let mut w = self.writer();
-        while let Some(seg) = w.unsynced.last() {
-            seg.file.sync_data().map_err(io(&seg.path))?;
-            w.unsynced.pop();
-        }
-        Ok(())
+        sync_unsynced(&mut self.writer())
     }
 
     /// Syncs every segment to disk (after erasures).
@@ -690,7 +708,8 @@ impl SeqReader {
     }
 }
 
-/// A batch of frames being appended; nothing is on disk or visible until [`Appender::commit`].
+/// A batch of frames being appended; nothing is on disk until [`Appender::write`] (or
+/// [`Appender::commit`]), nor visible before [`RecordLog::set_visible`].
 pub struct Appender<'a> {
     log: &'a RecordLog,
     w: MutexGuard<'a, WriterState>,
@@ -744,10 +763,8 @@ impl Appender<'_> {
             seg.file.write_all_at(bytes, off).map_err(io(&seg.path))?;
         }
         for (seg, bytes) in self.parts.drain(..) {
-            seg.len.fetch_add(bytes.len() as u64, Ordering::AcqRel);
-            if !self.w.unsynced.iter().any(|s| Arc::ptr_eq(s, &seg)) {
-                self.w.unsynced.push(seg);
-            }
+            let off = seg.len.fetch_add(bytes.len() as u64, Ordering::AcqRel);
+            self.w.unsynced.push((seg, off, bytes));
         }
         Ok(self.pos)
     }
@@ -755,10 +772,7 @@ impl Appender<'_> {
     /// Writes and syncs the batch; on error the call can be repeated.
     pub fn commit(&mut self) -> Result<u64, LogError> {
         let end = self.write()?;
-        while let Some(seg) = self.w.unsynced.last() {
-            seg.file.sync_data().map_err(io(&seg.path))?;
-            self.w.unsynced.pop();
-        }
+        sync_unsynced(&mut self.w)?;
         Ok(end)
     }
 }

@@ -56,7 +56,7 @@ pub struct RecorderStats {
     pub written: AtomicU64,
     /// Batches written since start.
     pub batches: AtomicU64,
-    /// Duration of the last flush, in microseconds.
+    /// Duration of the last log write (the sync comes with the next apply), in microseconds.
     pub last_flush_us: AtomicU64,
     /// True while writes are failing.
     pub degraded: AtomicBool,

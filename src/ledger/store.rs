@@ -1152,7 +1152,8 @@ mod tests {
     #[test]
     fn batches_applied_together_read_like_batches_applied_one_by_one() {
         let ids = RecordIds::new();
-        let d0 = Utc.with_ymd_and_hms(2026, 11, 20, 22, 0, 0).unwrap();
+        // 30 hours from here: days and a month (so a new log segment) change between applies.
+        let d0 = Utc.with_ymd_and_hms(2026, 11, 30, 20, 0, 0).unwrap();
         let all: Vec<Record> = (0..90i64)
             .map(|i| {
                 let kind = if i % 3 == 0 {
@@ -1196,15 +1197,21 @@ mod tests {
             assert_eq!(b.count_records().unwrap(), applied as u64);
         }
         assert_eq!(all_pages(&b), all_pages(&a));
+        let months = [Month::of(d0), Month::of(d0 + chrono::Duration::days(2))];
+        assert_ne!(months[0], months[1]);
+        assert!(b.log.segment_ranges().len() >= 2);
         for user in ["ann", "bob"] {
             assert_eq!(
                 b.daily(Some(user), d0.date_naive()).unwrap(),
                 a.daily(Some(user), d0.date_naive()).unwrap()
             );
-            assert_eq!(
-                b.user_month(user, Month::of(d0)).unwrap(),
-                a.user_month(user, Month::of(d0)).unwrap()
-            );
+            for m in months {
+                assert_eq!(b.user_month(user, m).unwrap(), a.user_month(user, m).unwrap());
+            }
+        }
+        for m in months {
+            assert_eq!(b.month_summary(m).unwrap(), a.month_summary(m).unwrap());
+            assert_eq!(b.month_models(m).unwrap(), a.month_models(m).unwrap());
         }
         drop(b);
         let b = SledStore::open(grouped.path()).unwrap();
