@@ -423,11 +423,14 @@ impl RecordLog {
     pub fn append(&self) -> Appender<'_> {
         let w = self.writer();
         let pos = w.active.start + w.active.len.load(Ordering::Acquire);
+        let began = (w.active.clone(), w.month);
         Appender {
             log: self,
             w,
             pos,
             parts: Vec::new(),
+            began,
+            written: false,
         }
     }
 
@@ -717,6 +720,42 @@ pub struct Appender<'a> {
     pos: u64,
     /// Bytes per segment, in order.
     parts: Vec<(Arc<Segment>, Vec<u8>)>,
+    /// The active segment and its month when the batch began (restored if it is not written).
+    began: (Arc<Segment>, u32),
+    /// Set once the batch is written.
+    written: bool,
+}
+
+impl Drop for Appender<'_> {
+    /// A batch that was not written leaves the log as it found it: the segments it started are
+    /// removed and the one it began in is cut back to its length. A retry then lays the batch
+    /// out at the same positions again; without this, frames written to a segment before a
+    /// failure in the next one would be found past its length at the next start and applied
+    /// a second time.
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        let (seg, month) = self.began.clone();
+        if !Arc::ptr_eq(&seg, &self.w.active) {
+            let mut map = self.log.segments.write().unwrap_or_else(|p| p.into_inner());
+            let started: Vec<u64> = map.range(seg.start + 1..).map(|(k, _)| *k).collect();
+            for start in started {
+                if let Some(s) = map.remove(&start)
+                    && let Err(e) = std::fs::remove_file(&s.path)
+                {
+                    tracing::error!(path = %s.path.display(), error = %e, "record log: cannot remove a segment an unwritten batch started");
+                }
+            }
+            drop(map);
+            let _ = sync_dir(&self.log.dir);
+            self.w.active = seg.clone();
+            self.w.month = month;
+        }
+        if let Err(e) = seg.file.set_len(seg.len.load(Ordering::Acquire)) {
+            tracing::error!(path = %seg.path.display(), error = %e, "record log: cannot cut an unwritten batch");
+        }
+    }
 }
 
 impl Appender<'_> {
@@ -766,6 +805,7 @@ impl Appender<'_> {
             let off = seg.len.fetch_add(bytes.len() as u64, Ordering::AcqRel);
             self.w.unsynced.push((seg, off, bytes));
         }
+        self.written = true;
         Ok(self.pos)
     }
 
@@ -791,6 +831,44 @@ mod tests {
 
     const NOV: i64 = 1_795_000_000_000; // 2026-11
     const DEC: i64 = 1_797_000_000_000; // 2026-12
+
+    #[test]
+    fn a_batch_that_is_not_written_leaves_the_log_as_it_was_and_a_retry_lands_in_the_same_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RecordLog::open(dir.path()).unwrap();
+        log.recover(0, |_| Ok(())).unwrap();
+        let mut a = log.append();
+        let p0 = a.push(links(NONE, NOV), b"{\"n\":0}", b"", None).unwrap();
+        a.commit().unwrap();
+        drop(a);
+        let push_batch = |a: &mut Appender<'_>| {
+            let p1 = a.push(links(p0, NOV), b"{\"n\":1}", b"", None).unwrap();
+            // A new month: the batch starts a segment.
+            let p2 = a.push(links(p1, DEC), b"{\"n\":2}", b"", None).unwrap();
+            (p1, p2)
+        };
+        let mut a = log.append();
+        let first = push_batch(&mut a);
+        assert_eq!(log.segment_ranges().len(), 2);
+        drop(a); // failed before (or while) writing
+        assert_eq!(log.segment_ranges().len(), 1);
+        let mut a = log.append();
+        let again = push_batch(&mut a);
+        let end = a.commit().unwrap();
+        drop(a);
+        assert_eq!(again, first);
+        log.set_visible(end);
+        drop(log);
+        let log = RecordLog::open(dir.path()).unwrap();
+        let mut seen = Vec::new();
+        let recovered = log.recover(0, |f| {
+            seen.push(f.record().to_vec());
+            Ok(())
+        });
+        assert_eq!(recovered.unwrap(), end);
+        assert_eq!(seen, [&b"{\"n\":0}"[..], b"{\"n\":1}", b"{\"n\":2}"]);
+        assert_eq!(log.segment_ranges().len(), 2);
+    }
 
     #[test]
     fn append_read_walk_and_reopen() {
