@@ -145,7 +145,6 @@ pub struct Recorder {
     store: SledStore,
     /// Stamps records in log order (see [`RecordIds::next_in_order`]).
     ids: RecordIds,
-    last_sled_flush: Instant,
     rx: mpsc::Receiver<Msg>,
     stats: Arc<RecorderStats>,
     /// Longest a batch on disk waits for its aggregates to be applied.
@@ -167,7 +166,6 @@ impl Recorder {
             Recorder {
                 store,
                 ids: RecordIds::new(),
-                last_sled_flush: Instant::now(),
                 rx,
                 stats: stats.clone(),
                 apply_every,
@@ -201,7 +199,31 @@ impl Recorder {
     }
 
     /// Runs until every handle is dropped and the queue is drained (blocking).
-    pub fn run(mut self) {
+    pub fn run(self) {
+        let store = self.store.clone();
+        let (stop, stopped) = mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            // sled's flush only shortens the log tail a restart applies again, and can take tens
+            // of ms: on its own thread, so that records keep reaching the log meanwhile (a
+            // `kill -9` loses what has not). Any `P` it flushes was applied after the log sync.
+            let flusher = std::thread::Builder::new()
+                .name("gm-sled-flush".into())
+                .spawn_scoped(scope, move || {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(SLED_FLUSH_EVERY) {
+                        if let Err(e) = store.flush_sync() {
+                            tracing::warn!(error = %e, "sled flush failed (the record log holds every record; retried in a second)");
+                        }
+                    }
+                });
+            if let Err(e) = flusher {
+                tracing::warn!(error = %e, "cannot start the sled flusher; sled is flushed at shutdown only");
+            }
+            self.run_loop();
+            drop(stop);
+        });
+    }
+
+    fn run_loop(mut self) {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
         let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
@@ -324,13 +346,6 @@ impl Recorder {
         self.recovered();
         self.unapplied.clear();
         self.apply_due = None;
-        // sled's flush only shortens the log tail a restart applies again: not every apply.
-        if self.last_sled_flush.elapsed() >= SLED_FLUSH_EVERY {
-            if let Err(e) = self.store.flush_sync() {
-                tracing::warn!(error = %e, "sled flush failed (the record log holds every record; retried after the next apply)");
-            }
-            self.last_sled_flush = Instant::now();
-        }
     }
 
     fn recovered(&self) {
