@@ -248,9 +248,10 @@ impl SledStore {
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            // The log is what makes a record durable; sled is flushed by the recorder (at most
-            // every second) and by admin writes. sled's own flusher thread would also hold the
-            // database open for a moment after the last handle is dropped.
+            // The log is what makes a record durable; sled is flushed every second by the
+            // recorder's flusher thread, which it joins before it returns, and by admin writes.
+            // sled's own flusher thread would hold the database open for a moment after the
+            // last handle is dropped.
             .flush_every_ms(None)
             .cache_capacity(cache_bytes)
             .open()
