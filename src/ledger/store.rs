@@ -51,6 +51,8 @@ const APPLIED: u8 = b'P';
 const HEADS: u8 = b'h';
 /// Prefix of a segment's time span.
 const SPAN: u8 = b'L';
+/// Tries (50 ms apart) to get sled's lock before reporting it held.
+const LOCK_RETRIES: u32 = 20;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +248,37 @@ impl SledStore {
 
     /// Opens the store with a sled page cache of `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        // sled's I/O threads can hold the lock for a moment after the last handle of a previous
+        // opening is dropped (a restart in the same process): a little patience before saying
+        // another process has it.
+        let mut tries = 0;
+        let db = loop {
+            match Self::open_sled(path, cache_bytes) {
+                Err(StoreError::Locked { .. }) if tries < LOCK_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
+        // Opened after sled, whose file lock keeps a second process out of the log too.
+        let log = RecordLog::open(&path.join("records"))?;
+        let store = Self {
+            ledger: db.open_tree("ledger")?,
+            users: db.open_tree("users")?,
+            keys: db.open_tree("keys")?,
+            meta: db.open_tree("meta")?,
+            db,
+            log: Arc::new(log),
+            unapplied: Arc::default(),
+        };
+        store.replay()?;
+        Ok(store)
+    }
+
+    /// Opens sled; [`StoreError::Locked`] when another opening holds it.
+    fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+        sled::Config::new()
             .path(path)
             // The log is what makes a record durable; sled is flushed every second by the
             // recorder's flusher thread, which it joins before it returns, and by admin writes.
@@ -264,20 +296,7 @@ impl SledStore {
                     }
                 }
                 other => StoreError::Sled(other),
-            })?;
-        // Opened after sled, whose file lock keeps a second process out of the log too.
-        let log = RecordLog::open(&path.join("records"))?;
-        let store = Self {
-            ledger: db.open_tree("ledger")?,
-            users: db.open_tree("users")?,
-            keys: db.open_tree("keys")?,
-            meta: db.open_tree("meta")?,
-            db,
-            log: Arc::new(log),
-            unapplied: Arc::default(),
-        };
-        store.replay()?;
-        Ok(store)
+            })
     }
 
     /// Applies the log past the position sled's aggregates reached (after a crash).
