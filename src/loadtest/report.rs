@@ -75,6 +75,19 @@ impl KindReport {
     }
 
     /// `target`'s value at quantile `q` of `pick` minus direct's, in ms.
+    /// Unjudged lines with the p99 that other targets add (what this machine allows).
+    fn references(&self, out: &mut Vec<Check>, lines: [(&'static str, Target); 2], pick: fn(&Tally) -> &Hist) {
+        for (what, t) in lines {
+            if let Some(v) = self.added(t, 0.99, pick) {
+                out.push(Check {
+                    what,
+                    measured: format!("{v:.3} ms"),
+                    met: None,
+                });
+            }
+        }
+    }
+
     fn added(&self, t: Target, q: f64, pick: fn(&Tally) -> &Hist) -> Option<f64> {
         let d = pick(&self.row(Target::Direct)?.tally).ms(q)?;
         let v = pick(&self.row(t)?.tally).ms(q)?;
@@ -178,18 +191,14 @@ impl Report {
                     met: None,
                 });
             }
-            for (what, t) in [
-                ("unary, for reference: hyper p99 added", Target::Hyper),
-                ("unary, for reference: nginx p99 added", Target::Nginx),
-            ] {
-                if let Some(v) = u.added(t, 0.99, |t| &t.latency) {
-                    out.push(Check {
-                        what,
-                        measured: format!("{v:.3} ms"),
-                        met: None,
-                    });
-                }
-            }
+            u.references(
+                &mut out,
+                [
+                    ("unary, for reference: hyper p99 added", Target::Hyper),
+                    ("unary, for reference: nginx p99 added", Target::Nginx),
+                ],
+                |t| &t.latency,
+            );
         }
         if let Some(s) = kind(CallKind::Sse) {
             let gw = s.row(Target::Gateway);
@@ -209,18 +218,14 @@ impl Report {
                 measured: format!("{} ms", opt_ms(gap)),
                 met: gap.map(|v| v < 1.0),
             });
-            for (what, t) in [
-                ("sse, for reference: hyper gap p99 added", Target::Hyper),
-                ("sse, for reference: nginx gap p99 added", Target::Nginx),
-            ] {
-                if let Some(v) = s.added(t, 0.99, |t| &t.gap) {
-                    out.push(Check {
-                        what,
-                        measured: format!("{v:.3} ms"),
-                        met: None,
-                    });
-                }
-            }
+            s.references(
+                &mut out,
+                [
+                    ("sse, for reference: hyper gap p99 added", Target::Hyper),
+                    ("sse, for reference: nginx gap p99 added", Target::Nginx),
+                ],
+                |t| &t.gap,
+            );
         }
         out.push(Check {
             what: "gateway RSS peak < 100 MB",
