@@ -1,44 +1,29 @@
-//! The recorder's write path: a batch of records appended to the log (one write, one fdatasync)
-//! and its aggregates applied to sled, as the recorder thread does it.
+//! The recorder's write path: batches of records written to the log (one write each), then the
+//! log synced and their aggregates applied to sled, as the recorder thread does it: once per
+//! batch (as it did before), and once for ten batches (what it does under load now, one apply
+//! per `flush_interval`).
 //!
 //! `cargo bench --bench recorder` (GM_BENCH_BATCH sets the batch size, default 1,000; the
 //! records spread over 1,000 users). Throughput is in records per second.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use chrono::Utc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
-use rust_decimal::Decimal;
-use serde_json::json;
+use gemini_meter::ledger::{Record, RecordIds, SledStore};
 
-/// Records as the gateway settles them: a message and its response, with real metadata.
+#[path = "../tests/common/records.rs"]
+mod records;
+
+/// Records as the gateway settles them, over 1,000 users.
 fn records(n: usize, ids: &RecordIds) -> Vec<(Record, Vec<gemini_meter::ledger::alerts::Alert>)> {
     let now = Utc::now();
     (0..n)
         .map(|i| {
-            let ai = i % 2 == 1;
-            let metadata = if ai {
-                json!({"model": "gemini-2.5-flash", "prompt_tokens": 12, "output_tokens": 15, "thoughts_tokens": 0,
-                       "cached_tokens": 0, "tool_use_prompt_tokens": 0, "response_bytes": 1234, "stream": true,
-                       "format": "sse", "upstream_status": 200, "status": "ok", "token_source": "upstream",
-                       "key_id": "key_0123456789abcdef", "duration_ms": 3})
-            } else {
-                json!({"model": "gemini-2.5-flash", "status": "ok", "upstream_status": 200, "key_id": "key_0123456789abcdef"})
-            };
-            let rec = Record {
-                id: ids.next(now),
-                user_id: Arc::from(format!("user{}", (i / 2) % 1000)),
-                kind: if ai { RecordKind::AiResponse } else { RecordKind::MessageSent },
-                tokens: if ai { 27 } else { 0 },
-                messages: u64::from(!ai),
-                bytes: 0,
-                cost: if ai { Decimal::new(4110, 8) } else { Decimal::ZERO },
-                metadata: metadata.as_object().cloned().unwrap_or_default(),
-                created_at: now,
-            };
-            (rec, Vec::new())
+            (
+                records::settled(ids, i, &format!("user{}", (i / 2) % 1000), now),
+                Vec::new(),
+            )
         })
         .collect()
 }
@@ -58,6 +43,31 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let appended = store.append(black_box(&items)).expect("append");
             store.apply_appended(&items, &appended).expect("apply");
+        })
+    });
+    g.bench_function(format!("10 x (append {} + apply)", batch / 10), |b| {
+        b.iter(|| {
+            for part in items.chunks((batch / 10).max(1)) {
+                let appended = store.append(black_box(part)).expect("append");
+                store.apply_appended(part, &appended).expect("apply");
+            }
+        })
+    });
+    // Under load the recorder writes a batch per cycle and applies them all once per
+    // flush_interval: the same records as ten writes and one sync and apply.
+    g.bench_function(format!("append 10 x {} + one apply", batch / 10), |b| {
+        b.iter(|| {
+            let mut all: Option<gemini_meter::ledger::store::Appended> = None;
+            for part in items.chunks((batch / 10).max(1)) {
+                let appended = store.append(black_box(part)).expect("append");
+                match &mut all {
+                    Some(a) => a.merge(appended),
+                    None => all = Some(appended),
+                }
+            }
+            if let Some(a) = all {
+                store.apply_appended(&items, &a).expect("apply");
+            }
         })
     });
     g.bench_function(format!("serialize {batch} records"), |b| {

@@ -1175,7 +1175,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 fn measure_restart_time_with_a_million_records() {
     use gemini_meter::clock::Month;
     use gemini_meter::identity::Registry;
-    use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
+    use gemini_meter::ledger::{Record, RecordIds, SledStore};
 
     let total: usize = std::env::var("GM_RESTART_RECORDS")
         .ok()
@@ -1205,26 +1205,7 @@ fn measure_restart_time_with_a_million_records() {
                 .map(|i| {
                     let step = (days * 86_400_000 / total as i64).max(1);
                     let at = now - chrono::Duration::milliseconds((total - i) as i64 * step);
-                    let ai = i % 2 == 1;
-                    let metadata = if ai {
-                        json!({"model": "gemini-2.5-flash", "prompt_tokens": 12, "output_tokens": 15, "thoughts_tokens": 0,
-                               "cached_tokens": 0, "tool_use_prompt_tokens": 0, "response_bytes": 1234, "stream": false,
-                               "format": "json", "upstream_status": 200, "status": "ok", "token_source": "upstream",
-                               "key_id": "key_0123456789abcdef", "duration_ms": 3})
-                    } else {
-                        json!({"model": "gemini-2.5-flash", "status": "ok", "upstream_status": 200, "key_id": "key_0123456789abcdef"})
-                    };
-                    Record {
-                        id: ids.next(at),
-                        user_id: Arc::from(format!("user{}", (i / 2) % users)),
-                        kind: if ai { RecordKind::AiResponse } else { RecordKind::MessageSent },
-                        tokens: if ai { 27 } else { 0 },
-                        messages: u64::from(!ai),
-                        bytes: 0,
-                        cost: if ai { Decimal::new(4110, 8) } else { Decimal::ZERO },
-                        metadata: metadata.as_object().unwrap().clone(),
-                        created_at: at,
-                    }
+                    common::records::settled(&ids, i, &format!("user{}", (i / 2) % users), at)
                 })
                 .collect();
             let tb = Instant::now();

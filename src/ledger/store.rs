@@ -75,6 +75,9 @@ pub enum StoreError {
     /// A cursor that this store never gave out.
     #[error("cursor is not valid")]
     BadCursor,
+    /// An apply that leaves out batches appended after it (their chain heads would be lost).
+    #[error("appended batches must be applied together, up to the last one")]
+    ApplyOrder,
 }
 
 /// The embedded store: the record log and sled.
@@ -106,14 +109,13 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
-/// A batch appended to the log: each record's position, the end, and the chain heads it left.
+/// Batches appended to the log: each record's position, and the end.
 #[derive(Debug)]
 pub struct Appended {
     /// Position of each record, in order.
     pub positions: Vec<u64>,
-    /// Where the batch ends.
+    /// Where the last batch ends.
     pub end: u64,
-    heads: HashMap<Arc<str>, [u64; 4]>,
 }
 
 impl Appended {
@@ -121,7 +123,6 @@ impl Appended {
     pub fn merge(&mut self, later: Appended) {
         self.positions.extend(later.positions);
         self.end = later.end;
-        self.heads.extend(later.heads);
     }
 }
 
@@ -454,24 +455,28 @@ impl SledStore {
         // Synced before the aggregates are applied (see `apply_appended`), not here: one
         // fsync per apply instead of one per batch.
         let end = app.write()?;
-        unapplied.heads.extend(heads.iter().map(|(u, h)| (u.clone(), *h)));
+        unapplied.heads.extend(heads);
         unapplied.days.extend(days);
         unapplied.end = end;
-        Ok(Appended {
-            positions: out,
-            end,
-            heads,
-        })
+        Ok(Appended { positions: out, end })
     }
 
-    /// [`SledStore::apply`] for a batch [`SledStore::append`] wrote.
-    /// The log is synced first, so `P` never runs ahead of what a machine crash keeps.
+    /// [`SledStore::apply`] for what [`SledStore::append`] wrote since the last apply: `a` must
+    /// cover every batch since (merged with [`Appended::merge`]), whose chain heads the store
+    /// kept. The log is synced first, so `P` never runs ahead of what a machine crash keeps.
     pub fn apply_appended(&self, items: &[(Record, Vec<Alert>)], a: &Appended) -> Result<(), StoreError> {
+        let heads = {
+            let unapplied = self.unapplied.lock();
+            if a.end != unapplied.end {
+                return Err(StoreError::ApplyOrder);
+            }
+            unapplied.heads.clone()
+        };
         self.log.sync_written()?;
         self.apply(
             items.iter().zip(&a.positions).map(|((r, al), p)| (*p, r, &al[..])),
             a.end,
-            Some(&a.heads),
+            Some(&heads),
         )
     }
 
@@ -1197,8 +1202,18 @@ mod tests {
         let grouped = tempfile::tempdir().unwrap();
         let b = SledStore::open(grouped.path()).unwrap();
         let items: Vec<(Record, Vec<Alert>)> = all.iter().map(|r| (r.clone(), Vec::new())).collect();
-        let mut applied = 0;
-        for group in items.chunks(20) {
+        // Applying the first of two unapplied batches alone would lose the second's heads.
+        let first = b.append(&items[..1]).unwrap();
+        let second = b.append(&items[1..2]).unwrap();
+        assert!(matches!(
+            b.apply_appended(&items[..1], &first),
+            Err(StoreError::ApplyOrder)
+        ));
+        let mut both = first;
+        both.merge(second);
+        b.apply_appended(&items[..2], &both).unwrap();
+        let mut applied = 2;
+        for group in items[2..].chunks(20) {
             // Several appends, each linking to the unapplied ones before it, then one apply.
             let mut pending: Option<Appended> = None;
             for chunk in group.chunks(4) {

@@ -163,33 +163,39 @@ pub async fn start_mock(
     chunk_delay: Duration,
     ttfb: Duration,
 ) -> Result<(Proc, SocketAddr), LoadError> {
-    let mut cmd = Command::new(binary);
-    cmd.arg("mock-upstream")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--chunks")
-        .arg(chunks.to_string())
-        .arg("--chunk-interval-ms")
-        .arg(chunk_delay.as_millis().to_string())
-        .arg("--ttfb-ms")
-        .arg(ttfb.as_millis().to_string())
-        .env("RUST_LOG", "info");
-    let (p, rest) = spawn_until("mock upstream", cmd, "listening on ").await?;
-    let addr = parse_addr("mock upstream", &rest)?;
-    Ok((p, addr))
+    let args = [
+        "--chunks".to_string(),
+        chunks.to_string(),
+        "--chunk-interval-ms".to_string(),
+        chunk_delay.as_millis().to_string(),
+        "--ttfb-ms".to_string(),
+        ttfb.as_millis().to_string(),
+    ];
+    start_listener(binary, "mock upstream", "mock-upstream", &args).await
 }
 
 /// Starts `gemini-meter loadtest-passthrough` (a plain hyper proxy) in front of `upstream`.
 pub async fn start_passthrough(binary: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr), LoadError> {
+    let args = ["--upstream".to_string(), upstream.to_string()];
+    start_listener(binary, "hyper passthrough", "loadtest-passthrough", &args).await
+}
+
+/// Starts `gemini-meter <command> --listen 127.0.0.1:0 <args>` and returns the address it
+/// says it listens on.
+async fn start_listener(
+    binary: &Path,
+    name: &'static str,
+    command: &str,
+    args: &[String],
+) -> Result<(Proc, SocketAddr), LoadError> {
     let mut cmd = Command::new(binary);
-    cmd.arg("loadtest-passthrough")
+    cmd.arg(command)
         .arg("--listen")
         .arg("127.0.0.1:0")
-        .arg("--upstream")
-        .arg(upstream.to_string())
+        .args(args)
         .env("RUST_LOG", "info");
-    let (p, rest) = spawn_until("hyper passthrough", cmd, "listening on ").await?;
-    let addr = parse_addr("hyper passthrough", &rest)?;
+    let (p, rest) = spawn_until(name, cmd, "listening on ").await?;
+    let addr = parse_addr(name, &rest)?;
     Ok((p, addr))
 }
 

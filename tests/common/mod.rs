@@ -2,6 +2,8 @@
 //! temporary sled directory and a config file that tests may edit (hot reload).
 #![allow(dead_code)]
 
+pub mod records;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
