@@ -12,7 +12,7 @@ use chrono::Utc;
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SystemClock};
 use gemini_meter::config::Config;
-use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
+use gemini_meter::ledger::{Details, Record, RecordIds, RecordKind, SledStore};
 use gemini_meter::proxy::Server;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -79,11 +79,6 @@ async fn reads_stay_fast_with_a_big_ledger() {
                     Record {
                         id: ids.next(at),
                         user_id: Arc::from(user.as_str()),
-                        kind: if j % 2 == 0 {
-                            RecordKind::MessageSent
-                        } else {
-                            RecordKind::AiResponse
-                        },
                         tokens: if j % 2 == 0 { 0 } else { 27 },
                         messages: u64::from(j % 2 == 0),
                         bytes: 0,
@@ -92,10 +87,15 @@ async fn reads_stay_fast_with_a_big_ledger() {
                         } else {
                             Decimal::new(4110, 8)
                         },
-                        metadata: json!({"model": "gemini-2.5-flash", "status": "ok"})
-                            .as_object()
-                            .unwrap()
-                            .clone(),
+                        details: Details::from_value(
+                            if j % 2 == 0 {
+                                RecordKind::MessageSent
+                            } else {
+                                RecordKind::AiResponse
+                            },
+                            &json!({"model": "gemini-2.5-flash", "status": "ok"}),
+                        )
+                        .unwrap(),
                         created_at: at,
                     }
                 })

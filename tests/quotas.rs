@@ -193,7 +193,7 @@ async fn message_quota_is_exact_under_50_concurrent_requests() {
         .records("racer")
         .await
         .iter()
-        .filter(|r| r.kind.as_str() == "message_sent" && r.messages == 1)
+        .filter(|r| r.kind().as_str() == "message_sent" && r.messages == 1)
         .count();
     assert_eq!(sent, 5);
 }
@@ -249,7 +249,7 @@ async fn upstream_5xx_does_not_count_against_the_message_quota() {
     let recs = h.records("carol").await;
     let failed: Vec<_> = recs
         .iter()
-        .filter(|r| r.kind.as_str() == "message_sent" && r.metadata["status"] == "upstream_error")
+        .filter(|r| r.kind().as_str() == "message_sent" && r.metadata()["status"] == "upstream_error")
         .collect();
     assert_eq!(failed.len(), 2, "{recs:?}");
     assert!(failed.iter().all(|r| r.messages == 0), "{failed:?}");
@@ -605,16 +605,16 @@ async fn hot_reload_lowers_a_limit_without_losing_counters_or_streams() {
             .records("pia")
             .await
             .into_iter()
-            .find(|r| r.kind.as_str() == "ai_response" && r.metadata["model"] == "slow");
+            .find(|r| r.kind().as_str() == "ai_response" && r.metadata()["model"] == "slow");
         if ai.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ai = ai.expect("the stream opened before the reload is metered");
-    assert_eq!(ai.metadata["status"], "ok", "{ai:?}");
-    assert_eq!(ai.metadata["stream"], true, "{ai:?}");
-    assert_eq!(ai.metadata["token_source"], "upstream", "{ai:?}");
+    assert_eq!(ai.metadata()["status"], "ok", "{ai:?}");
+    assert_eq!(ai.metadata()["stream"], true, "{ai:?}");
+    assert_eq!(ai.metadata()["token_source"], "upstream", "{ai:?}");
     assert!(ai.tokens > 0);
 }
 

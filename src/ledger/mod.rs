@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod counters;
+pub mod details;
 pub mod log;
 pub mod record;
 pub mod recorder;
@@ -11,6 +12,7 @@ pub mod store;
 pub mod totals;
 
 pub use counters::UserUsage;
+pub use details::{AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource};
 pub use record::{Record, RecordIds, RecordKind};
 pub use recorder::{Recorder, RecorderHandle};
 pub use store::{SledStore, StoreError};

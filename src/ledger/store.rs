@@ -417,7 +417,7 @@ impl SledStore {
                     heads.entry(rec.user_id.clone()).or_insert(h)
                 }
             };
-            let k = kind_slot(rec.kind);
+            let k = kind_slot(rec.kind());
             json.clear();
             rec.write_json(&mut json)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -541,7 +541,7 @@ impl SledStore {
                 }
                 if let Some(h) = heads.get_mut(user) {
                     h[0] = pos;
-                    h[kind_slot(r.kind)] = pos;
+                    h[kind_slot(r.kind())] = pos;
                 }
             }
             alerts.extend(fired.iter().cloned());
@@ -549,17 +549,13 @@ impl SledStore {
             let m = r.month();
             let d = r.created_at.date_naive().num_days_from_ce();
             user_month.entry((user, m)).or_default().add(&t);
-            day.entry((d, r.kind)).or_default().add(&t);
+            day.entry((d, r.kind())).or_default().add(&t);
             month.entry(m).or_default().add(&t);
             if let Some(name) = r.model() {
                 model.entry((m, name)).or_default().add(&t);
             }
-            if let Some(tags) = r.metadata.get("tags").and_then(Value::as_object) {
-                for (name, value) in tags {
-                    if let Some(v) = value.as_str() {
-                        tag.entry((m, name, v)).or_default().add(&t);
-                    }
-                }
+            for (name, v) in r.details.tags() {
+                tag.entry((m, name, v)).or_default().add(&t);
             }
         }
         let day_str = |d: i32| {
@@ -811,7 +807,7 @@ impl SledStore {
                             // Only a forged cursor leads off the user's own chain.
                             return Err(StoreError::BadCursor);
                         }
-                        if f.kind.is_some_and(|k| k != rec.kind) {
+                        if f.kind.is_some_and(|k| k != rec.kind()) {
                             pos = frame.links.prev_user;
                             continue;
                         }
@@ -835,7 +831,7 @@ impl SledStore {
                     }
                     if !fr.erased && to_ms.is_none_or(|to| ms < to) {
                         let rec = decode_record(fr.record())?;
-                        if f.kind.is_none_or(|k| k == rec.kind) {
+                        if f.kind.is_none_or(|k| k == rec.kind()) {
                             out.push((fr.pos, rec));
                             if out.len() >= limit {
                                 break;
@@ -1022,12 +1018,11 @@ mod tests {
         Record {
             id: ids.next_in_order(at),
             user_id: Arc::from(user),
-            kind,
             tokens: 10,
             messages: u64::from(kind == RecordKind::MessageSent),
             bytes: 0,
             cost: rust_decimal::Decimal::new(5, 3),
-            metadata: serde_json::Map::new(),
+            details: crate::ledger::Details::Untyped(kind, serde_json::Map::new()),
             created_at: at,
         }
     }
@@ -1095,7 +1090,7 @@ mod tests {
         let want = |user: &str, kind: Option<RecordKind>| -> Vec<u128> {
             let mut v: Vec<u128> = all
                 .iter()
-                .filter(|r| &*r.user_id == user && kind.is_none_or(|k| k == r.kind))
+                .filter(|r| &*r.user_id == user && kind.is_none_or(|k| k == r.kind()))
                 .map(|r| r.id)
                 .collect();
             v.reverse();
@@ -1281,7 +1276,7 @@ mod tests {
             let mut want: std::collections::BTreeMap<(String, String), Totals> = Default::default();
             for r in all.iter().filter(|r| &*r.user_id == user) {
                 let day = r.created_at.format("%Y-%m-%d").to_string();
-                want.entry((day, r.kind.as_str().to_string()))
+                want.entry((day, r.kind().as_str().to_string()))
                     .or_default()
                     .add(&Totals::of(r));
             }

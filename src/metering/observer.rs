@@ -12,14 +12,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
-use serde_json::{Map, Value};
 
 use super::decode::DecodingScanner;
-use super::pricing::{TokenSource, Tokens, response_cost};
+use super::pricing::{Tokens, response_cost};
 use super::scan::{Format, ScanSummary};
 use crate::app::App;
 use crate::identity::KeyEntry;
-use crate::ledger::{Record, RecordKind};
+use crate::ledger::{AiResponse, Details, ErrorInfo, Record, ResponseFormat, Status, Tags, TokenSource};
 
 /// Boxed error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,13 +42,13 @@ pub struct Meter {
     /// The key used (and so who pays).
     pub key: KeyEntry,
     /// The requested model id.
-    pub model: String,
+    pub model: Arc<str>,
     /// Framing of the response.
     pub format: Format,
     /// Upstream HTTP status.
     pub upstream_status: u16,
     /// Tags from `x-meter-tag-*` headers.
-    pub tags: Option<Map<String, Value>>,
+    pub tags: Option<Arc<Tags>>,
     /// Characters of prompt text seen in the request body (for estimates).
     pub prompt_chars: Arc<AtomicU64>,
     /// When the request arrived.
@@ -177,12 +176,12 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     let openai = matches!(m.format, Format::OpenAiJson | Format::OpenAiSse);
     let failed_status = m.upstream_status >= 400;
     let status = if failed_status || (ending == Ending::Complete && s.error.is_some()) {
-        "upstream_error"
+        Status::UpstreamError
     } else {
         match ending {
-            Ending::Complete => "ok",
-            Ending::UpstreamCut => "upstream_closed",
-            Ending::ClientClosed => "client_closed",
+            Ending::Complete => Status::Ok,
+            Ending::UpstreamCut => Status::UpstreamClosed,
+            Ending::ClientClosed => Status::ClientClosed,
         }
     };
     let (tokens, source) = if s.usage_seen {
@@ -209,54 +208,42 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     let pricing = &rt.config.pricing;
     let price_model = match (&s.model_version, pricing.model(&m.model)) {
         (Some(v), None) if pricing.model(v).is_some() => v.as_str(),
-        _ => m.model.as_str(),
+        _ => &*m.model,
     };
     let cost = response_cost(pricing, price_model, &tokens);
     let now = m.app.clock.now();
 
-    let mut md = Map::with_capacity(20);
-    md.insert("model".into(), m.model.clone().into());
-    if let Some(v) = &s.model_version {
-        md.insert("model_version".into(), v.clone().into());
-    }
-    md.insert("prompt_tokens".into(), tokens.prompt.into());
-    md.insert("output_tokens".into(), tokens.output.into());
-    md.insert("thoughts_tokens".into(), tokens.thoughts.into());
-    md.insert("cached_tokens".into(), tokens.cached.into());
-    md.insert("tool_use_prompt_tokens".into(), tokens.tool_use.into());
-    md.insert("response_bytes".into(), response_bytes.into());
-    md.insert(
-        "stream".into(),
-        matches!(m.format, Format::Sse | Format::JsonArray | Format::OpenAiSse).into(),
-    );
-    md.insert("format".into(), format_name(m.format).into());
-    md.insert("upstream_status".into(), m.upstream_status.into());
-    md.insert("status".into(), status.into());
-    md.insert("token_source".into(), source.as_str().into());
-    md.insert("key_id".into(), m.app.registry.key_id(m.key).into());
-    md.insert("duration_ms".into(), (m.started.elapsed().as_millis() as u64).into());
-    if let Some(e) = &s.error {
-        let mut em = Map::new();
-        if let Some(c) = e.code {
-            em.insert("code".into(), c.into());
-        }
-        if let Some(st) = &e.status {
-            em.insert("status".into(), st.clone().into());
-        }
-        md.insert("error".into(), Value::Object(em));
-    }
-    if let Some(tags) = m.tags {
-        md.insert("tags".into(), Value::Object(tags));
-    }
+    let format = response_format(m.format);
+    let details = AiResponse {
+        cached_tokens: tokens.cached,
+        duration_ms: m.started.elapsed().as_millis() as u64,
+        error: s.error.as_ref().map(|e| ErrorInfo {
+            code: e.code,
+            status: e.status.clone(),
+        }),
+        format,
+        key_id: m.app.registry.key_id(m.key).into(),
+        model: m.model.clone(),
+        model_version: s.model_version.as_deref().map(Into::into),
+        output_tokens: tokens.output,
+        prompt_tokens: tokens.prompt,
+        response_bytes,
+        status,
+        stream: format.is_stream(),
+        tags: m.tags,
+        thoughts_tokens: tokens.thoughts,
+        token_source: source,
+        tool_use_prompt_tokens: tokens.tool_use,
+        upstream_status: m.upstream_status,
+    };
     let rec = Record {
         id: m.app.ids.next(now),
         user_id: user.id_arc(),
-        kind: RecordKind::AiResponse,
         tokens: tokens.total,
         messages: 0,
         bytes: 0,
         cost,
-        metadata: md,
+        details: Details::AiResponse(details),
         created_at: now,
     };
     if let Some(tpm) = rt.tier_by_id(user.tier_id()).and_then(|t| t.tier.tokens_per_minute) {
@@ -265,12 +252,12 @@ fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
     m.app.settle_record(user, rec, false);
 }
 
-fn format_name(f: Format) -> &'static str {
+fn response_format(f: Format) -> ResponseFormat {
     match f {
-        Format::UnaryJson => "json",
-        Format::Sse => "sse",
-        Format::JsonArray => "json_array",
-        Format::OpenAiJson => "openai_json",
-        Format::OpenAiSse => "openai_sse",
+        Format::UnaryJson => ResponseFormat::Json,
+        Format::Sse => ResponseFormat::Sse,
+        Format::JsonArray => ResponseFormat::JsonArray,
+        Format::OpenAiJson => ResponseFormat::OpenaiJson,
+        Format::OpenAiSse => ResponseFormat::OpenaiSse,
     }
 }

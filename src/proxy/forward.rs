@@ -9,7 +9,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::body::{CountingBody, ProxyBody, RequestTally};
 use super::headers::{caller_key, strip_hop_by_hop, strip_key_param, take_tags};
@@ -20,7 +20,7 @@ use crate::app::App;
 use crate::clock::Month;
 use crate::error::ApiError;
 use crate::identity::{KeyEntry, User};
-use crate::ledger::{Record, RecordKind};
+use crate::ledger::{Details, MessageSent, Record, Status, Tags};
 use crate::metering::observer::{Meter, MeteredBody, settle_unanswered};
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
@@ -54,33 +54,29 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
 struct Pending {
     app: Arc<App>,
     key: KeyEntry,
-    model: String,
+    model: Arc<str>,
     month: Month,
     at: DateTime<Utc>,
     reserved: bool,
-    tags: Option<Map<String, Value>>,
+    tags: Option<Arc<Tags>>,
     prompt_chars: Arc<AtomicU64>,
     started: Instant,
     armed: bool,
 }
 
 impl Pending {
-    fn message_record(&self, user: &User, messages: u64, status: &str, upstream_status: Option<u16>) -> Record {
+    fn message_record(&self, user: &User, messages: u64, status: Status, upstream_status: Option<u16>) -> Record {
         let rt = self.app.live.load();
-        let mut md = Map::new();
-        md.insert("model".into(), self.model.clone().into());
-        md.insert("status".into(), status.into());
-        if let Some(s) = upstream_status {
-            md.insert("upstream_status".into(), s.into());
-        }
-        md.insert("key_id".into(), self.app.registry.key_id(self.key).into());
-        if let Some(t) = &self.tags {
-            md.insert("tags".into(), Value::Object(t.clone()));
-        }
+        let details = MessageSent {
+            key_id: self.app.registry.key_id(self.key).into(),
+            model: self.model.clone(),
+            status,
+            tags: self.tags.clone(),
+            upstream_status,
+        };
         Record {
             id: self.app.ids.next(self.at),
             user_id: user.id_arc(),
-            kind: RecordKind::MessageSent,
             tokens: 0,
             messages,
             bytes: 0,
@@ -89,7 +85,7 @@ impl Pending {
             } else {
                 Default::default()
             },
-            metadata: md,
+            details: Details::MessageSent(details),
             created_at: self.at,
         }
     }
@@ -116,7 +112,7 @@ impl Pending {
             if !ok && self.reserved {
                 user.usage.release(self.month);
             }
-            let status_label = if ok { "ok" } else { "upstream_error" };
+            let status_label = if ok { Status::Ok } else { Status::UpstreamError };
             let rec = self.message_record(user, u64::from(ok), status_label, Some(status.as_u16()));
             self.app.settle_record(user, rec, ok && self.reserved);
         }
@@ -130,7 +126,7 @@ impl Pending {
             if self.reserved {
                 user.usage.release(self.month);
             }
-            let rec = self.message_record(user, 0, "upstream_unavailable", Some(status.as_u16()));
+            let rec = self.message_record(user, 0, Status::UpstreamUnavailable, Some(status.as_u16()));
             self.app.settle_record(user, rec, false);
         }
     }
@@ -145,7 +141,7 @@ impl Drop for Pending {
             if self.reserved {
                 user.usage.release(self.month);
             }
-            let rec = self.message_record(user, 0, "client_closed", None);
+            let rec = self.message_record(user, 0, Status::ClientClosed, None);
             self.app.settle_record(user, rec, false);
         }
         let meter = self.meter(0, Format::UnaryJson);
@@ -257,7 +253,7 @@ async fn forward_inner(
     let mut pending = model.filter(|_| matches!(ask, Ask::Generate { .. })).map(|m| Pending {
         app: app.clone(),
         key,
-        model: m.to_string(),
+        model: Arc::from(m),
         month: admitted.month,
         at: admitted.at,
         reserved: admitted.reserved_message,

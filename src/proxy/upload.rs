@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::body::RequestTally;
 use crate::app::App;
 use crate::identity::{KeyEntry, Registry, hash_key};
-use crate::ledger::{Record, RecordKind};
+use crate::ledger::{Details, FileUpload, Record, Status, Tags};
 use crate::metering::pricing::upload_cost;
 
 /// Sessions older than this are forgotten (Gemini keeps uploads for 48 hours at most).
@@ -132,7 +132,7 @@ pub fn record_upload(
     key: KeyEntry,
     rparts: &http::response::Parts,
     tally: &RequestTally,
-    tags: Option<Map<String, Value>>,
+    tags: Option<Arc<Tags>>,
     upload_id: Option<&str>,
 ) {
     let Some(user) = app.registry.user_of(key) else {
@@ -143,31 +143,28 @@ pub fn record_upload(
     let bytes = if ok { sent } else { 0 };
     let now = app.clock.now();
     let rt = app.live.load();
-    let mut md = Map::new();
-    md.insert("upstream_status".into(), rparts.status.as_u16().into());
-    md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
-    md.insert("bytes_sent".into(), sent.into());
-    md.insert("key_id".into(), app.registry.key_id(key).into());
-    if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
-        md.insert("upload_status".into(), s.into());
-    }
-    if let Some(id) = upload_id {
+    let details = FileUpload {
+        bytes_sent: sent,
+        key_id: app.registry.key_id(key).into(),
+        status: if ok { Status::Ok } else { Status::UpstreamError },
+        tags,
         // The upload id is a bearer capability: keep only a fingerprint of it.
-        let fp = hex::encode(&hash_key(id)[..8]);
-        md.insert("upload_session".into(), fp.into());
-    }
-    if let Some(t) = tags {
-        md.insert("tags".into(), Value::Object(t));
-    }
+        upload_session: upload_id.map(|id| hex::encode(&hash_key(id)[..8]).into()),
+        upload_status: rparts
+            .headers
+            .get("x-goog-upload-status")
+            .and_then(|v| v.to_str().ok())
+            .map(Into::into),
+        upstream_status: rparts.status.as_u16(),
+    };
     let rec = Record {
         id: app.ids.next(now),
         user_id: user.id_arc(),
-        kind: RecordKind::FileUpload,
         tokens: 0,
         messages: 0,
         bytes,
         cost: upload_cost(&rt.config.pricing, bytes),
-        metadata: md,
+        details: Details::FileUpload(details),
         created_at: now,
     };
     app.settle_record(user, rec, false);
