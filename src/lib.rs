@@ -1,13 +1,15 @@
 //! gemini-meter: a metering gateway for the Gemini API.
 //!
-//! Requests flow one way: `proxy` identifies the caller (`identity`), admits it (`admission`),
-//! forwards it, meters the response as it streams (`metering`) and settles the usage into the
-//! in-memory counters and the durable ledger (`ledger`). `api` serves the usage and admin routes.
+//! Requests flow one way: `server` accepts them; `proxy` identifies the caller (`identity`),
+//! admits it (`admission`), forwards it, meters the response as it streams (`metering`), and
+//! hands the usage to `settle`, which updates the in-memory counters, fires alerts and sends
+//! the record to the durable ledger (`ledger`). `api` serves the usage and admin routes.
 
 pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -19,3 +21,5 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod runtime;
+pub mod server;
+pub mod settle;

@@ -333,7 +333,7 @@ async fn run_gateway(
     spawn_retention(app.clone());
     gemini_meter::alerts::spawn_delivery(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
-    gemini_meter::proxy::serve(app.clone(), listener, shutdown_signal()).await;
+    gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");
     app.recorder.sync().await.context("flushing usage records")?;
     app.store.flush().await.context("flushing storage")?;

@@ -13,7 +13,7 @@ use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SystemClock};
 use gemini_meter::config::Config;
 use gemini_meter::ledger::{Details, Record, RecordIds, RecordKind, SledStore};
-use gemini_meter::proxy::Server;
+use gemini_meter::server::Server;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 

@@ -10,7 +10,7 @@ use gemini_meter::app::App;
 use gemini_meter::clock::SystemClock;
 use gemini_meter::config::Config;
 use gemini_meter::mock::{MockOptions, MockServer};
-use gemini_meter::proxy::Server;
+use gemini_meter::server::Server;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -20,10 +20,9 @@ use serde_json::{Value, json};
 
 use super::keys::{KeyHash, RandomError, generate_key, hash_key, looks_like_key, random_base62};
 use super::slots::{Arena, Full, Index};
-use crate::admission::TokenWindow;
 use crate::clock::{Month, rfc3339};
-use crate::ledger::{SledStore, StoreError, Totals, UserUsage};
-use crate::runtime::TierId;
+use crate::config::TierId;
+use crate::ledger::{SledStore, StoreError, TokenWindow, Totals, UserUsage};
 
 /// Errors of identity operations.
 #[derive(Debug, thiserror::Error)]

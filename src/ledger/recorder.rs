@@ -41,7 +41,7 @@ enum Msg {
     Record(Box<Record>),
     /// A record and the alerts it fired: always written in the same batch; the sender is told
     /// once that batch is on disk.
-    Alerted(Box<Record>, Vec<Alert>, std::sync::mpsc::SyncSender<()>),
+    Alerted(Box<Record>, Vec<Alert>, oneshot::Sender<()>),
     Barrier(oneshot::Sender<()>),
     DeleteUser(String, oneshot::Sender<Result<u64, StoreError>>),
     Retention(DateTime<Utc>, oneshot::Sender<Result<u64, StoreError>>),
@@ -102,10 +102,10 @@ impl RecorderHandle {
     }
 
     /// Hands a record over together with the alerts it fired; they are written in the same
-    /// atomic batch. Never blocks; the returned receiver gets a message once that batch is on
-    /// disk (and is closed without one if the recorder has stopped).
-    pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> std::sync::mpsc::Receiver<()> {
-        let (done, on_disk) = std::sync::mpsc::sync_channel(1);
+    /// atomic batch. Never blocks; the returned receiver resolves once that batch is on disk
+    /// (and with an error if the recorder has stopped).
+    pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> oneshot::Receiver<()> {
+        let (done, on_disk) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Alerted(Box::new(r), alerts, done)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -225,7 +225,7 @@ impl Recorder {
 
     fn run_loop(mut self) {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
-        let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
+        let mut on_disk: Vec<oneshot::Sender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.next_msg() {
             let mut op = None;
@@ -267,7 +267,7 @@ impl Recorder {
                 self.apply();
             }
             for done in on_disk.drain(..) {
-                let _ = done.try_send(());
+                let _ = done.send(());
             }
             for b in barriers.drain(..) {
                 let _ = b.send(());

@@ -1,3 +1,4 @@
+//! The gateway's HTTP front: proxied paths go to [`crate::proxy`], the rest to [`crate::api`].
 //! The accept loop: HTTP/1.1 and h2c on one port, bounded connections, header timeouts, and a
 //! graceful drain on shutdown.
 
@@ -15,16 +16,16 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::body::ProxyBody;
-use super::forward::forward;
-use super::route::is_proxied;
 use crate::api;
 use crate::app::App;
+use crate::body::ProxyBody;
+use crate::proxy::forward::forward;
+use crate::proxy::route::is_proxied;
 
 /// Routes one request: proxied paths are forwarded, the rest is the gateway's own API.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     if is_proxied(req.uri().path()) {
-        Ok(forward(app, req).await)
+        Ok(forward(app.proxy.clone(), req).await)
     } else {
         let resp = api::route(app.clone(), req).await;
         app.metrics
