@@ -111,3 +111,25 @@ impl App {
         Ok((Arc::new(app), recorder))
     }
 }
+
+impl crate::alerts::Gateway for App {
+    fn recorder(&self) -> &RecorderHandle {
+        &self.recorder
+    }
+
+    fn store(&self) -> &SledStore {
+        &self.store
+    }
+
+    fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    fn alerts(&self) -> &Alerts {
+        &self.alerts
+    }
+}

@@ -19,7 +19,6 @@
 //!   and retries the rest with exponential backoff (1 s doubling to 5 min) across restarts,
 //!   until success or a day after the alert. No request ever waits for a receiver.
 
-mod admin;
 mod deliver;
 mod email;
 mod webhook;
@@ -32,8 +31,7 @@ use dashmap::DashMap;
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
 
-pub use admin::list;
-pub use deliver::{backoff, spawn_delivery};
+pub use deliver::{Gateway, backoff, spawn_delivery};
 pub use email::render as email_text;
 pub use webhook::signature;
 

@@ -190,7 +190,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             ))
         }
         (Method::GET, ["admin", "export"]) => export(app, &req),
-        (Method::GET, ["admin", "alerts"]) => crate::alerts::list(app, &req),
+        (Method::GET, ["admin", "alerts"]) => super::alerts::list(app, &req),
         (Method::POST, ["admin", "reload"]) => {
             let res = app.live.reload(app.clock.now());
             let st = app.live.status();

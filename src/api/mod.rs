@@ -2,6 +2,7 @@
 //! health and metrics.
 
 pub mod admin;
+mod alerts;
 pub mod pages;
 pub mod stream;
 pub mod usage;

@@ -9,7 +9,37 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::record::RecordKind;
+/// What a record bills for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A request admitted and answered (messages = 1), or refused upstream (messages = 0).
+    MessageSent,
+    /// The tokens of one model response.
+    AiResponse,
+    /// File bytes sent upstream.
+    FileUpload,
+}
+
+impl RecordKind {
+    /// The wire name (`message_sent`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::MessageSent => "message_sent",
+            RecordKind::AiResponse => "ai_response",
+            RecordKind::FileUpload => "file_upload",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "message_sent" => Some(RecordKind::MessageSent),
+            "ai_response" => Some(RecordKind::AiResponse),
+            "file_upload" => Some(RecordKind::FileUpload),
+            _ => None,
+        }
+    }
+}
 
 /// Tags from `x-meter-tag-*` headers, by name (sorted, as they render).
 pub type Tags = BTreeMap<String, String>;

@@ -8,39 +8,8 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use super::details::Details;
+pub use super::details::RecordKind;
 use crate::clock::{Month, rfc3339_ms};
-
-/// What a record bills for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RecordKind {
-    /// A request admitted and answered (messages = 1), or refused upstream (messages = 0).
-    MessageSent,
-    /// The tokens of one model response.
-    AiResponse,
-    /// File bytes sent upstream.
-    FileUpload,
-}
-
-impl RecordKind {
-    /// The wire name (`message_sent`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RecordKind::MessageSent => "message_sent",
-            RecordKind::AiResponse => "ai_response",
-            RecordKind::FileUpload => "file_upload",
-        }
-    }
-
-    /// Parses the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "message_sent" => Some(RecordKind::MessageSent),
-            "ai_response" => Some(RecordKind::AiResponse),
-            "file_upload" => Some(RecordKind::FileUpload),
-            _ => None,
-        }
-    }
-}
 
 /// A usage record.
 #[derive(Debug, Clone, PartialEq)]
