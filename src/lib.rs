@@ -3,6 +3,9 @@
 //! Requests flow one way: `proxy` identifies the caller (`identity`), admits it (`admission`),
 //! forwards it, meters the response as it streams (`metering`) and settles the usage into the
 //! in-memory counters and the durable ledger (`ledger`). `api` serves the usage and admin routes.
+//!
+//! The built-in mock upstream and the load tool are crates of their own (`gemini-meter-mock`,
+//! `gemini-meter-loadtest`), linked only by the binary and the tests.
 
 pub mod admission;
 pub mod alerts;
@@ -13,9 +16,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod ledger;
-pub mod loadtest;
 pub mod metering;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
 pub mod runtime;

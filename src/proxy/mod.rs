@@ -4,6 +4,7 @@ pub mod body;
 pub mod client;
 pub mod forward;
 pub mod headers;
+pub mod passthrough;
 pub mod route;
 pub mod server;
 pub mod upload;
