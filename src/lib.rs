@@ -4,6 +4,9 @@
 //! admits it (`admission`), forwards it, meters the response as it streams (`metering`), and
 //! hands the usage to `settle`, which updates the in-memory counters, fires alerts and sends
 //! the record to the durable ledger (`ledger`). `api` serves the usage and admin routes.
+//!
+//! The built-in mock upstream and the load tool are crates of their own (`gemini-meter-mock`,
+//! `gemini-meter-loadtest`), linked only by the binary and the tests.
 
 pub mod admission;
 pub mod alerts;
@@ -15,10 +18,8 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod ledger;
-pub mod loadtest;
 pub mod metering;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SharedClock, SystemClock};
 use gemini_meter::config::Config;
-use gemini_meter::mock::{MockOptions, MockServer};
 use gemini_meter::runtime::process_env;
+use gemini_meter_mock::{MockOptions, MockServer};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!("passthrough listening on {}", listener.local_addr()?);
                 tokio::select! {
-                    r = gemini_meter::loadtest::passthrough::serve(listener, upstream) => r.context("passthrough failed"),
+                    r = gemini_meter::proxy::passthrough::serve(listener, upstream) => r.context("passthrough failed"),
                     _ = shutdown_signal() => Ok(()),
                 }
             }
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                 let addr = listener.local_addr()?;
                 tracing::info!("mock upstream listening on {addr}");
                 tokio::select! {
-                    r = gemini_meter::mock::serve(listener, opts) => r.context("mock upstream failed"),
+                    r = gemini_meter_mock::serve(listener, opts) => r.context("mock upstream failed"),
                     _ = shutdown_signal() => Ok(()),
                 }
             }
@@ -214,11 +214,11 @@ fn main() -> ExitCode {
                     Duration::try_from_secs_f64(v)
                         .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0"))
                 };
-                let opts = gemini_meter::loadtest::Options {
+                let opts = gemini_meter_loadtest::Options {
                     mode: match mode {
-                        LoadMode::Unary => gemini_meter::loadtest::Mode::Unary,
-                        LoadMode::Sse => gemini_meter::loadtest::Mode::Sse,
-                        LoadMode::Both => gemini_meter::loadtest::Mode::Both,
+                        LoadMode::Unary => gemini_meter_loadtest::Mode::Unary,
+                        LoadMode::Sse => gemini_meter_loadtest::Mode::Sse,
+                        LoadMode::Both => gemini_meter_loadtest::Mode::Both,
                     },
                     concurrency,
                     duration: secs(duration_secs, "--duration-secs")?,
@@ -233,7 +233,7 @@ fn main() -> ExitCode {
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                 };
-                let report = gemini_meter::loadtest::run(&opts).await?;
+                let report = gemini_meter_loadtest::run(&opts).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report.json())?);
                 } else {

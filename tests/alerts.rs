@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{ADMIN_TOKEN, Harness, UPSTREAM_KEY, base_config};
 use gemini_meter::clock::{Clock, Month};
-use gemini_meter::mock::{MockOptions, MockServer};
+use gemini_meter_mock::{MockOptions, MockServer};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

@@ -110,7 +110,7 @@ async fn reads_stay_fast_with_a_big_ledger() {
         t0.elapsed().as_secs_f64()
     );
 
-    let mock = gemini_meter::mock::MockServer::start("127.0.0.1:0".parse().unwrap(), Default::default())
+    let mock = gemini_meter_mock::MockServer::start("127.0.0.1:0".parse().unwrap(), Default::default())
         .await
         .unwrap();
     let text = common::base_config(mock.addr, &data, "");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use common::{ADMIN_TOKEN, UPSTREAM_KEY, base_config};
-use gemini_meter::mock::{MockOptions, MockServer};
+use gemini_meter_mock::{MockOptions, MockServer};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 

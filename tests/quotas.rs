@@ -12,7 +12,7 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use common::{Harness, base_config};
 use futures_util::StreamExt;
 use gemini_meter::clock::Clock;
-use gemini_meter::mock::MockOptions;
+use gemini_meter_mock::MockOptions;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use rust_decimal::Decimal;

@@ -8,6 +8,7 @@ mod failure;
 pub mod forward;
 pub mod headers;
 mod metered;
+pub mod passthrough;
 pub mod route;
 pub mod upload;
 

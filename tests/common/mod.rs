@@ -14,8 +14,8 @@ use gemini_meter::clock::SystemClock;
 use gemini_meter::config::Config;
 use gemini_meter::ledger::Record;
 use gemini_meter::ledger::store::RecordFilter;
-use gemini_meter::mock::{MockOptions, MockServer};
 use gemini_meter::server::Server;
+use gemini_meter_mock::{MockOptions, MockServer};
 use serde_json::{Value, json};
 
 /// The real upstream key the gateway must send (and never leak).

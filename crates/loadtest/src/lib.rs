@@ -12,7 +12,6 @@
 mod admin;
 mod client;
 mod configs;
-pub mod passthrough;
 mod procs;
 mod report;
 mod run;

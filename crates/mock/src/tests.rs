@@ -55,6 +55,7 @@ fn fixture(name: &str) -> Option<Vec<u8>> {
         std::env::var_os("GEMINI_METER_FIXTURES").map(PathBuf::from),
         Some(manifest.join("../shared/fixtures")),
         Some(manifest.join("../../shared/fixtures")),
+        Some(manifest.join("../../../shared/fixtures")),
         Some(PathBuf::from("/work/shared/fixtures")),
     ]
     .into_iter()
