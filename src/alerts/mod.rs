@@ -21,6 +21,7 @@
 mod admin;
 mod deliver;
 mod email;
+mod failure;
 mod webhook;
 
 use std::sync::Arc;

@@ -89,7 +89,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .user(id)
                 .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
             let mut v = app.registry.user_json(u);
-            v["current"] = super::usage::current(app, u);
+            v["current"] = super::current::current(app, u);
             Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["admin", "users", id]) => {

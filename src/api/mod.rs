@@ -2,6 +2,7 @@
 //! health and metrics.
 
 pub mod admin;
+pub mod current;
 pub mod pages;
 pub mod stream;
 pub mod usage;

@@ -30,7 +30,8 @@
 //! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished alert delivery (sent or failed) |
 //!
 //! `F` and `O` are staged in the batch of the record that crossed the threshold (see
-//! [`super::alerts`]), so an alert exists on disk exactly when the usage that caused it does.
+//! [`super::alerts`] and `store/alert_keys.rs`), so an alert exists on disk exactly when the
+//! usage that caused it does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -239,6 +240,7 @@ pub struct DayRow {
     pub totals: Totals,
 }
 
+mod alert_keys;
 mod erase;
 mod open;
 mod reads;
@@ -257,7 +259,7 @@ impl SledStore {
     pub fn write_batch(&self, records: &[Record], alerts: &[Alert]) -> Result<(), StoreError> {
         if records.is_empty() {
             let mut batch = sled::Batch::default();
-            super::alerts::stage(&self.ledger, &mut batch, alerts)?;
+            alert_keys::stage(&self.ledger, &mut batch, alerts)?;
             self.ledger.apply_batch(batch)?;
             return Ok(());
         }
@@ -495,7 +497,7 @@ impl SledStore {
             v[8..].copy_from_slice(&hi.to_be_bytes());
             batch.insert(&k[..], &v[..]);
         }
-        super::alerts::stage(&self.ledger, &mut batch, &alerts)?;
+        alert_keys::stage(&self.ledger, &mut batch, &alerts)?;
         batch.insert(&[APPLIED][..], &end.to_be_bytes()[..]);
         self.ledger.apply_batch(batch)?;
         self.log.set_visible(end);
@@ -536,11 +538,6 @@ impl SledStore {
             Some(v) => Totals::decode(&v).ok_or_else(|| StoreError::Corrupt(String::from_utf8_lossy(k).into())),
             None => Ok(Totals::default()),
         }
-    }
-
-    /// The ledger tree (for the alert keys kept in it, see [`super::alerts`]).
-    pub(super) fn ledger_tree(&self) -> &sled::Tree {
-        &self.ledger
     }
 
     /// Raw access to the users tree.
