@@ -184,3 +184,66 @@ async fn daily_and_export_add_up_to_the_ledger_exactly() {
         .unwrap();
     assert_eq!(top["data"].as_array().unwrap().len(), 2);
 }
+
+/// One call with a `chat-id` tag; returns the status.
+async fn tagged_call(h: &Harness, key: &str, model: &str, stream: bool, chat: &str) -> u16 {
+    let path = if stream {
+        format!("/v1beta/models/{model}:streamGenerateContent?alt=sse")
+    } else {
+        format!("/v1beta/models/{model}:generateContent")
+    };
+    h.http
+        .post(h.url(&path))
+        .header("x-goog-api-key", key)
+        .header("x-meter-tag-chat-id", chat)
+        .json(&serde_json::json!({"contents": [{"parts": [{"text": "Name three primes."}]}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Each metered request writes a `message_sent` and (once answered) an `ai_response` record,
+/// both naming the model and carrying the tags: per-model and per-tag `requests` count the
+/// requests, not the records (a request the upstream refused is still a request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_and_tag_analytics_count_requests_not_records() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("mia", "unlimited").await;
+    for (stream, chat) in [(false, "c1"), (true, "c1"), (false, "c1"), (true, "c2"), (false, "c2")] {
+        assert_eq!(tagged_call(&h, &key, "gemini-2.5-flash", stream, chat).await, 200);
+    }
+    assert_eq!(tagged_call(&h, &key, "error-500", false, "c2").await, 500);
+    let recs = h.records("mia").await;
+    assert!(recs.len() > 6, "more records than requests: {}", recs.len());
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let models: Value =
+        serde_json::from_str(&admin_get(&h, &format!("/admin/analytics/models?month={month}")).await).unwrap();
+    let row = |v: &Value, label: &str, name: &str| -> Value {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r[label] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row {name} in {v}"))
+    };
+    let flash = row(&models, "model", "gemini-2.5-flash");
+    assert_eq!(flash["requests"], 5, "{models}");
+    assert_eq!(flash["messages"], 5, "{models}");
+    let flash_tokens: u64 = recs
+        .iter()
+        .filter(|r| r.model() == Some("gemini-2.5-flash"))
+        .map(|r| r.tokens)
+        .sum();
+    assert_eq!(flash["tokens"], flash_tokens, "tokens still count every record");
+    let refused = row(&models, "model", "error-500");
+    assert_eq!(refused["requests"], 1, "{models}");
+    assert_eq!(refused["messages"], 0, "{models}");
+    let tags: Value =
+        serde_json::from_str(&admin_get(&h, &format!("/admin/analytics/tags?name=chat-id&month={month}")).await)
+            .unwrap();
+    assert_eq!(row(&tags, "value", "c1")["requests"], 3, "{tags}");
+    assert_eq!(row(&tags, "value", "c2")["requests"], 3, "{tags}");
+}

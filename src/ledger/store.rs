@@ -23,8 +23,9 @@
 //! | `g` | `YYYY-MM-DD` `/` type | [`Totals`] of a day, all users |
 //! | `s` | `YYYY-MM` | [`Totals`] of a month, all users |
 //! | `S` | `YYYY-MM` | active users of a month (u64) |
-//! | `M` | `YYYY-MM` `/` model | [`Totals`] of a model's month |
-//! | `T` | `YYYY-MM` `/` tag name `/` tag value | [`Totals`] of a tag value's month |
+//! | `M` | `YYYY-MM` `/` model | [`Totals`] of a model's month (`records`: its requests) |
+//! | `T` | `YYYY-MM` `/` tag name `/` tag value | [`Totals`] of a tag value's month (`records`: its requests) |
+//! | `V` | | version of these aggregates (u64; absent: 1), see `store/migrate.rs` |
 //! | `F` | `YYYY-MM` `/` user `/` quota `/` threshold (3 digits) | a quota alert fired: [`Alert`] JSON |
 //! | `O` | delivery id | a pending alert delivery (the outbox): [`Delivery`](super::alerts::Delivery) JSON |
 //! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished alert delivery (sent or failed) |
@@ -242,6 +243,7 @@ pub struct DayRow {
 
 mod alert_keys;
 mod erase;
+mod migrate;
 mod open;
 mod reads;
 #[cfg(test)]
@@ -429,13 +431,19 @@ impl SledStore {
             user_month.entry((user, m)).or_default().add(&t);
             day.entry((d, r.kind)).or_default().add(&t);
             month.entry(m).or_default().add(&t);
+            // Per model and tag, `records` counts requests: a request has one `message_sent`
+            // whatever its outcome; its `ai_response` adds tokens and cost only.
+            let req = Totals {
+                records: u64::from(r.kind == RecordKind::MessageSent),
+                ..t
+            };
             if let Some(name) = r.model() {
-                model.entry((m, name)).or_default().add(&t);
+                model.entry((m, name)).or_default().add(&req);
             }
             if let Some(tags) = r.metadata.get("tags").and_then(Value::as_object) {
                 for (name, value) in tags {
                     if let Some(v) = value.as_str() {
-                        tag.entry((m, name, v)).or_default().add(&t);
+                        tag.entry((m, name, v)).or_default().add(&req);
                     }
                 }
             }

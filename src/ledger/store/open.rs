@@ -42,6 +42,7 @@ impl SledStore {
             log: Arc::new(log),
             unapplied: Arc::default(),
         };
+        store.migrate()?;
         store.replay()?;
         Ok(store)
     }

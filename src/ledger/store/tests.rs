@@ -338,3 +338,122 @@ fn deleting_a_user_erases_their_records_and_retention_drops_old_months() {
         .unwrap();
     assert_eq!(s.records(&bob, 10).unwrap().len(), 1);
 }
+
+/// A request's records: its `message_sent`, and its `ai_response` unless it never got one.
+fn request(ids: &RecordIds, user: &str, model: &str, chat: &str, at: DateTime<Utc>, answered: bool) -> Vec<Record> {
+    let kinds: &[RecordKind] = if answered {
+        &[RecordKind::MessageSent, RecordKind::AiResponse]
+    } else {
+        &[RecordKind::MessageSent]
+    };
+    kinds
+        .iter()
+        .map(|&k| {
+            let mut r = rec(ids, user, k, at);
+            r.metadata.insert("model".into(), model.into());
+            r.metadata.insert("tags".into(), serde_json::json!({ "chat-id": chat }));
+            r
+        })
+        .collect()
+}
+
+/// (requests, tokens) per model of a month.
+fn model_rows(s: &SledStore, m: Month) -> Vec<(String, u64, u64)> {
+    s.month_models(m)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.records, t.tokens))
+        .collect()
+}
+
+/// Puts the `M` and `T` rows back as version 1 kept them (every record counted) and takes
+/// the version away: a store written before requests were counted.
+fn as_version_1(s: &SledStore, all: &[Record]) {
+    let mut old: HashMap<Vec<u8>, u64> = HashMap::new();
+    for r in all {
+        let m = r.month().to_string();
+        *old.entry(join(b'M', &[m.as_bytes(), r.model().unwrap().as_bytes()]))
+            .or_default() += 1;
+        let chat = r.metadata["tags"]["chat-id"].as_str().unwrap();
+        *old.entry(join(b'T', &[m.as_bytes(), b"chat-id", chat.as_bytes()]))
+            .or_default() += 1;
+    }
+    for (k, n) in old {
+        let mut t = s.get_totals(&k).unwrap();
+        t.records = n;
+        s.ledger.insert(k, &t.encode()[..]).unwrap();
+    }
+    s.ledger.remove([b'V']).unwrap();
+    s.flush_sync().unwrap();
+}
+
+#[test]
+fn model_and_tag_rows_count_requests_and_version_1_rows_are_recounted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = RecordIds::new();
+    let at = Utc.with_ymd_and_hms(2026, 11, 20, 12, 0, 0).unwrap();
+    let m = Month::of(at);
+    let mut all = Vec::new();
+    for i in 0..5 {
+        // Three answered requests of ann, one ann never got an answer for, one of bob.
+        let (user, answered) = match i {
+            3 => ("ann", false),
+            4 => ("bob", true),
+            _ => ("ann", true),
+        };
+        all.extend(request(
+            &ids,
+            user,
+            "flash",
+            if i < 2 { "c1" } else { "c2" },
+            at,
+            answered,
+        ));
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        s.write_records(&all).unwrap();
+        // 9 records, 5 requests; tokens are summed over every record.
+        assert_eq!(model_rows(&s, m), [("flash".to_string(), 5, 90)]);
+        let tags = s.month_tag(m, "chat-id").unwrap();
+        let reqs: Vec<(String, u64)> = tags.into_iter().map(|(v, t)| (v, t.records)).collect();
+        assert_eq!(reqs, [("c1".to_string(), 2), ("c2".to_string(), 3)]);
+        // Opening again changes nothing (the version is current).
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(model_rows(&s, m), [("flash".to_string(), 5, 90)]);
+        as_version_1(&s, &all);
+        assert_eq!(model_rows(&s, m), [("flash".to_string(), 9, 90)]);
+        // A tail the aggregates never reached: replayed (the new way) after the upgrade.
+        let tail: Vec<(Record, Vec<Alert>)> = request(&ids, "ann", "flash", "c1", at, true)
+            .into_iter()
+            .map(|r| (r, Vec::new()))
+            .collect();
+        s.append(&tail).unwrap();
+        s.flush_sync().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    // Every record counted is still in the log: exact.
+    assert_eq!(model_rows(&s, m), [("flash".to_string(), 6, 110)]);
+    let c1 = s.month_tag(m, "chat-id").unwrap()[0].clone();
+    assert_eq!((c1.0.as_str(), c1.1.records), ("c1", 3));
+    // A deleted user's records are erased, their rows stay: recounted from what is left, the
+    // missing records estimated at two a request.
+    all.extend(tail_records(&s, "ann"));
+    assert_eq!(s.delete_user_usage("bob").unwrap(), 2);
+    as_version_1(&s, &all);
+    drop(s);
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(model_rows(&s, m), [("flash".to_string(), 6, 110)]);
+}
+
+/// The user's newest request's records (the tail appended above), oldest first.
+fn tail_records(s: &SledStore, user: &str) -> Vec<Record> {
+    let f = RecordFilter {
+        user_id: Some(user.into()),
+        ..Default::default()
+    };
+    let mut page: Vec<Record> = s.records(&f, 2).unwrap().into_iter().map(|(_, r)| r).collect();
+    page.reverse();
+    page
+}
