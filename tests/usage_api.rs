@@ -247,3 +247,93 @@ async fn model_and_tag_analytics_count_requests_not_records() {
     assert_eq!(row(&tags, "value", "c1")["requests"], 3, "{tags}");
     assert_eq!(row(&tags, "value", "c2")["requests"], 3, "{tags}");
 }
+
+/// Everything the admin API shows of `user`'s usage this month: records (usage listing and
+/// export) and the top-users row.
+async fn admin_view_of(h: &Harness, user: &str) -> (Vec<Value>, Vec<Value>, Option<Value>) {
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let listed: Value =
+        serde_json::from_str(&admin_get(h, &format!("/admin/usage?user_id={user}&limit=500")).await).unwrap();
+    let exported: Vec<Value> = admin_get(h, &format!("/admin/export?month={month}&format=jsonl"))
+        .await
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["user_id"] == user)
+        .collect();
+    let top: Value = serde_json::from_str(
+        &admin_get(
+            h,
+            &format!("/admin/analytics/top-users?by=tokens&month={month}&limit=1000"),
+        )
+        .await,
+    )
+    .unwrap();
+    let row = top["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["user_id"] == user)
+        .cloned();
+    (listed["data"].as_array().unwrap().clone(), exported, row)
+}
+
+/// A stream still running when its user is deleted settles after the erasure: its records must
+/// not land (nor re-create the user's history, aggregates or chain for a user created again
+/// under the same id), before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_settled_after_a_users_deletion_never_land() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("dora", "unlimited").await;
+    let otto = h.user_with_key("otto", "unlimited").await;
+    assert_eq!(h.generate(&key, "gemini-2.5-flash", false).await.status(), 200);
+    assert_eq!(h.generate(&otto, "gemini-2.5-flash", false).await.status(), 200);
+    // `slow`: 200 ms between events, so the stream is still open when the user goes.
+    let mut stream = h.generate(&key, "slow", true).await;
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some(), "first event");
+    let r = h
+        .admin(reqwest::Method::DELETE, "/admin/users/dora")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    while stream.chunk().await.unwrap().is_some() {}
+    h.sync().await;
+    let (listed, exported, top) = admin_view_of(&h, "dora").await;
+    assert!(listed.is_empty(), "listed after the erasure: {listed:?}");
+    assert!(exported.is_empty(), "exported after the erasure: {exported:?}");
+    assert!(top.is_none(), "top-users row after the erasure: {top:?}");
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\ngm_recorder_records_dropped_erased_total 1\n"),
+        "the stream's ai_response was dropped: {metrics}"
+    );
+
+    // The same id created again is a new user: nothing of the old one shows.
+    let key = h.user_with_key("dora", "unlimited").await;
+    let history = get(&h, "/api/usage/history", &key).await;
+    assert_eq!(history["data"].as_array().unwrap().len(), 0, "{history}");
+    assert_eq!(get(&h, "/api/usage/daily", &key).await["data"], serde_json::json!([]));
+    assert_eq!(h.current(&key).await["current_month"]["tokens"], 0);
+    assert_eq!(h.generate(&key, "gemini-2.5-flash", false).await.status(), 200);
+    let mine = h.records("dora").await;
+    assert_eq!(mine.len(), 2, "the new user's own request: {mine:?}");
+    let tokens: u64 = mine.iter().map(|r| r.tokens).sum();
+
+    let h = h.reopen(&[]).await;
+    let history = get(&h, "/api/usage/history", &key).await;
+    assert_eq!(history["data"].as_array().unwrap().len(), 2, "{history}");
+    let (listed, exported, top) = admin_view_of(&h, "dora").await;
+    assert_eq!((listed.len(), exported.len()), (2, 2));
+    assert_eq!(top.unwrap()["tokens"], tokens);
+    assert_eq!(h.current(&key).await["current_month"]["tokens"], tokens);
+    assert_eq!(h.records("otto").await.len(), 2, "other users keep their records");
+}
