@@ -108,6 +108,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         (Method::DELETE, ["admin", "users", id]) => {
             let id = id.to_string();
             let key_ids = app.registry.delete_user(&id).map_err(identity_error)?;
+            app.alerts.forget(&id);
             let removed = app.recorder.delete_user(&id, key_ids).await.map_err(storage)?;
             app.store.flush().await.map_err(storage)?;
             Ok(json_response(

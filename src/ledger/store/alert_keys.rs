@@ -165,13 +165,51 @@ impl SledStore {
     }
 
     /// Moves a delivery out of the outbox into the delivery log (sent or failed), atomically.
-    /// Not flushed.
+    /// Does nothing when it is no longer in the outbox (its user was deleted meanwhile). Not
+    /// flushed.
     pub fn finish_delivery(&self, d: &Delivery) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(outbox_key(&d.id));
-        batch.insert(done_key(d), encode_delivery(d)?);
-        self.ledger.apply_batch(batch)?;
-        Ok(())
+        let (ok, dk, v) = (outbox_key(&d.id), done_key(d), encode_delivery(d)?);
+        self.ledger
+            .transaction(|tx| {
+                if tx.remove(ok.as_slice())?.is_some() {
+                    tx.insert(dk.as_slice(), v.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt("finish_delivery aborted".into()),
+            })
+    }
+
+    /// Stages the removal of everything the alerts kept of `user` (fired marks, pending and
+    /// finished deliveries, of every month) into `batch`: a user created again under the same
+    /// id is alerted afresh. Returns how many entries go.
+    pub(super) fn stage_alert_erasure(&self, user: &str, batch: &mut sled::Batch) -> Result<u64, StoreError> {
+        let mut n = 0;
+        // `F` and `D` keys: the prefix, `YYYY-MM`, `/`, the user, `/` (ids hold no `/`).
+        let mine = |k: &[u8]| {
+            k.get(9..)
+                .and_then(|rest| rest.strip_prefix(user.as_bytes()))
+                .is_some_and(|rest| rest.first() == Some(&b'/'))
+        };
+        for prefix in [FIRED, DONE] {
+            for kv in self.ledger.scan_prefix([prefix]) {
+                let (k, _) = kv?;
+                if mine(&k) {
+                    batch.remove(k);
+                    n += 1;
+                }
+            }
+        }
+        for kv in self.ledger.scan_prefix([OUTBOX]) {
+            let (k, v) = kv?;
+            if decode_delivery(&k, &v).is_ok_and(|d| &*d.alert.user_id == user) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -240,5 +278,46 @@ mod tests {
         reborn.id = Alert::make_id("ann", reborn.user_created, a.month, a.quota, a.threshold);
         store.write_batch(&[], &[reborn.clone()]).unwrap();
         assert_eq!(store.alerts(a.month, Some("ann")).unwrap(), vec![reborn]);
+    }
+
+    #[test]
+    fn deleting_a_user_takes_their_marks_and_deliveries_and_no_one_elses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let of = |user: &str, month: Month| {
+            let mut a = alert(Quota::Messages, 80, Decimal::from(8), Decimal::from(10));
+            a.user_id = Arc::from(user);
+            a.month = month;
+            a.id = Alert::make_id(user, a.user_created, month, a.quota, a.threshold);
+            a
+        };
+        let (nov, dec) = (Month(202611), Month(202612));
+        let alerts = [of("ann", nov), of("ann", dec), of("anna", nov), of("an", dec)];
+        store.write_batch(&[], &alerts).unwrap();
+        // One of ann's deliveries finished (the delivery log), the others pending.
+        let mut sent = Delivery::new(&alerts[0], Channel::Webhook);
+        sent.status = DeliveryStatus::Sent;
+        store.finish_delivery(&sent).unwrap();
+        assert_eq!(store.alert_outbox().unwrap().len(), 7);
+        store.delete_user_usage("ann").unwrap();
+        for m in [nov, dec] {
+            assert!(store.alerts(m, Some("ann")).unwrap().is_empty());
+        }
+        assert_eq!(store.alert_delivery(&alerts[0], Channel::Webhook).unwrap(), None);
+        let mut left: Vec<String> = store
+            .alert_outbox()
+            .unwrap()
+            .iter()
+            .map(|d| d.alert.user_id.to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["an", "an", "anna", "anna"]);
+        assert_eq!(store.alerts(nov, Some("anna")).unwrap().len(), 1);
+        assert_eq!(store.alerts(dec, Some("an")).unwrap().len(), 1);
+        // A delivery that was being sent when its user went is not logged as finished.
+        let mut late = Delivery::new(&alerts[1], Channel::Email);
+        late.status = DeliveryStatus::Sent;
+        store.finish_delivery(&late).unwrap();
+        assert_eq!(store.alert_delivery(&alerts[1], Channel::Email).unwrap(), None);
     }
 }

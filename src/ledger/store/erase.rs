@@ -51,7 +51,8 @@ impl SledStore {
         Ok(deleted)
     }
 
-    /// Deletes a user's records (erased in the log) and per-user aggregates.
+    /// Deletes a user's records (erased in the log), per-user aggregates and alerts (marks and
+    /// deliveries).
     pub fn delete_user_usage(&self, user: &str) -> Result<u64, StoreError> {
         // The records erased must already count in what sled keeps, or a replay after a crash
         // would miss them while the global totals already include them.
@@ -76,6 +77,7 @@ impl SledStore {
         }
         self.log.sync()?;
         let mut batch = sled::Batch::default();
+        self.stage_alert_erasure(user, &mut batch)?;
         batch.remove(join(HEADS, &[user.as_bytes()]));
         for m in months {
             batch.remove(join(b'a', &[m.to_string().as_bytes(), user.as_bytes()]));
