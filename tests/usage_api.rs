@@ -337,3 +337,138 @@ async fn records_settled_after_a_users_deletion_never_land() {
     assert_eq!(h.current(&key).await["current_month"]["tokens"], tokens);
     assert_eq!(h.records("otto").await.len(), 2, "other users keep their records");
 }
+
+/// A caller's own reads (history, daily, breakdown) show every record of the responses they
+/// already got, at once, though the aggregates are applied only every `flush_interval_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_own_reads_show_what_they_were_answered_at_once() {
+    let h = Harness::start_flushing_every(2000, "").await;
+    let key = h.user_with_key("lou", "unlimited").await;
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let started = std::time::Instant::now();
+    for (i, stream) in [false, true, false].into_iter().enumerate() {
+        let r = h.generate(&key, "gemini-2.5-flash", stream).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let history = get(&h, "/api/usage/history?limit=500", &key).await;
+        let data = history["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2 * (i + 1), "right after response {i}: {history}");
+        assert_eq!(data[0]["type"], "ai_response");
+        let tokens = h.current(&key).await["current_month"]["tokens"].as_u64().unwrap();
+        let listed: u64 = data.iter().map(|r| r["tokens"].as_u64().unwrap()).sum();
+        assert_eq!(listed, tokens, "history and current agree");
+        let daily = get(&h, "/api/usage/daily", &key).await;
+        let by_day: u64 = daily["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["tokens"].as_u64().unwrap())
+            .sum();
+        assert_eq!(by_day, tokens, "daily and current agree: {daily}");
+        let breakdown = get(&h, &format!("/api/usage/breakdown?month={month}"), &key).await;
+        assert_eq!(breakdown["total"]["tokens"], tokens, "{breakdown}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2000),
+        "all within one flush interval: {:?}",
+        started.elapsed()
+    );
+}
+
+fn p50_p99(mut v: Vec<std::time::Duration>) -> String {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3;
+    format!("p50 {:.3} ms, p99 {:.3} ms", p(0.5), p(0.99))
+}
+
+/// What the barrier before a caller's reads costs, idle and under proxy load, and what a
+/// caller polling their history does to the proxy's throughput. A measurement, not a check:
+/// `cargo test --test usage_api measure_the_read_barrier -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_the_read_barrier() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    let h = Arc::new(Harness::start_flushing_every(50, "").await);
+    let key = h.user_with_key("mo", "unlimited").await;
+    for _ in 0..50 {
+        assert_eq!(h.generate(&key, "gemini-2.5-flash", false).await.status(), 200);
+    }
+    h.sync().await;
+    let barrier = |n: usize| {
+        let h = h.clone();
+        async move {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                h.app.recorder.written().await.unwrap();
+                v.push(t.elapsed());
+            }
+            p50_p99(v)
+        }
+    };
+    let history = |n: usize| {
+        let (h, key) = (h.clone(), key.clone());
+        async move {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                get(&h, "/api/usage/history?limit=50", &key).await;
+                v.push(t.elapsed());
+            }
+            p50_p99(v)
+        }
+    };
+    println!(
+        "idle: barrier alone {}; history page of 50 {}",
+        barrier(1000).await,
+        history(1000).await
+    );
+
+    // Proxy load: 16 workers; a window with nobody reading, one with a caller polling history.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (h, key, stop, done) = (h.clone(), key.clone(), stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(h.generate(&key, "gemini-2.5-flash", false).await.status(), 200);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let window = Duration::from_secs(5);
+    let rate = |from: u64, t: Instant| (done.load(Ordering::Relaxed) - from) as f64 / t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(window).await;
+    let alone = rate(n0, t0);
+    let (n1, t1) = (done.load(Ordering::Relaxed), Instant::now());
+    let mut v = Vec::new();
+    while t1.elapsed() < window {
+        let t = Instant::now();
+        get(&h, "/api/usage/history?limit=50", &key).await;
+        v.push(t.elapsed());
+    }
+    let polled = rate(n1, t1);
+    let reads = v.len();
+    // The barrier alone, as often as it answers: what it adds to the proxy's work.
+    let (n2, t2) = (done.load(Ordering::Relaxed), Instant::now());
+    let mut barriers = 0u64;
+    while t2.elapsed() < window {
+        h.app.recorder.written().await.unwrap();
+        barriers += 1;
+    }
+    let barred = rate(n2, t2);
+    let under_load = barrier(300).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    println!(
+        "under load (16 workers): {alone:.0} req/s with no reader, {polled:.0} req/s with a caller polling history ({reads} reads in {window:?}, {}), {barred:.0} req/s with barriers alone in a loop ({barriers} in {window:?}); barrier alone {under_load}",
+        p50_p99(v)
+    );
+}

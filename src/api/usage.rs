@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -24,11 +25,39 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
-        (&Method::GET, "/api/usage/history") => history(app, user, &req),
-        (&Method::GET, "/api/usage/daily") => daily(app, user, &req),
-        (&Method::GET, "/api/usage/breakdown") => breakdown(app, user, &req).await,
+        (&Method::GET, "/api/usage/history") => {
+            written(app).await;
+            history(app, user, &req)
+        }
+        (&Method::GET, "/api/usage/daily") => {
+            written(app).await;
+            daily(app, user, &req)
+        }
+        (&Method::GET, "/api/usage/breakdown") => {
+            written(app).await;
+            breakdown(app, user, &req).await
+        }
         (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, key)),
         _ => Err(ApiError::not_found("No such usage route.")),
+    }
+}
+
+/// Longest a read waits for the recorder (see [`written`]): it takes a millisecond or so, and
+/// longer only while storage writes fail (the read then shows what is written).
+const WRITTEN_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits until every record handed to the recorder so far is in the log, where the caller's
+/// history, daily and breakdown are read from (records not yet applied to the aggregates
+/// included): the caller sees every record of the responses they already got, as
+/// `/api/usage/current` (live counters) does. Costs no disk sync and nothing on the proxy path.
+async fn written(app: &App) {
+    match tokio::time::timeout(WRITTEN_WAIT, app.recorder.written()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "usage read without the recorder's barrier"),
+        Err(_) => tracing::warn!(
+            wait_ms = WRITTEN_WAIT.as_millis() as u64,
+            "the recorder did not write in time; the usage read shows what is written"
+        ),
     }
 }
 

@@ -291,6 +291,19 @@ impl RecordLog {
         read_in(&seg, pos)
     }
 
+    /// Reads the frame at `pos` among every frame written, applied or not: for a user's own
+    /// reads, which start from the chain heads the writer keeps (see the store). `None` as
+    /// for [`RecordLog::read`], past the written end too.
+    pub fn read_written(&self, pos: u64) -> Result<Option<Frame>, LogError> {
+        if pos == NONE {
+            return Ok(None);
+        }
+        let Some(seg) = self.segment_of(pos) else {
+            return Ok(None);
+        };
+        read_in(&seg, pos)
+    }
+
     /// Reads the frame that ends at `pos` (walking backwards), crossing into the previous
     /// segment at a segment's start.
     pub fn read_before(&self, pos: u64) -> Result<Option<Frame>, LogError> {

@@ -44,6 +44,8 @@ enum Msg {
     /// once that batch is on disk.
     Alerted(Box<Record>, Vec<Alert>, std::sync::mpsc::SyncSender<()>),
     Barrier(oneshot::Sender<()>),
+    /// Told once every record handed over before is written to the log (not applied).
+    Written(oneshot::Sender<()>),
     /// A user to erase, and the ids of every key they had.
     DeleteUser(String, Vec<String>, oneshot::Sender<Result<u64, StoreError>>),
     Retention(DateTime<Utc>, oneshot::Sender<Result<u64, StoreError>>),
@@ -122,6 +124,16 @@ impl RecorderHandle {
     pub async fn sync(&self) -> Result<(), RecorderError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Barrier(tx)).map_err(|_| RecorderError::Stopped)?;
+        rx.await.map_err(|_| RecorderError::Stopped)
+    }
+
+    /// Waits until every record handed over before this call is written to the log, where one
+    /// user's reads find it (see `SledStore::records`); unlike [`RecorderHandle::sync`] it
+    /// forces no sync and no apply: the recorder writes what it is handed within a
+    /// millisecond or so anyway.
+    pub async fn written(&self) -> Result<(), RecorderError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Written(tx)).map_err(|_| RecorderError::Stopped)?;
         rx.await.map_err(|_| RecorderError::Stopped)
     }
 
@@ -239,6 +251,7 @@ impl Recorder {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
         let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut written: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.next_msg() {
             let mut op = None;
             let mut next = Some(first);
@@ -255,6 +268,7 @@ impl Recorder {
                         on_disk.push(done);
                     }
                     Msg::Barrier(b) => barriers.push(b),
+                    Msg::Written(w) => written.push(w),
                     other => {
                         // Admin operations run after the records queued before them.
                         op = Some(other);
@@ -282,6 +296,9 @@ impl Recorder {
             let waited = !on_disk.is_empty() || !barriers.is_empty() || op.is_some();
             if waited || self.unapplied.len() >= MAX_BATCH || self.apply_due.is_some_and(|d| d <= Instant::now()) {
                 self.apply();
+            }
+            for w in written.drain(..) {
+                let _ = w.send(());
             }
             for done in on_disk.drain(..) {
                 let _ = done.try_send(());

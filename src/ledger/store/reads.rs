@@ -4,13 +4,34 @@ use std::collections::HashMap;
 
 use chrono::{Datelike, NaiveDate};
 
-use super::{DayRow, RecordFilter, SPAN, SledStore, StoreError, decode_record, join, kind_slot, month_key};
+use super::{DayRow, DayRun, RecordFilter, SPAN, SledStore, StoreError, decode_record, join, kind_slot, month_key};
 use crate::clock::Month;
 use crate::ledger::log::NONE;
 use crate::ledger::record::{Record, RecordKind};
 use crate::ledger::totals::Totals;
 
 impl SledStore {
+    /// A user's chain heads as the writer left them: their records written to the log and not
+    /// yet applied included. One user's reads (records, days) start here, so they show every
+    /// record the recorder wrote, while aggregates and everyone's reads wait for the apply.
+    fn written_heads(&self, user: &str) -> Result<[u64; 4], StoreError> {
+        if let Some(h) = self.unapplied.lock().heads.get(user) {
+            return Ok(*h);
+        }
+        // Not written to since the last apply, which put them in sled before the writer's
+        // copy was dropped.
+        self.heads(user)
+    }
+
+    /// [`SledStore::day_run`] among every frame written.
+    fn written_day_run(&self, pos: u64) -> Result<Option<DayRun>, StoreError> {
+        Ok(self
+            .log
+            .read_written(pos)?
+            .filter(|f| !f.erased)
+            .and_then(|f| DayRun::of(&f)))
+    }
+
     /// A user's totals for a month.
     pub fn user_month(&self, user: &str, m: Month) -> Result<Totals, StoreError> {
         self.get_totals(&join(b'a', &[m.to_string().as_bytes(), user.as_bytes()]))
@@ -64,18 +85,19 @@ impl SledStore {
         Ok(out)
     }
 
-    /// Per-day, per-type totals from `since` (inclusive), for one user or for everyone.
+    /// Per-day, per-type totals from `since` (inclusive), for one user (every record written,
+    /// see [`SledStore::written_heads`]) or for everyone (the applied aggregates).
     pub fn daily(&self, user: Option<&str>, since: NaiveDate) -> Result<Vec<DayRow>, StoreError> {
         let Some(user) = user else {
             return self.daily_all(since);
         };
         // One frame per day and type: the newest record of each run holds the run's totals.
         let since_day = since.num_days_from_ce();
-        let heads = self.heads(user)?;
+        let heads = self.written_heads(user)?;
         let mut sums: std::collections::BTreeMap<(i32, &'static str), Totals> = std::collections::BTreeMap::new();
         for kind in [RecordKind::MessageSent, RecordKind::AiResponse, RecordKind::FileUpload] {
             let mut pos = heads[kind_slot(kind)];
-            while let Some(run) = self.day_run(pos)? {
+            while let Some(run) = self.written_day_run(pos)? {
                 if run.day < since_day {
                     break;
                 }
@@ -121,8 +143,9 @@ impl SledStore {
 
     /// Records matching `f`, newest first, at most `limit`, each with its position (the
     /// cursor that starts a page at it). One user's records are read by following their chain
-    /// in the log (a page costs its own records, however long the history); everyone's by
-    /// walking the log backwards.
+    /// in the log (a page costs its own records, however long the history), from every record
+    /// written (see [`SledStore::written_heads`]); everyone's by walking the log backwards
+    /// from the applied end.
     pub fn records(&self, f: &RecordFilter, limit: usize) -> Result<Vec<(u64, Record)>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(512));
         if limit == 0 {
@@ -135,10 +158,10 @@ impl SledStore {
                 let slot = f.kind.map(kind_slot).unwrap_or(0);
                 let mut pos = match f.cursor {
                     Some(c) => c,
-                    None => self.heads(user)?[slot],
+                    None => self.written_heads(user)?[slot],
                 };
                 while pos != NONE {
-                    let Some(frame) = self.log.read(pos)? else {
+                    let Some(frame) = self.log.read_written(pos)? else {
                         if f.cursor == Some(pos) {
                             return Err(StoreError::BadCursor);
                         }

@@ -144,6 +144,11 @@ fn pages_follow_each_users_chain_by_type_and_reject_other_users_cursors() {
     assert!(matches!(s.records(&inside, 5), Err(StoreError::BadCursor)));
 }
 
+/// The months of some records.
+fn months_of(recs: &[Record]) -> std::collections::BTreeSet<Month> {
+    recs.iter().map(Record::month).collect()
+}
+
 /// Every page, of every user and type, newest first.
 fn all_pages(s: &SledStore) -> Vec<Vec<u128>> {
     let mut out = Vec::new();
@@ -199,6 +204,7 @@ fn batches_applied_together_read_like_batches_applied_one_by_one() {
     both.merge(second);
     b.apply_appended(&items[..2], &both).unwrap();
     let mut applied = 2;
+    let mut written = 2;
     for group in items[2..].chunks(20) {
         // Several appends, each linking to the unapplied ones before it, then one apply.
         let mut pending: Option<Appended> = None;
@@ -208,10 +214,36 @@ fn batches_applied_together_read_like_batches_applied_one_by_one() {
                 Some(p) => p.merge(appended),
                 None => pending = Some(appended),
             }
-            // Readers see only what is applied.
-            let seen: usize = all_pages(&b).iter().step_by(3).map(Vec::len).sum();
-            assert_eq!(seen, applied);
+            written += chunk.len();
+            // One user's records and days show every record written; everyone's records and
+            // the aggregates only what is applied.
+            for user in ["ann", "bob"] {
+                let f = RecordFilter {
+                    user_id: Some(user.into()),
+                    ..Default::default()
+                };
+                let want: Vec<u128> = all[..written]
+                    .iter()
+                    .rev()
+                    .filter(|r| &*r.user_id == user)
+                    .map(|r| r.id)
+                    .collect();
+                assert_eq!(ids_of(&b.records(&f, 1000).unwrap()), want);
+                let days: u64 = b
+                    .daily(Some(user), d0.date_naive())
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.totals.records)
+                    .sum();
+                assert_eq!(days, want.len() as u64);
+            }
+            assert_eq!(b.records(&RecordFilter::default(), 1000).unwrap().len(), applied);
             assert_eq!(b.count_records().unwrap(), applied as u64);
+            let users_months: u64 = months_of(&all)
+                .into_iter()
+                .map(|m| b.month_summary(m).unwrap().0.records)
+                .sum();
+            assert_eq!(users_months, applied as u64);
         }
         b.apply_appended(group, &pending.unwrap()).unwrap();
         applied += group.len();
