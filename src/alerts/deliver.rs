@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::email;
+use super::failure::Failure;
 use super::webhook::{self, WebhookClient};
 use super::{AlertMetrics, Alerts};
 use crate::clock::SharedClock;
@@ -38,23 +39,6 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// How long after the alert a delivery is retried before it is given up.
 const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::hours(24);
-
-/// Why an attempt failed.
-#[derive(Debug)]
-pub(super) enum Failure {
-    /// Worth retrying (receiver down, timeout, error status, channel not configured now).
-    Retry(String),
-    /// Can never succeed (e.g. an address that is not one).
-    Permanent(String),
-}
-
-impl Failure {
-    fn message(&self) -> &str {
-        match self {
-            Failure::Retry(m) | Failure::Permanent(m) => m,
-        }
-    }
-}
 
 /// The delay before retry number `attempts` (1 after the first failure): 1 s, 2 s, 4 s, ...
 /// capped at 5 minutes.

@@ -21,6 +21,7 @@
 
 mod deliver;
 mod email;
+mod failure;
 mod webhook;
 
 use std::sync::Arc;
@@ -145,6 +146,12 @@ impl Alerts {
         Ok(())
     }
 
+    /// Forgets the thresholds a deleted user reached (call once the registry marked them
+    /// deleted; the store erases their marks): the same id created again is alerted afresh.
+    pub fn forget(&self, user_id: &str) {
+        self.fired.remove(user_id);
+    }
+
     /// Pending deliveries are on disk: the delivery task looks now rather than at its next tick.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -175,6 +182,10 @@ impl Alerts {
         let Some(&lowest) = cfg.thresholds.first() else {
             return Vec::new();
         };
+        if user.is_deleted() {
+            // A request that outlived its user: its record is dropped, and so are its alerts.
+            return Vec::new();
+        }
         let touched = [
             rec.messages > 0,
             rec.tokens > 0,
@@ -264,7 +275,13 @@ impl Alerts {
         {
             return 0;
         }
-        let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
+        let entry = self.fired.entry(user.id_arc());
+        if user.is_deleted() {
+            // Checked under the entry's lock, which `forget` takes too: a user deleted
+            // meanwhile leaves no mark behind for the next user of the id.
+            return 0;
+        }
+        let mut e = entry.or_insert(Fired {
             month,
             user_created: created,
             bits: [0; 4],

@@ -247,6 +247,16 @@ impl Details {
         }
     }
 
+    /// The key the usage was made with, if the record names it.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Details::MessageSent(m) => Some(&m.key_id),
+            Details::AiResponse(a) => Some(&a.key_id),
+            Details::FileUpload(f) => Some(&f.key_id),
+            Details::Untyped(_, m) => m.get("key_id").and_then(Value::as_str),
+        }
+    }
+
     /// Bytes of response streamed back.
     pub fn response_bytes(&self) -> u64 {
         match self {
