@@ -16,6 +16,8 @@
 //! Failure injection by model id: `error-500`, `error-503`, `error-429`, `error-400`,
 //! `midstream-error`, `cut`, `final-usage-only`, `gzip-always`, `slow` (see [`MockOptions`]).
 
+#![forbid(unsafe_code)]
+
 mod body;
 #[cfg(test)]
 mod tests;
