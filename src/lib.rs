@@ -8,6 +8,8 @@
 //! The built-in mock upstream and the load tool are crates of their own (`gemini-meter-mock`,
 //! `gemini-meter-loadtest`), linked only by the binary and the tests.
 
+#![forbid(unsafe_code)]
+
 pub mod admission;
 pub mod alerts;
 pub mod api;

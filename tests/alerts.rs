@@ -8,6 +8,8 @@
 //! threshold list applies to the next crossing; a delivery is given up a day after its alert;
 //! `kill -9` right after a crossing neither loses the alert nor sends it twice.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::convert::Infallible;

@@ -3,6 +3,8 @@
 //! `GM_BIG_RECORDS=10000000 GM_BIG_HEAVY=1000000 cargo test --release --test big_ledger -- --ignored --nocapture`
 //! (`GM_BIG_HEAVY` is the one user's share, default a tenth).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -6,6 +6,8 @@
 //! config file and sled directory. Every child is killed when its guard drops, also on failure.
 //! Figures (responses, records, loss) are printed; see them with `-- --nocapture`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;

@@ -1,6 +1,8 @@
 //! Inbound limits over real sockets: body size (413, by Content-Length and while streaming),
 //! the header read timeout (slowloris) and the connection limit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

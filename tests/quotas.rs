@@ -2,6 +2,8 @@
 //! under concurrency, the error envelopes of every refusal, `x-quota-*` headers, tier changes,
 //! hot reload of the config file and the month rollover.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

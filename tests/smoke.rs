@@ -1,5 +1,7 @@
 //! First end-to-end checks: a call goes through, is metered once, and keys are handled.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Harness, UPSTREAM_KEY};

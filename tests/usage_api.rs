@@ -1,5 +1,7 @@
 //! The usage and admin read APIs against the ledger: pagination, isolation, daily sums, export.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
