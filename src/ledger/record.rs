@@ -66,6 +66,12 @@ impl Record {
 
     /// Writes [`Record::to_json`]'s bytes (same keys, same order) without building a `Value`.
     pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        super::json::write_record(self, out)
+    }
+
+    /// The same bytes as [`Record::write_json`], through serde_json (the reference it is
+    /// tested against).
+    pub fn write_json_serde(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         // Field order is serde_json's map order (sorted), as `to_json` produces.
         #[derive(serde::Serialize)]
         struct Out<'a> {

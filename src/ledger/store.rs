@@ -34,7 +34,7 @@
 //! [`super::alerts`] and `store/alert_keys.rs`), so an alert exists on disk exactly when the
 //! usage that caused it does.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -278,9 +278,9 @@ impl SledStore {
     /// failed append can be retried as a whole: nothing refers to positions of a batch that was
     /// never applied.
     pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<Appended, StoreError> {
-        let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::new();
+        let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::default();
         // Per user and type: the day of the newest run, its running totals, and its link.
-        let mut days: HashMap<(Arc<str>, usize), DayRun> = HashMap::new();
+        let mut days: HashMap<(Arc<str>, usize), DayRun> = HashMap::default();
         // Held to the end: one writer at a time, and this batch links to unapplied ones.
         let mut unapplied = self.unapplied.lock();
         let mut out = Vec::with_capacity(items.len());
@@ -394,13 +394,13 @@ impl SledStore {
         known_heads: Option<&HashMap<Arc<str>, [u64; 4]>>,
     ) -> Result<(), StoreError> {
         // Deltas grouped by what they add to, keyed by borrowed parts: one key built per group.
-        let mut user_month: HashMap<(&str, Month), Totals> = HashMap::new();
-        let mut day: HashMap<(i32, RecordKind), Totals> = HashMap::new();
-        let mut month: HashMap<Month, Totals> = HashMap::new();
-        let mut model: HashMap<(Month, &str), Totals> = HashMap::new();
-        let mut tag: HashMap<(Month, &str, &str), Totals> = HashMap::new();
-        let mut heads: HashMap<&str, [u64; 4]> = HashMap::new();
-        let mut spans: HashMap<u64, (i64, i64)> = HashMap::new();
+        let mut user_month: HashMap<(&str, Month), Totals> = HashMap::default();
+        let mut day: HashMap<(i32, RecordKind), Totals> = HashMap::default();
+        let mut month: HashMap<Month, Totals> = HashMap::default();
+        let mut model: HashMap<(Month, &str), Totals> = HashMap::default();
+        let mut tag: HashMap<(Month, &str, &str), Totals> = HashMap::default();
+        let mut heads: HashMap<&str, [u64; 4]> = HashMap::default();
+        let mut spans: HashMap<u64, (i64, i64)> = HashMap::default();
         let mut alerts: Vec<Alert> = Vec::new();
         let segments = self.log.segment_ranges();
         for (pos, r, fired) in items {
@@ -450,7 +450,7 @@ impl SledStore {
                 .unwrap_or_default()
         };
         let mut batch = sled::Batch::default();
-        let mut new_users: HashMap<Month, u64> = HashMap::new();
+        let mut new_users: HashMap<Month, u64> = HashMap::default();
         for ((user, m), d) in user_month {
             let k = join(b'a', &[m.to_string().as_bytes(), user.as_bytes()]);
             if !self.add_totals(&mut batch, k, &d)? {

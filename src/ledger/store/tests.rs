@@ -400,7 +400,7 @@ fn model_rows(s: &SledStore, m: Month) -> Vec<(String, u64, u64)> {
 /// Puts the `M` and `T` rows back as version 1 kept them (every record counted) and takes
 /// the version away: a store written before requests were counted.
 fn as_version_1(s: &SledStore, all: &[Record]) {
-    let mut old: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut old: HashMap<Vec<u8>, u64> = HashMap::default();
     for r in all {
         let m = r.month().to_string();
         *old.entry(join(b'M', &[m.as_bytes(), r.model().unwrap().as_bytes()]))
