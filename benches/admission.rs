@@ -135,7 +135,7 @@ fn generate_ask() -> Ask<'static> {
     let model = "gemini-2.5-flash";
     Ask::Generate {
         model,
-        worst: Some(WorstCase::new(&Pricing::default(), model, 200, Some(1000))),
+        worst: Some(WorstCase::new(&Pricing::default(), model, 200, Some(1000), 1)),
     }
 }
 

@@ -273,3 +273,53 @@ async fn soft_mode_checks_used_and_charges_at_the_end() {
     assert!(cur["current_month"]["tokens"].as_u64().unwrap() > 1, "{cur}");
     assert_eq!(send(&h, &key, "gemini-2.5-flash", &body(100)).await.status, 403);
 }
+
+// The OpenAI-compatible endpoint: `max_tokens` is lowered the same way, and a native call's
+// thinking budget counts against the same cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_and_thinking_calls_are_capped_too() {
+    let chat = json!({
+        "model": "gemini-2.5-flash",
+        "messages": [{"role": "user", "content": "Name three primes."}],
+        "max_tokens": 100
+    });
+    let think = json!({
+        "contents": [{"role": "user", "parts": [{"text": "Think."}]}],
+        "generationConfig": {"maxOutputTokens": 500, "thinkingConfig": {"thinkingBudget": 400}}
+    });
+    let limit = estimate(&chat) + 40;
+    let think_limit = estimate(&think) + 60;
+    let h = Harness::start(&format!(
+        "[tiers.hard]\ntokens = {limit}\n[tiers.think]\ntokens = {think_limit}\n"
+    ))
+    .await;
+    let key = h.user_with_key("oa", "hard").await;
+    let r = h
+        .http
+        .post(h.url("/v1beta/openai/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get(CAPPED).unwrap(), "40");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 40, "{v}");
+    assert_eq!(mock_caps(&h), [40]);
+    let cur = settled(&h, &key).await;
+    assert!(cur["current_month"]["tokens"].as_u64().unwrap() <= limit, "{cur}");
+
+    // A thinking model with a budget above the cap: thoughts plus answer stay within it.
+    let key = h.user_with_key("thinker", "think").await;
+    let left = 60;
+    let a = send(&h, &key, "gemini-2.5-flash-thinking", &think).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.capped, Some(left));
+    let u = &a.body["usageMetadata"];
+    let out = u["candidatesTokenCount"].as_u64().unwrap_or(0) + u["thoughtsTokenCount"].as_u64().unwrap_or(0);
+    assert!(out <= left, "{u}");
+    assert!(u["thoughtsTokenCount"].as_u64().unwrap() > 0, "{u}");
+    let cur = settled(&h, &key).await;
+    assert!(cur["current_month"]["tokens"].as_u64().unwrap() <= think_limit, "{cur}");
+}

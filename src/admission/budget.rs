@@ -6,8 +6,9 @@ use rust_decimal::Decimal;
 use crate::config::{Pricing, Tier};
 use crate::ledger::{Held, Reserved, Totals};
 
-/// A model call's worst case, as a function of its output cap `c` (thinking included):
-/// `tokens(c) = prompt + c`, `cost(c) = base + per_output * c`.
+/// A model call's worst case, as a function of its output cap `c` (thinking included, per
+/// candidate): `tokens(c) = prompt + n * c`, `cost(c) = base + per_output * n * c` for `n`
+/// candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorstCase {
     /// The prompt's tokens, estimated from the body (never fewer than a text prompt has).
@@ -19,11 +20,14 @@ pub struct WorstCase {
     pub base: Decimal,
     /// Cost of one output token.
     pub per_output: Decimal,
+    /// Candidates asked for (`candidateCount`, OpenAI `n`; at least 1): each may use the cap.
+    pub candidates: u64,
 }
 
 impl WorstCase {
-    /// The worst case of a call of `model` with `prompt` estimated tokens and output cap `cap`.
-    pub fn new(pricing: &Pricing, model: &str, prompt: u64, cap: Option<u64>) -> Self {
+    /// The worst case of a call of `model` with `prompt` estimated tokens and output cap `cap`
+    /// for each of `candidates` answers.
+    pub fn new(pricing: &Pricing, model: &str, prompt: u64, cap: Option<u64>, candidates: u64) -> Self {
         let million = Decimal::from(1_000_000u32);
         let p = Decimal::from(prompt);
         let (base, per_output) = match pricing.model(model) {
@@ -40,6 +44,7 @@ impl WorstCase {
             cap,
             base: base + pricing.message_sent,
             per_output,
+            candidates: candidates.max(1),
         }
     }
 
@@ -47,8 +52,8 @@ impl WorstCase {
     pub fn held(&self, c: u64) -> Held {
         Held {
             message: true,
-            tokens: self.prompt.saturating_add(c),
-            cost: self.base + self.per_output * Decimal::from(c),
+            tokens: self.prompt.saturating_add(c.saturating_mul(self.candidates)),
+            cost: self.base + self.per_output * Decimal::from(c) * Decimal::from(self.candidates),
         }
     }
 }
@@ -73,6 +78,7 @@ pub fn fit(tier: &Tier, w: &WorstCase, t: &Totals, r: &Reserved) -> Result<u64, 
         let Some(c) = left.checked_sub(w.prompt) else {
             return Err(NoFit::Tokens);
         };
+        let c = c / w.candidates;
         if c < floor {
             return Err(NoFit::Tokens);
         }
@@ -84,7 +90,7 @@ pub fn fit(tier: &Tier, w: &WorstCase, t: &Totals, r: &Reserved) -> Result<u64, 
             return Err(NoFit::Cost);
         }
         if w.per_output > Decimal::ZERO {
-            let c = (left / w.per_output).floor();
+            let c = (left / (w.per_output * Decimal::from(w.candidates))).floor();
             let c = u64::try_from(c).unwrap_or(u64::MAX);
             if c < floor {
                 return Err(NoFit::Cost);
@@ -111,7 +117,7 @@ mod tests {
     }
 
     fn w(prompt: u64, cap: Option<u64>) -> WorstCase {
-        WorstCase::new(&Pricing::default(), "unpriced", prompt, cap)
+        WorstCase::new(&Pricing::default(), "unpriced", prompt, cap, 1)
     }
 
     #[test]
@@ -146,5 +152,10 @@ mod tests {
             fit(&t, &w(90, Some(1000)), &Totals::default(), &Reserved::default()),
             Err(NoFit::Cost)
         );
+        // Three candidates share what is left: 60 tokens of output make 20 each.
+        let three = WorstCase::new(&Pricing::default(), "unpriced", 40, Some(1000), 3);
+        assert_eq!(fit(&t, &three, &Totals::default(), &Reserved::default()), Ok(20));
+        assert_eq!(three.held(20).cost, "0.01".parse::<Decimal>().unwrap());
+        assert_eq!(three.held(20).tokens, 100);
     }
 }

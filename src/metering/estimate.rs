@@ -74,6 +74,19 @@ pub fn requested_cap(v: &Value, dialect: Dialect) -> Option<u64> {
     }
 }
 
+/// How many answers the request asks for (`candidateCount`, OpenAI `n`); at least 1.
+pub fn candidates(v: &Value, dialect: Dialect) -> u64 {
+    let n = match dialect {
+        Dialect::Native => v
+            .as_object()
+            .and_then(|m| get(m, &GEN_CONFIG))
+            .and_then(|(_, gc)| get(gc.as_object()?, &["candidateCount", "candidate_count"]))
+            .and_then(|(_, n)| n.as_u64()),
+        Dialect::OpenAi => v.get("n").and_then(Value::as_u64),
+    };
+    n.unwrap_or(1).max(1)
+}
+
 /// Writes output cap `cap` into the body (where the request keeps it, else under the camelCase
 /// or OpenAI name). Thinking tokens count as output and are bounded by the same cap; a
 /// `thinkingBudget` above `cap - min_output` is lowered to that, so some answer fits.
@@ -151,6 +164,12 @@ mod tests {
         assert_eq!(requested_cap(&v, Dialect::Native), None);
         set_cap(&mut v, Dialect::Native, 7, 16);
         assert_eq!(v["generationConfig"]["maxOutputTokens"], 7);
+        assert_eq!(
+            candidates(&json!({"generationConfig": {"candidateCount": 3}}), Dialect::Native),
+            3
+        );
+        assert_eq!(candidates(&json!({"n": 2}), Dialect::OpenAi), 2);
+        assert_eq!(candidates(&json!({}), Dialect::OpenAi), 1);
         let mut o = json!({"model": "m", "max_tokens": 50, "max_completion_tokens": 60});
         assert_eq!(requested_cap(&o, Dialect::OpenAi), Some(50));
         set_cap(&mut o, Dialect::OpenAi, 20, 16);

@@ -230,7 +230,8 @@ fn worst_case(call: &Call<'_>, body_model: Option<&str>, h: &HardBody) -> Option
     let cap =
         estimate::requested_cap(&h.value, h.dialect).or_else(|| pricing.model(model).and_then(|m| m.max_output_tokens));
     let prompt = estimate::prompt_tokens(&h.value, h.len);
-    Some(WorstCase::new(pricing, model, prompt, cap))
+    let n = estimate::candidates(&h.value, h.dialect);
+    Some(WorstCase::new(pricing, model, prompt, cap, n))
 }
 
 /// The body with output cap `cap` written in (the request's own cap, if any, is not above it).
