@@ -62,15 +62,8 @@ impl TokenWindow {
         st.0 += tokens as f64;
     }
 
-    /// Under `limit`: charges `tokens` (an estimate, corrected later) and returns Ok, in one
-    /// step; else the seconds to wait.
-    pub fn check_charge(&self, limit: u64, tokens: u64) -> Result<(), u64> {
-        self.check(limit)?;
-        self.add(tokens, Some(limit));
-        Ok(())
-    }
-
-    /// Gives back tokens charged as an estimate (the actual ones are added when known).
+    /// Gives back tokens charged as an estimate (the actual ones are added when known). What
+    /// drained since the charge is not told apart: the level may end slightly low, never high.
     pub fn refund(&self, tokens: u64) {
         let mut st = self.state.lock();
         st.0 = (st.0 - tokens as f64).max(0.0);
