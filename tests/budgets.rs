@@ -323,3 +323,33 @@ async fn openai_and_thinking_calls_are_capped_too() {
     let cur = settled(&h, &key).await;
     assert!(cur["current_month"]["tokens"].as_u64().unwrap() <= think_limit, "{cur}");
 }
+
+// SIGTERM while a call streams: the drain settles it, and after the restart nothing is
+// reserved and the month's counters are what the records say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_leaves_nothing_reserved() {
+    let h = Harness::start("[tiers.hard]\ntokens = 100000\n").await;
+    let key = h.user_with_key("restart", "hard").await;
+    let mut r = h
+        .http
+        .post(h.url("/v1beta/models/slow:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", &key)
+        .json(&body(100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.chunk().await.unwrap();
+    let cur = h.current(&key).await;
+    assert!(cur["reserved"]["tokens"].as_u64().unwrap() > 0, "in flight: {cur}");
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = r.chunk().await {} });
+    let h = h.reopen(&[]).await;
+    let _ = reader.await;
+    let cur = h.current(&key).await;
+    assert_eq!(cur["reserved"]["tokens"], 0, "{cur}");
+    assert_eq!(cur["reserved"]["cost"], "0", "{cur}");
+    let (messages, tokens, _, _) = common::sum(&h.records("restart").await);
+    assert_eq!(cur["current_month"]["tokens"].as_u64().unwrap(), tokens, "{cur}");
+    assert_eq!(cur["current_month"]["messages"].as_u64().unwrap(), messages, "{cur}");
+    assert!(tokens > 0 && tokens <= 100000, "{cur}");
+}
