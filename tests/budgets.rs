@@ -31,6 +31,8 @@ fn estimate(b: &Value) -> u64 {
 struct Answer {
     status: u16,
     capped: Option<u64>,
+    /// `x-quota-tokens-reserved`: what calls in flight hold as of admission, this one included.
+    reserved: Option<u64>,
     body: Value,
 }
 
@@ -44,9 +46,15 @@ async fn send(h: &Harness, key: &str, model: &str, b: &Value) -> Answer {
         .await
         .unwrap();
     let status = r.status().as_u16();
-    let capped = r.headers().get(CAPPED).map(|v| v.to_str().unwrap().parse().unwrap());
+    let num = |name: &str| r.headers().get(name).map(|v| v.to_str().unwrap().parse().unwrap());
+    let (capped, reserved) = (num(CAPPED), num("x-quota-tokens-reserved"));
     let body = r.json().await.unwrap_or(Value::Null);
-    Answer { status, capped, body }
+    Answer {
+        status,
+        capped,
+        reserved,
+        body,
+    }
 }
 
 /// Polls until nothing is reserved for the user (every call in flight has settled); returns
@@ -91,6 +99,11 @@ async fn caps_are_lowered_to_what_is_left_and_refused_only_when_nothing_fits() {
             break;
         }
         assert_eq!(a.status, 200, "{left} left: {:?}", a.body);
+        assert_eq!(
+            a.reserved,
+            Some(prompt + a.capped.unwrap_or(100)),
+            "this call's worst case, shown apart"
+        );
         if left >= prompt + 100 {
             assert_eq!(a.capped, None);
         } else {

@@ -59,8 +59,9 @@ pub struct Admitted {
     pub at: DateTime<Utc>,
     /// What was reserved for the request (a metered model call's message); released if dropped.
     pub reservation: Option<Reservation>,
-    /// The tier and the totals as of admission, for the `x-quota-*` headers; `None`: no headers.
-    pub quota: Option<(TierId, Totals)>,
+    /// The tier, the totals and what calls in flight reserve as of admission, for the
+    /// `x-quota-*` headers; `None`: no headers.
+    pub quota: Option<(TierId, Totals, Reserved)>,
     /// Under hard enforcement, the output cap the forwarded request must carry (its own if it
     /// fits, else lowered to fit; the model's when it set none).
     pub output_cap: Option<u64>,
@@ -87,8 +88,8 @@ impl Admitted {
     /// request never needs them. `tiers` are those of the snapshot the request was admitted under.
     pub fn quota_headers(&self, tiers: &Tiers) -> Vec<(HeaderName, HeaderValue)> {
         match &self.quota {
-            Some((tier, totals)) => match tiers.by_id(*tier) {
-                Some(tr) => quota_headers(tr, totals),
+            Some((tier, totals, reserved)) => match tiers.by_id(*tier) {
+                Some(tr) => quota_headers(tr, totals, reserved),
                 None => Vec::new(),
             },
             None => Vec::new(),
@@ -153,7 +154,7 @@ pub fn admit(
     // 3. Monthly quotas, checked against what is used (`used >= limit` is used up).
     let refuse = |quota: Quota, t: &Totals| quota_refusal(tr, quota, t, month);
     let mut output_cap = None;
-    let (totals, reservation) = match ask {
+    let (totals, reserved, reservation) = match ask {
         Ask::Generate { worst, .. } => {
             let mut why = None;
             let hard = tier.hard_budget();
@@ -161,20 +162,20 @@ pub fn admit(
                 .usage
                 .try_reserve(month, |t, r| decide(tr, *worst, t, r, &mut why, &mut output_cap));
             match res {
-                Ok((t, held)) => {
+                Ok((t, r, held)) => {
                     let mut tpm_charged = 0;
                     if hard && let Some(tpm) = tier.tokens_per_minute {
                         user.tpm.add(held.tokens, Some(tpm));
                         tpm_charged = held.tokens;
                     }
-                    let r = Reservation::new(registry.clone(), key, month, held, tpm_charged);
-                    (t, Some(r))
+                    let res = Reservation::new(registry.clone(), key, month, held, tpm_charged);
+                    (t, r, Some(res))
                 }
                 Err(t) => return Err(refuse(why.unwrap_or(Quota::Messages), &t)),
             }
         }
         Ask::UploadStart { declared } => {
-            let t = user.usage.snapshot(month);
+            let (t, r) = user.usage.snapshot_reserved(month);
             if let Some(l) = tier.bytes
                 && (t.bytes >= l || t.bytes.saturating_add(declared.unwrap_or(0)) > l)
             {
@@ -183,23 +184,26 @@ pub fn admit(
             if tier.cost.is_some_and(|l| t.cost >= l) {
                 return Err(refuse(Quota::Cost, &t));
             }
-            (t, None)
+            (t, r, None)
         }
         Ask::UploadBytes => {
-            let t = user.usage.snapshot(month);
+            let (t, r) = user.usage.snapshot_reserved(month);
             if tier.bytes.is_some_and(|l| t.bytes >= l) {
                 return Err(refuse(Quota::Bytes, &t));
             }
-            (t, None)
+            (t, r, None)
         }
-        Ask::Other { .. } => (user.usage.snapshot(month), None),
+        Ask::Other { .. } => {
+            let (t, r) = user.usage.snapshot_reserved(month);
+            (t, r, None)
+        }
     };
 
     Ok(Admitted {
         month,
         at: now,
         reservation,
-        quota: Some((tier_id, totals)),
+        quota: Some((tier_id, totals, reserved)),
         output_cap,
         capped: None,
     })
@@ -293,10 +297,22 @@ fn quota_refusal(tr: &TierRuntime, quota: Quota, t: &Totals, month: Month) -> Re
     }
 }
 
-/// The `x-quota-*` headers for `tr`'s limits and totals `t`.
-pub fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
+/// The `x-quota-*` headers for `tr`'s limits, totals `t` and reservations `r`. `remaining` is
+/// the limit less what is used; under hard enforcement what calls in flight hold is shown apart
+/// (`x-quota-tokens-reserved`, `x-quota-cost-reserved`).
+pub fn quota_headers(tr: &TierRuntime, t: &Totals, r: &Reserved) -> Vec<(HeaderName, HeaderValue)> {
     let tier = &tr.tier;
-    let mut h = Vec::with_capacity(8);
+    let mut h = Vec::with_capacity(10);
+    if tier.hard_budget() {
+        if tier.tokens.is_some() {
+            h.push((TOKENS_RESERVED, HeaderValue::from(r.tokens)));
+        }
+        if tier.cost.is_some()
+            && let Ok(v) = HeaderValue::from_str(&r.cost.normalize().to_string())
+        {
+            h.push((COST_RESERVED, v));
+        }
+    }
     let mut warn: Option<(&str, u64)> = None;
     let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
         if let (Some(l), Some(lv)) = (limit, value) {
@@ -343,6 +359,8 @@ const BYTES_REMAINING: HeaderName = HeaderName::from_static("x-quota-bytes-remai
 const COST_LIMIT: HeaderName = HeaderName::from_static("x-quota-cost-limit");
 const COST_REMAINING: HeaderName = HeaderName::from_static("x-quota-cost-remaining");
 const WARNING: HeaderName = HeaderName::from_static("x-quota-warning");
+const TOKENS_RESERVED: HeaderName = HeaderName::from_static("x-quota-tokens-reserved");
+const COST_RESERVED: HeaderName = HeaderName::from_static("x-quota-cost-reserved");
 
 fn limit_header(name: &str) -> HeaderName {
     match name {

@@ -103,18 +103,18 @@ impl UserUsage {
 
     /// Reserves what `decide` asks for, given the totals and the reservations of others as
     /// they are, in one step under the user's lock; `None` from `decide` refuses. Returns the
-    /// totals seen (after the reservation when it succeeded) and what was held.
+    /// totals and reservations seen (after this one when it succeeded) and what was held.
     pub fn try_reserve(
         &self,
         month: Month,
         decide: impl FnOnce(&Totals, &Reserved) -> Option<Held>,
-    ) -> Result<(Totals, Held), Totals> {
+    ) -> Result<(Totals, Reserved, Held), Totals> {
         self.with(month, |t, r| match decide(t, r) {
             Some(h) => {
                 t.messages = t.messages.saturating_add(u64::from(h.message));
                 r.tokens = r.tokens.saturating_add(h.tokens);
                 r.cost += h.cost;
-                Ok((*t, h))
+                Ok((*t, *r, h))
             }
             None => Err(*t),
         })
@@ -228,7 +228,7 @@ mod tests {
             tokens: 100,
             cost: Decimal::new(5, 2),
         };
-        let (_, h) = u.try_reserve(m, |_, _| Some(held)).unwrap();
+        let (_, _, h) = u.try_reserve(m, |_, _| Some(held)).unwrap();
         assert_eq!(h, held);
         let head = Totals {
             messages: 1,
@@ -303,7 +303,7 @@ mod tests {
                             let fits = t.tokens + r.tokens + tokens <= tl && t.cost + r.cost + cost <= cl;
                             fits.then_some(Held { message: true, tokens, cost })
                         });
-                        if let Ok((_, h)) = r {
+                        if let Ok((_, _, h)) = r {
                             open.push(h);
                         }
                     }
