@@ -229,7 +229,9 @@ fn decide(
         (true, Some(w)) => match fit(tier, &w, t, r) {
             Ok(c) => {
                 *output_cap = (c != u64::MAX).then_some(c);
-                Some(w.held(c))
+                // No cap and nothing to bound it: the tier limits cost only and output is free,
+                // so the prompt's tokens and cost are all there is to hold.
+                Some(w.held(if c == u64::MAX { 0 } else { c }))
             }
             Err(NoFit::Tokens) => {
                 *why = Some(Quota::Tokens);
