@@ -49,9 +49,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use gemini_meter::admission::{Ask, admit};
+use gemini_meter::admission::{Ask, WorstCase, admit};
 use gemini_meter::clock::{Month, rfc3339};
-use gemini_meter::config::Config;
+use gemini_meter::config::{Config, Pricing};
 use gemini_meter::identity::{KeyEntry, Registry, generate_key, hash_key};
 use gemini_meter::ledger::SledStore;
 use gemini_meter::runtime::{EnvLookup, Runtime};
@@ -129,6 +129,16 @@ fn shuffle<T>(v: &mut [T]) {
     }
 }
 
+/// A model call as the proxy asks for it under the tier's hard token limit: a 200-byte prompt
+/// with an output cap of 1000 reserved.
+fn generate_ask() -> Ask<'static> {
+    let model = "gemini-2.5-flash";
+    Ask::Generate {
+        model,
+        worst: Some(WorstCase::new(&Pricing::default(), model, 200, Some(1000), 1)),
+    }
+}
+
 fn setup() -> Setup {
     let n: usize = std::env::var("GM_BENCH_USERS")
         .ok()
@@ -199,9 +209,7 @@ models = ["gemini-2.5-flash"]
     );
 
     // Active: every user's key admitted once (creates its rate-limiter state).
-    let ask = Ask::Generate {
-        model: "gemini-2.5-flash",
-    };
+    let ask = generate_ask();
     let live2 = live();
     for k in &keys {
         let e = registry.identify(k).expect("known key");
@@ -243,9 +251,7 @@ fn on_threads(
     pick: impl Fn(usize, usize) -> usize + Sync,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Duration {
-    let ask = Ask::Generate {
-        model: "gemini-2.5-flash",
-    };
+    let ask = generate_ask();
     let per = iters / threads as u64 + 1;
     let t0 = Instant::now();
     std::thread::scope(|scope| {
@@ -263,9 +269,7 @@ fn on_threads(
 
 fn bench(c: &mut Criterion) {
     let s = Arc::new(setup());
-    let ask = Ask::Generate {
-        model: "gemini-2.5-flash",
-    };
+    let ask = generate_ask();
     let now = chrono::Utc::now();
     let n = s.keys.len();
     let hot = n.min(4096);

@@ -21,6 +21,18 @@ use crate::ledger::{Details, RecordIds, RecorderHandle, Totals};
 use crate::metrics::Metrics;
 use crate::runtime::Live;
 
+/// What a record settles against.
+#[derive(Debug)]
+pub enum Against<'a> {
+    /// Nothing was reserved for it: its usage is added.
+    Nothing,
+    /// It is part of a reserved call (the message at the answer's head): it replaces as much
+    /// of the reservation as it uses, the rest stays held for the call's end.
+    Part(&'a mut Reservation),
+    /// It ends a reserved call: the whole reservation is replaced by it.
+    Whole(Reservation),
+}
+
 /// Everything settling touches, shared by every request.
 #[derive(Debug)]
 pub struct Settler {
@@ -43,21 +55,22 @@ pub struct Settler {
 }
 
 impl Settler {
-    /// Settles one record of `key`'s user: counters at once (replacing `reservation`, if the
-    /// record is the reserved request's, in one step), the record to the recorder. Returns a
+    /// Settles one record of `key`'s user: counters at once (replacing what the request
+    /// reserved, `against`, in one step), the record to the recorder. Returns a
     /// wait when the record fired an alert: whoever completes the request toward the client
     /// should hold its end until the wait resolves, so a client that saw success can count on
     /// the alert being on disk.
-    pub fn settle(&self, key: KeyEntry, rec: Record, reservation: Option<Reservation>) -> Option<DiskWait> {
+    pub fn settle(&self, key: KeyEntry, rec: Record, against: Against<'_>) -> Option<DiskWait> {
         let Some(user) = self.registry.user_of(key) else {
             // The key's slot is gone (another registry's entry): nothing to bill, and the
             // reservation (of the same slot) releases itself.
             return None;
         };
         let totals = Totals::of(&rec);
-        match reservation {
-            Some(r) => r.commit(&totals),
-            None => user.usage.add(rec.month(), &totals, false),
+        match against {
+            Against::Whole(r) => r.commit(&totals),
+            Against::Part(r) => r.commit_part(&totals),
+            Against::Nothing => user.usage.add(rec.month(), &totals, false),
         }
         let rt = self.live.load();
         if let Details::AiResponse(_) = rec.details

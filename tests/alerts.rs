@@ -694,7 +694,7 @@ async fn upload(h: &Harness, key: &str, chunks: &[usize]) {
 async fn thresholds_apply_to_tokens_bytes_and_cost() {
     let hook = Receiver::start("127.0.0.1:0".parse().unwrap(), Mode::Accept).await;
     let extra = format!(
-        "[tiers.tok]\ntokens = 100\n[tiers.up]\nbytes = 1000\n[tiers.cheap]\ncost = \"0.0001\"\n{}",
+        "[tiers.tok]\ntokens = 100\nenforcement = \"soft\"\n[tiers.up]\nbytes = 1000\n[tiers.cheap]\ncost = \"0.0001\"\nenforcement = \"soft\"\n{}",
         alerts_toml("[80, 95, 100]", Some(&hook.url()), None)
     );
     let h = Harness::start_alerting(&extra, ENV).await;

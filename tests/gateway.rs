@@ -1050,8 +1050,7 @@ async fn resumable_upload_like_python_genai_is_metered_by_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn costs_are_exact_to_the_last_digit() {
-    let extra =
-        "[pricing.models.\"gemini-2.5-flash-thinking\"]\ninput_per_million = \"0.30\"\noutput_per_million = \"2.50\"\n";
+    let extra = "[pricing.models.\"gemini-2.5-flash-thinking\"]\ninput_per_million = \"0.30\"\noutput_per_million = \"2.50\"\nmax_output_tokens = 8192\n";
     let h = Harness::start(extra).await;
     let c = raw_client();
     let cases = [

@@ -338,7 +338,7 @@ async fn model_outside_the_allow_list_is_refused_before_the_upstream() {
 // 7a. The monthly token quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monthly_token_quota_refuses_once_used() {
-    let h = Harness::start("[tiers.tok]\ntokens = 1\n").await;
+    let h = Harness::start("[tiers.tok]\ntokens = 1\nenforcement = \"soft\"\n").await;
     let key = h.user_with_key("hank", "tok").await;
     let r1 = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(r1.status, 200, "used 0 < 1 passes: {}", r1.text);
@@ -357,7 +357,7 @@ async fn monthly_token_quota_refuses_once_used() {
 // 7b. The monthly cost cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monthly_cost_cap_refuses_once_reached() {
-    let h = Harness::start("[tiers.cheap]\ncost = \"0.000001\"\n").await;
+    let h = Harness::start("[tiers.cheap]\ncost = \"0.000001\"\nenforcement = \"soft\"\n").await;
     let key = h.user_with_key("iris", "cheap").await;
     let r1 = call(&h, &key, "gemini-2.5-flash").await;
     assert_eq!(r1.status, 200, "{}", r1.text);

@@ -2,6 +2,7 @@
 //! rate limits, then the monthly quotas. The message is reserved atomically here, so the message
 //! quota is exact under any concurrency. Nothing is sent upstream before this passes.
 
+mod budget;
 mod cells;
 mod refusal;
 mod reservation;
@@ -14,6 +15,7 @@ use governor::clock::{Clock as _, DefaultClock};
 use http::{HeaderName, HeaderValue};
 use rust_decimal::Decimal;
 
+pub use budget::{NoFit, WorstCase, fit};
 pub use cells::KeyCells;
 pub use refusal::{RateLimit, Refusal, quota_message};
 pub use reservation::Reservation;
@@ -22,7 +24,7 @@ pub use tiers::{KeyLimiter, TierRuntime, Tiers};
 use crate::clock::Month;
 use crate::config::TierId;
 use crate::identity::{KeyEntry, Registry};
-use crate::ledger::{Quota, Totals};
+use crate::ledger::{Held, Quota, Reserved, Totals};
 
 /// What kind of request is being admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub enum Ask<'a> {
     Generate {
         /// The model id.
         model: &'a str,
+        /// The call's worst case; required under a tier's hard token or cost limit.
+        worst: Option<WorstCase>,
     },
     /// The start of an upload declaring its size.
     UploadStart {
@@ -55,8 +59,15 @@ pub struct Admitted {
     pub at: DateTime<Utc>,
     /// What was reserved for the request (a metered model call's message); released if dropped.
     pub reservation: Option<Reservation>,
-    /// The tier and the totals as of admission, for the `x-quota-*` headers; `None`: no headers.
-    pub quota: Option<(TierId, Totals)>,
+    /// The tier, the totals and what calls in flight reserve as of admission, for the
+    /// `x-quota-*` headers; `None`: no headers.
+    pub quota: Option<(TierId, Totals, Reserved)>,
+    /// Under hard enforcement, the output cap the forwarded request must carry (its own if it
+    /// fits, else lowered to fit; the model's when it set none).
+    pub output_cap: Option<u64>,
+    /// The cap the forwarded request was lowered to, for `x-quota-output-capped` (set by the
+    /// proxy, which knows what the request asked for).
+    pub capped: Option<u64>,
 }
 
 impl Admitted {
@@ -67,6 +78,8 @@ impl Admitted {
             at,
             reservation: None,
             quota: None,
+            output_cap: None,
+            capped: None,
         }
     }
 
@@ -75,8 +88,8 @@ impl Admitted {
     /// request never needs them. `tiers` are those of the snapshot the request was admitted under.
     pub fn quota_headers(&self, tiers: &Tiers) -> Vec<(HeaderName, HeaderValue)> {
         match &self.quota {
-            Some((tier, totals)) => match tiers.by_id(*tier) {
-                Some(tr) => quota_headers(tr, totals),
+            Some((tier, totals, reserved)) => match tiers.by_id(*tier) {
+                Some(tr) => quota_headers(tr, totals, reserved),
                 None => Vec::new(),
             },
             None => Vec::new(),
@@ -105,7 +118,7 @@ pub fn admit(
 
     // 1. Model allow-list.
     let model = match ask {
-        Ask::Generate { model } => Some(*model),
+        Ask::Generate { model, .. } => Some(*model),
         Ask::Other { model } => *model,
         _ => None,
     };
@@ -140,24 +153,29 @@ pub fn admit(
 
     // 3. Monthly quotas, checked against what is used (`used >= limit` is used up).
     let refuse = |quota: Quota, t: &Totals| quota_refusal(tr, quota, t, month);
-    let (totals, reservation) = match ask {
-        Ask::Generate { .. } => {
+    let mut output_cap = None;
+    let (totals, reserved, reservation) = match ask {
+        Ask::Generate { worst, .. } => {
             let mut why = None;
-            let res = user.usage.try_reserve(month, |t| {
-                why = used_up(tr, t).or_else(|| {
-                    tier.messages
-                        .is_some_and(|l| t.messages >= l)
-                        .then_some(Quota::Messages)
-                });
-                why.is_none()
-            });
+            let hard = tier.hard_budget();
+            let res = user
+                .usage
+                .try_reserve(month, |t, r| decide(tr, *worst, t, r, &mut why, &mut output_cap));
             match res {
-                Ok(t) => (t, Some(Reservation::new(registry.clone(), key, month))),
+                Ok((t, r, held)) => {
+                    let mut tpm_charged = 0;
+                    if hard && let Some(tpm) = tier.tokens_per_minute {
+                        user.tpm.add(held.tokens, Some(tpm));
+                        tpm_charged = held.tokens;
+                    }
+                    let res = Reservation::new(registry.clone(), key, month, held, tpm_charged);
+                    (t, r, Some(res))
+                }
                 Err(t) => return Err(refuse(why.unwrap_or(Quota::Messages), &t)),
             }
         }
         Ask::UploadStart { declared } => {
-            let t = user.usage.snapshot(month);
+            let (t, r) = user.usage.snapshot_reserved(month);
             if let Some(l) = tier.bytes
                 && (t.bytes >= l || t.bytes.saturating_add(declared.unwrap_or(0)) > l)
             {
@@ -166,24 +184,89 @@ pub fn admit(
             if tier.cost.is_some_and(|l| t.cost >= l) {
                 return Err(refuse(Quota::Cost, &t));
             }
-            (t, None)
+            (t, r, None)
         }
         Ask::UploadBytes => {
-            let t = user.usage.snapshot(month);
+            let (t, r) = user.usage.snapshot_reserved(month);
             if tier.bytes.is_some_and(|l| t.bytes >= l) {
                 return Err(refuse(Quota::Bytes, &t));
             }
-            (t, None)
+            (t, r, None)
         }
-        Ask::Other { .. } => (user.usage.snapshot(month), None),
+        Ask::Other { .. } => {
+            let (t, r) = user.usage.snapshot_reserved(month);
+            (t, r, None)
+        }
     };
 
     Ok(Admitted {
         month,
         at: now,
         reservation,
-        quota: Some((tier_id, totals)),
+        quota: Some((tier_id, totals, reserved)),
+        output_cap,
+        capped: None,
     })
+}
+
+/// What a model call holds, given the totals `t` and the others' reservations `r` (under the
+/// user's lock); `None` refuses it, with the quota in `why`. Under hard enforcement the call's
+/// output cap goes in `output_cap`.
+fn decide(
+    tr: &TierRuntime,
+    worst: Option<WorstCase>,
+    t: &Totals,
+    r: &Reserved,
+    why: &mut Option<Quota>,
+    output_cap: &mut Option<u64>,
+) -> Option<Held> {
+    let tier = &tr.tier;
+    if tier.messages.is_some_and(|l| t.messages >= l) {
+        *why = Some(Quota::Messages);
+        return None;
+    }
+    match (tier.hard_budget(), worst) {
+        (true, Some(w)) => match fit(tier, &w, t, r) {
+            Ok(c) => {
+                *output_cap = (c != u64::MAX).then_some(c);
+                // No cap and nothing to bound it: the tier limits cost only and output is free,
+                // so the prompt's tokens and cost are all there is to hold.
+                Some(w.held(if c == u64::MAX { 0 } else { c }))
+            }
+            Err(NoFit::Tokens) => {
+                *why = Some(Quota::Tokens);
+                None
+            }
+            Err(NoFit::Cost) => {
+                *why = Some(Quota::Cost);
+                None
+            }
+        },
+        // Hard without a worst case (the proxy always sends one): only what others have not
+        // reserved may be used.
+        (true, None) => {
+            *why = used_up(tr, &with_reserved(t, r));
+            why.is_none().then_some(MESSAGE)
+        }
+        (false, _) => {
+            *why = used_up(tr, t);
+            why.is_none().then_some(MESSAGE)
+        }
+    }
+}
+
+/// What a call holds under soft enforcement: its message.
+const MESSAGE: Held = Held {
+    message: true,
+    tokens: 0,
+    cost: Decimal::ZERO,
+};
+
+fn with_reserved(t: &Totals, r: &Reserved) -> Totals {
+    let mut t = *t;
+    t.tokens = t.tokens.saturating_add(r.tokens);
+    t.cost += r.cost;
+    t
 }
 
 /// The token or cost quota `t` has used up, if any.
@@ -216,10 +299,22 @@ fn quota_refusal(tr: &TierRuntime, quota: Quota, t: &Totals, month: Month) -> Re
     }
 }
 
-/// The `x-quota-*` headers for `tr`'s limits and totals `t`.
-pub fn quota_headers(tr: &TierRuntime, t: &Totals) -> Vec<(HeaderName, HeaderValue)> {
+/// The `x-quota-*` headers for `tr`'s limits, totals `t` and reservations `r`. `remaining` is
+/// the limit less what is used; under hard enforcement what calls in flight hold is shown apart
+/// (`x-quota-tokens-reserved`, `x-quota-cost-reserved`).
+pub fn quota_headers(tr: &TierRuntime, t: &Totals, r: &Reserved) -> Vec<(HeaderName, HeaderValue)> {
     let tier = &tr.tier;
-    let mut h = Vec::with_capacity(8);
+    let mut h = Vec::with_capacity(10);
+    if tier.hard_budget() {
+        if tier.tokens.is_some() {
+            h.push((TOKENS_RESERVED, HeaderValue::from(r.tokens)));
+        }
+        if tier.cost.is_some()
+            && let Ok(v) = HeaderValue::from_str(&r.cost.normalize().to_string())
+        {
+            h.push((COST_RESERVED, v));
+        }
+    }
     let mut warn: Option<(&str, u64)> = None;
     let mut ints = |name: &'static str, limit: Option<u64>, value: &Option<HeaderValue>, used: u64| {
         if let (Some(l), Some(lv)) = (limit, value) {
@@ -266,6 +361,8 @@ const BYTES_REMAINING: HeaderName = HeaderName::from_static("x-quota-bytes-remai
 const COST_LIMIT: HeaderName = HeaderName::from_static("x-quota-cost-limit");
 const COST_REMAINING: HeaderName = HeaderName::from_static("x-quota-cost-remaining");
 const WARNING: HeaderName = HeaderName::from_static("x-quota-warning");
+const TOKENS_RESERVED: HeaderName = HeaderName::from_static("x-quota-tokens-reserved");
+const COST_RESERVED: HeaderName = HeaderName::from_static("x-quota-cost-reserved");
 
 fn limit_header(name: &str) -> HeaderName {
     match name {

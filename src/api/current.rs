@@ -21,7 +21,7 @@ fn pct(used: Decimal, limit: Decimal) -> Value {
 pub fn current(app: &App, user: &User) -> Value {
     let now = app.clock.now();
     let month = Month::of(now);
-    let t = user.usage.snapshot(month);
+    let (t, reserved) = user.usage.snapshot_reserved(month);
     let rt = app.live.load();
     let tier_name = user.tier();
     let tier = rt.tier_by_id(user.tier_id()).map(|t| &t.tier);
@@ -51,6 +51,11 @@ pub fn current(app: &App, user: &User) -> Value {
         "month": month.to_string(),
         "resets_at": rfc3339(month.resets_at()),
         "current_month": t.to_json(),
+        // Held by calls in flight under hard enforcement, replaced by their usage when they end.
+        "reserved": {
+            "tokens": reserved.tokens,
+            "cost": reserved.cost.normalize().to_string(),
+        },
         "limits": limits,
         "percentage": percentage,
     })

@@ -124,10 +124,13 @@ pub struct ModelPrice {
     pub output_per_million: Decimal,
     /// Price of a million cached prompt tokens; when absent they cost `input_per_million`.
     pub cached_input_per_million: Option<Decimal>,
+    /// The output cap (thinking included) assumed for a request that sets none; required for a
+    /// model under a hard token or cost limit.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// `[tiers.<name>]`: every limit is optional; an absent limit is unlimited.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tier {
     /// Messages per calendar month (UTC).
     pub messages: Option<u64>,
@@ -143,6 +146,50 @@ pub struct Tier {
     pub tokens_per_minute: Option<u64>,
     /// Model allow-list (ids without `models/`, deduplicated, never empty); `None` allows all.
     pub models: Option<Vec<String>>,
+    /// How the `tokens` and `cost` limits hold (default [`Enforcement::Hard`]).
+    pub enforcement: Enforcement,
+    /// Under hard enforcement, the smallest output cap a request is lowered to before it is
+    /// refused (default 16, at least 1).
+    pub min_output_tokens: u64,
+}
+
+/// How a tier's `tokens` and `cost` limits are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    /// Each model call reserves its worst case (prompt estimated from the body, plus its output
+    /// cap) at admission: the limits are never exceeded for text prompts.
+    #[default]
+    Hard,
+    /// Checked against what is used before the call, charged at its end: calls in flight may
+    /// together go past the limit.
+    Soft,
+}
+
+/// The default of `min_output_tokens`.
+pub const DEFAULT_MIN_OUTPUT_TOKENS: u64 = 16;
+
+impl Default for Tier {
+    fn default() -> Self {
+        Tier {
+            messages: None,
+            tokens: None,
+            bytes: None,
+            cost: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            models: None,
+            enforcement: Enforcement::Hard,
+            min_output_tokens: DEFAULT_MIN_OUTPUT_TOKENS,
+        }
+    }
+}
+
+impl Tier {
+    /// Whether the tier reserves tokens and cost at admission (hard enforcement of a tokens or
+    /// cost limit).
+    pub fn hard_budget(&self) -> bool {
+        self.enforcement == Enforcement::Hard && (self.tokens.is_some() || self.cost.is_some())
+    }
 }
 
 /// `[alerts]`

@@ -77,6 +77,7 @@ pub(super) struct RawModelPrice {
     pub input_per_million: Money,
     pub output_per_million: Money,
     pub cached_input_per_million: Option<Money>,
+    pub max_output_tokens: Option<u64>,
 }
 
 /// `[tiers.<name>]`
@@ -90,6 +91,8 @@ pub(super) struct RawTier {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u64>,
     pub models: Option<Vec<String>>,
+    pub enforcement: Option<String>,
+    pub min_output_tokens: Option<u64>,
 }
 
 /// `[alerts]`

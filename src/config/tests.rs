@@ -65,11 +65,13 @@ file_upload_per_byte = "0.000000001"
 [pricing.models."models/gemini-2.5-pro"]
 input_per_million = "1.25"
 output_per_million = "10.00"
+max_output_tokens = 65536
 
 [pricing.models."gemini-2.5-flash"]
 input_per_million = "0.30"
 output_per_million = "2.50"
 cached_input_per_million = "0.03"
+max_output_tokens = 8192
 
 [tiers.free]
 messages = 0
@@ -142,8 +144,11 @@ fn valid_full_config() {
             requests_per_minute: NonZeroU32::new(1),
             tokens_per_minute: Some(30),
             models: Some(vec!["gemini-2.5-flash".into(), "gemini-2.5-pro".into()]),
+            enforcement: Enforcement::Hard,
+            min_output_tokens: 16,
         }
     );
+    assert_eq!(pro.max_output_tokens, Some(65536));
     assert_eq!(c.tiers["unlimited"], Tier::default());
 
     assert_eq!(c.alerts.thresholds, [1, 50, 100]);
@@ -218,6 +223,7 @@ fn shipped_example_is_valid() {
             requests_per_minute: NonZeroU32::new(10),
             tokens_per_minute: Some(250_000),
             models: Some(vec!["gemini-2.5-flash".into(), "gemini-2.5-flash-lite".into()]),
+            ..Tier::default()
         }
     );
     assert_eq!(
@@ -653,4 +659,33 @@ fn tier_allows_model() {
     let open = &c.tiers["unlimited"];
     assert!(open.allows_model("anything"));
     assert!(open.allows_model("models/gemini-2.5-pro"));
+}
+
+#[test]
+fn hard_limits_need_an_output_cap_per_priced_model() {
+    let base = "[pricing.models.\"m\"]\ninput_per_million = \"1\"\noutput_per_million = \"2\"\n";
+    let lines = error_lines(&format!("{base}[tiers.t]\ntokens = 10\n"));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("pricing.models.m.max_output_tokens"), "{lines:?}");
+    assert!(lines[0].contains("tier `t`"), "{lines:?}");
+    // Soft, or a tier whose allow-list leaves the model out, needs none.
+    assert!(parse(&format!("{base}[tiers.t]\ntokens = 10\nenforcement = \"soft\"\n")).is_ok());
+    assert!(parse(&format!("{base}[tiers.t]\ncost = \"1\"\nmodels = [\"other\"]\n")).is_ok());
+    let c = parse(&format!(
+        "{base}max_output_tokens = 100\n[tiers.t]\ncost = \"1\"\nmin_output_tokens = 4\n"
+    ))
+    .unwrap();
+    assert_eq!(c.tiers["t"].min_output_tokens, 4);
+    assert!(c.tiers["t"].hard_budget());
+}
+
+#[test]
+fn enforcement_and_minimum_are_checked() {
+    let lines = error_lines("[tiers.t]\nenforcement = \"strict\"\nmin_output_tokens = 0\n");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("tiers.t.enforcement")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("tiers.t.min_output_tokens")),
+        "{lines:?}"
+    );
 }

@@ -12,8 +12,8 @@ use rust_decimal::Decimal;
 
 use super::raw::{Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream};
 use super::{
-    AlertsConfig, Config, ModelPrice, Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig, Tier, UpstreamConfig,
-    model_id, toml_key,
+    AlertsConfig, Config, DEFAULT_MIN_OUTPUT_TOKENS, Enforcement, ModelPrice, Pricing, Problem, ServerConfig,
+    SmtpConfig, StorageConfig, Tier, UpstreamConfig, model_id, toml_key,
 };
 
 /// hyper refuses (panics on) a header buffer smaller than this.
@@ -31,6 +31,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         tiers: v.tiers(raw.tiers),
         alerts: v.alerts(raw.alerts),
     };
+    v.output_caps(&config.pricing, &config.tiers);
     if v.problems.is_empty() {
         Ok(config)
     } else {
@@ -175,6 +176,12 @@ impl Validator {
                 cached_input_per_million: price
                     .cached_input_per_million
                     .map(|m| self.money(&format!("{path}.cached_input_per_million"), m)),
+                max_output_tokens: price.max_output_tokens.filter(|&n| {
+                    if n == 0 {
+                        self.problem(format!("{path}.max_output_tokens"), "must be at least 1");
+                    }
+                    n > 0
+                }),
             };
             // "x" and "models/x" name the same model; two prices for it would be ambiguous.
             if models.insert(id.to_owned(), entry).is_some() {
@@ -254,6 +261,25 @@ impl Validator {
             }
             ids
         });
+        let enforcement = match raw.enforcement.as_deref() {
+            None | Some("hard") => Enforcement::Hard,
+            Some("soft") => Enforcement::Soft,
+            Some(other) => {
+                self.problem(
+                    format!("{path}.enforcement"),
+                    format!("must be \"hard\" or \"soft\", not {other:?}"),
+                );
+                Enforcement::Hard
+            }
+        };
+        let min_output_tokens = match raw.min_output_tokens {
+            Some(0) => {
+                self.problem(format!("{path}.min_output_tokens"), "must be at least 1");
+                DEFAULT_MIN_OUTPUT_TOKENS
+            }
+            Some(n) => n,
+            None => DEFAULT_MIN_OUTPUT_TOKENS,
+        };
         Tier {
             messages: raw.messages,
             tokens: raw.tokens,
@@ -262,6 +288,30 @@ impl Validator {
             requests_per_minute,
             tokens_per_minute,
             models,
+            enforcement,
+            min_output_tokens,
+        }
+    }
+
+    /// A priced model a hard-enforced tier may call needs `max_output_tokens` (a model without
+    /// a price has none to give: a request for it that sets no cap gets the largest that fits).
+    fn output_caps(&mut self, pricing: &Pricing, tiers: &BTreeMap<String, Tier>) {
+        let mut reported = std::collections::BTreeSet::new();
+        for (name, tier) in tiers {
+            if !tier.hard_budget() {
+                continue;
+            }
+            for (id, price) in &pricing.models {
+                if price.max_output_tokens.is_none() && tier.allows_model(id) && reported.insert(id) {
+                    self.problem(
+                        format!("pricing.models.{}.max_output_tokens", toml_key(id)),
+                        format!(
+                            "required: tier `{name}` enforces its tokens or cost limit as \"hard\" \
+                             (set the model's output cap, or `enforcement = \"soft\"` on the tier)"
+                        ),
+                    );
+                }
+            }
         }
     }
 

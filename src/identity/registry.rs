@@ -604,9 +604,10 @@ mod tests {
 
     #[test]
     fn slots_stay_small() {
-        // The per-user budget of issue 3 (300 bytes) is mostly these two.
+        // The per-user budget of issue 3 (300 bytes) is mostly these two; the reserved tokens
+        // and cost of hard enforcement (issue 14) take 24 of them.
         assert!(
-            std::mem::size_of::<User>() <= 136,
+            std::mem::size_of::<User>() <= 160,
             "User: {}",
             std::mem::size_of::<User>()
         );

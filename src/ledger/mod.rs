@@ -14,7 +14,7 @@ pub mod totals;
 pub mod window;
 
 pub use alerts::Quota;
-pub use counters::UserUsage;
+pub use counters::{Held, Reserved, UserUsage};
 pub use details::{AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource};
 pub use record::{Record, RecordIds, RecordKind};
 pub use recorder::{Recorder, RecorderHandle};

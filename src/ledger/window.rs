@@ -61,6 +61,13 @@ impl TokenWindow {
         }
         st.0 += tokens as f64;
     }
+
+    /// Gives back tokens charged as an estimate (the actual ones are added when known). What
+    /// drained since the charge is not told apart: the level may end slightly low, never high.
+    pub fn refund(&self, tokens: u64) {
+        let mut st = self.state.lock();
+        st.0 = (st.0 - tokens as f64).max(0.0);
+    }
 }
 
 #[cfg(test)]

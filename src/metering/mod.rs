@@ -6,6 +6,7 @@
 //! them together into what one response used.
 
 pub mod decode;
+pub mod estimate;
 pub mod observer;
 pub mod pricing;
 pub mod scan;

@@ -21,10 +21,11 @@ use super::headers::{caller_key, query_param, strip_hop_by_hop, strip_key_param,
 use super::metered::MeteredCall;
 use super::route::{Answer, Route, classify};
 use super::upload::rewrite_upload_url;
-use crate::admission::{Admitted, admit};
+use crate::admission::{Admitted, WorstCase, admit};
 use crate::error::ApiError;
 use crate::identity::KeyEntry;
 use crate::ledger::Tags;
+use crate::metering::estimate::{self, Dialect};
 use crate::metering::observer::MeteredBody;
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
@@ -65,6 +66,17 @@ struct BodyModel {
     stream: bool,
 }
 
+/// A model call's body read whole for hard enforcement: estimated, and its output cap
+/// rewritten when it must be lowered (or set).
+struct HardBody {
+    value: Value,
+    len: usize,
+    dialect: Dialect,
+}
+
+/// The header telling the caller its output cap was lowered to fit its quota.
+const OUTPUT_CAPPED: header::HeaderName = header::HeaderName::from_static("x-quota-output-capped");
+
 async fn forward_inner(
     proxy: &Arc<Proxy>,
     req: Request<Incoming>,
@@ -95,9 +107,16 @@ async fn forward_inner(
         tags,
         tally: Arc::new(RequestTally::default()),
     };
-    let (upstream_body, body_model) = request_body(&call, body, max).await?;
+    let (mut upstream_body, body_model, hard) = request_body(&call, body, max).await?;
     let bm = body_model.as_ref().map(|b| b.model.as_str());
-    let mut admitted = admit_phase(&call, bm, continued)?;
+    let worst = hard.as_ref().and_then(|h| worst_case(&call, bm, h));
+    let mut admitted = admit_phase(&call, bm, continued, worst)?;
+    if let (Some(h), Some(w), Some(cap)) = (hard, worst, admitted.output_cap)
+        && estimate::requested_cap(&h.value, h.dialect) != Some(cap)
+    {
+        upstream_body = with_cap(&call, h, cap, &mut parts.headers)?;
+        admitted.capped = w.cap.is_none_or(|asked| cap < asked).then_some(cap);
+    }
     let metered = call.route.metered_model(bm).map(|m| {
         MeteredCall::new(
             proxy.settler.clone(),
@@ -149,11 +168,19 @@ fn identify(
 }
 
 /// The body to send upstream. The OpenAI-compatible endpoint names its model in the body, so
-/// that body is read whole (bounded); any other body streams through, counted.
-async fn request_body(call: &Call<'_>, body: Incoming, max: u64) -> Result<(ProxyBody, Option<BodyModel>), ApiError> {
-    if !call.route.model_in_body() {
+/// that body is read whole (bounded), as is a model call's under a hard token or cost limit (to
+/// estimate it and lower its output cap); any other body streams through, counted.
+async fn request_body(
+    call: &Call<'_>,
+    body: Incoming,
+    max: u64,
+) -> Result<(ProxyBody, Option<BodyModel>, Option<HardBody>), ApiError> {
+    let openai = call.route.model_in_body();
+    let hard = call.route.counts_prompt_text() || openai;
+    let hard = hard && hard_budget(call);
+    if !openai && !hard {
         let counting = CountingBody::new(body, call.tally.clone(), max, call.route.counts_prompt_text());
-        return Ok((ProxyBody::stream(counting), None));
+        return Ok((ProxyBody::stream(counting), None, None));
     }
     let bytes: Bytes = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
         .collect()
@@ -165,27 +192,76 @@ async fn request_body(call: &Call<'_>, body: Incoming, max: u64) -> Result<(Prox
     };
     let v: Value =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))?;
-    let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
-    let model = model.strip_prefix("models/").unwrap_or(model).to_string();
-    if model.is_empty() {
-        return Err(ApiError::bad_request("The request body names no model."));
-    }
-    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut tc = TextCounter::new();
     tc.feed(&bytes);
     call.tally.text_chars.store(tc.chars(), Ordering::Relaxed);
     call.tally.bytes.store(bytes.len() as u64, Ordering::Relaxed);
-    Ok((ProxyBody::full(bytes), Some(BodyModel { model, stream })))
+    let body_model = if openai {
+        let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
+        let model = model.strip_prefix("models/").unwrap_or(model).to_string();
+        if model.is_empty() {
+            return Err(ApiError::bad_request("The request body names no model."));
+        }
+        let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        Some(BodyModel { model, stream })
+    } else {
+        None
+    };
+    let hard = hard.then(|| HardBody {
+        len: bytes.len(),
+        value: v,
+        dialect: if openai { Dialect::OpenAi } else { Dialect::Native },
+    });
+    Ok((ProxyBody::full(bytes), body_model, hard))
+}
+
+/// Whether the caller's tier enforces its token or cost limit as hard.
+fn hard_budget(call: &Call<'_>) -> bool {
+    let tier = call.proxy.registry.user_of(call.key).map(|u| u.tier_id());
+    tier.and_then(|t| call.rt.tiers.by_id(t))
+        .is_some_and(|tr| tr.tier.hard_budget())
+}
+
+/// The worst case of a model call read whole: its estimated prompt, and its output cap (its
+/// own, else the model's `max_output_tokens`).
+fn worst_case(call: &Call<'_>, body_model: Option<&str>, h: &HardBody) -> Option<WorstCase> {
+    let model = call.route.metered_model(body_model)?;
+    let pricing = &call.rt.config.pricing;
+    let cap =
+        estimate::requested_cap(&h.value, h.dialect).or_else(|| pricing.model(model).and_then(|m| m.max_output_tokens));
+    let prompt = estimate::prompt_tokens(&h.value, h.len);
+    let n = estimate::candidates(&h.value, h.dialect);
+    Some(WorstCase::new(pricing, model, prompt, cap, n))
+}
+
+/// The body with output cap `cap` written in (the request's own cap, if any, is not above it).
+fn with_cap(call: &Call<'_>, mut h: HardBody, cap: u64, headers: &mut http::HeaderMap) -> Result<ProxyBody, ApiError> {
+    let user = call.proxy.registry.user_of(call.key);
+    let tier = user.and_then(|u| call.rt.tiers.by_id(u.tier_id()));
+    let min_output = tier.map_or(0, |t| t.tier.min_output_tokens);
+    estimate::set_cap(&mut h.value, h.dialect, cap, min_output);
+    let bytes =
+        serde_json::to_vec(&h.value).map_err(|_| ApiError::internal("The request body could not be rewritten."))?;
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(ProxyBody::full(Bytes::from(bytes)))
 }
 
 /// Admission: nothing goes upstream before this passes. The chunks of an admitted upload are
 /// not refused halfway (its size was checked at its start).
-fn admit_phase(call: &Call<'_>, body_model: Option<&str>, continued: bool) -> Result<Admitted, ApiError> {
+fn admit_phase(
+    call: &Call<'_>,
+    body_model: Option<&str>,
+    continued: bool,
+    worst: Option<WorstCase>,
+) -> Result<Admitted, ApiError> {
     let now = call.proxy.clock.now();
     if continued {
         return Ok(Admitted::continued(now));
     }
-    let ask = call.route.ask(body_model);
+    let mut ask = call.route.ask(body_model);
+    if let crate::admission::Ask::Generate { worst: w, .. } = &mut ask {
+        *w = worst;
+    }
     Ok(admit(&call.rt.tiers, &call.proxy.registry, call.key, &ask, now)?)
 }
 
@@ -268,6 +344,9 @@ async fn answer(
     rparts.headers.remove(header::ALT_SVC);
     for (n, v) in admitted.quota_headers(&call.rt.tiers) {
         rparts.headers.insert(n, v);
+    }
+    if let Some(c) = admitted.capped {
+        rparts.headers.insert(OUTPUT_CAPPED, HeaderValue::from(c));
     }
     let body = match (call.route.answer(), metered) {
         (Answer::Metered, Some(m)) => metered_body(&call, &rparts, rbody, m, body_stream).await,

@@ -1,7 +1,11 @@
 //! A metered model call from admission to its last byte: the context the request's phases
-//! share. It owns the message reservation and settles the call's two records exactly once
-//! however it ends: `message_sent` when the upstream answers (or fails, or the client leaves
-//! first), `ai_response` when the response body ends (see [`ResponseEnd`]).
+//! share. It owns the call's reservation (its message and, under hard enforcement, its
+//! worst-case tokens and cost) and settles the call's two records exactly once however it ends:
+//! `message_sent` when the upstream answers (or fails, or the client leaves first), replacing
+//! the reserved message and as much of the reserved cost as the message's price; then
+//! `ai_response` when the response body ends (see [`ResponseEnd`]), replacing what is left of
+//! the reservation with the actual tokens and cost in one step. A call the upstream never
+//! answered settles its whole reservation with the message record.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +22,7 @@ use crate::ledger::{Details, MessageSent, Record, Status, Tags, TokenSource};
 use crate::metering::observer::{End, Ending, Hold, OnEnd};
 use crate::metering::scan::{Format, ScanSummary};
 use crate::metering::usage::{Exchange, response_usage};
-use crate::settle::{DiskWait, Settler};
+use crate::settle::{Against, DiskWait, Settler};
 
 /// A metered call between admission and the upstream's answer. Dropped there (the client left
 /// while the upstream was still thinking), it gives the reserved message back and records what
@@ -64,7 +68,15 @@ impl MeteredCall {
         }
     }
 
-    fn message(&mut self, answered: bool, status: Status, upstream_status: Option<u16>) -> Option<DiskWait> {
+    /// Settles the message record; `last` when no `ai_response` follows (the reservation is
+    /// then settled whole), else only its share of the reservation.
+    fn message(
+        &mut self,
+        answered: bool,
+        status: Status,
+        upstream_status: Option<u16>,
+        last: bool,
+    ) -> Option<DiskWait> {
         let s = &self.settler;
         let user_id = s.registry.user_of(self.key)?.id_arc();
         let rec = Record {
@@ -83,7 +95,12 @@ impl MeteredCall {
             }),
             created_at: self.at,
         };
-        s.settle(self.key, rec, self.reservation.take())
+        let against = match (last, self.reservation.as_mut()) {
+            (true, _) => self.reservation.take().map_or(Against::Nothing, Against::Whole),
+            (false, Some(r)) => Against::Part(r),
+            (false, None) => Against::Nothing,
+        };
+        s.settle(self.key, rec, against)
     }
 
     fn end_of(&mut self, upstream_status: u16, format: Format) -> ResponseEnd {
@@ -97,6 +114,7 @@ impl MeteredCall {
             tags: self.tags.take(),
             tally: self.tally.clone(),
             started: self.started,
+            reservation: self.reservation.take(),
         }
     }
 
@@ -106,7 +124,7 @@ impl MeteredCall {
         self.armed = false;
         let ok = status.is_success();
         let s = if ok { Status::Ok } else { Status::UpstreamError };
-        let wait = self.message(ok, s, Some(status.as_u16()));
+        let wait = self.message(ok, s, Some(status.as_u16()), false);
         (self.end_of(status.as_u16(), format), wait)
     }
 
@@ -114,7 +132,7 @@ impl MeteredCall {
     /// the attempt recorded.
     pub fn failed(mut self, status: StatusCode) -> Option<DiskWait> {
         self.armed = false;
-        self.message(false, Status::UpstreamUnavailable, Some(status.as_u16()))
+        self.message(false, Status::UpstreamUnavailable, Some(status.as_u16()), true)
     }
 
     /// The gateway itself refused the request body (too large): the message is given back and
@@ -130,7 +148,7 @@ impl Drop for MeteredCall {
         if !self.armed {
             return;
         }
-        drop(self.message(false, Status::ClientClosed, None));
+        drop(self.message(false, Status::ClientClosed, None, false));
         // The prompt was sent: its tokens are estimated and recorded.
         let end = self.end_of(0, Format::UnaryJson);
         let summary = ScanSummary::default();
@@ -152,6 +170,9 @@ pub struct ResponseEnd {
     tags: Option<Arc<Tags>>,
     tally: Arc<RequestTally>,
     started: Instant,
+    /// What is left of the call's reservation: replaced by the actual usage at the end, or
+    /// released if this is dropped unsettled.
+    reservation: Option<Reservation>,
 }
 
 impl OnEnd for ResponseEnd {
@@ -187,7 +208,8 @@ impl OnEnd for ResponseEnd {
             details: Details::AiResponse(usage.details),
             created_at: now,
         };
-        let wait = s.settle(self.key, rec, None)?;
+        let against = self.reservation.map_or(Against::Nothing, Against::Whole);
+        let wait = s.settle(self.key, rec, against)?;
         Some(Box::pin(wait))
     }
 }

@@ -103,9 +103,10 @@ impl Route {
     /// What admission is asked for this request.
     pub fn ask<'a>(&'a self, body_model: Option<&'a str>) -> Ask<'a> {
         match self {
-            Route::Generate { model, .. } => Ask::Generate { model },
+            Route::Generate { model, .. } => Ask::Generate { model, worst: None },
             Route::OpenAiChat => Ask::Generate {
                 model: body_model.unwrap_or_default(),
+                worst: None,
             },
             Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
             Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,

@@ -15,6 +15,7 @@ use super::body::RequestTally;
 use crate::identity::{KeyEntry, Registry, hash_key};
 use crate::ledger::{Details, FileUpload, Record, Status, Tags};
 use crate::metering::pricing::upload_cost;
+use crate::settle::Against;
 
 /// Sessions older than this are forgotten (Gemini keeps uploads for 48 hours at most).
 const SESSION_TTL: Duration = Duration::from_secs(48 * 3600);
@@ -168,7 +169,7 @@ impl super::Proxy {
             details: Details::FileUpload(details),
             created_at: now,
         };
-        if let Some(wait) = s.settle(key, rec, None) {
+        if let Some(wait) = s.settle(key, rec, Against::Nothing) {
             wait.await;
         }
     }

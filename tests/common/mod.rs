@@ -51,10 +51,14 @@ file_upload_per_byte = "0.00000001"
 input_per_million = "0.30"
 output_per_million = "2.50"
 cached_input_per_million = "0.03"
+max_output_tokens = 8192
 
 [tiers.free]
 messages = 100
 tokens = 1000000
+# The shared tier keeps the soft mode so the other suites see bodies as sent; the hard mode is
+# tested in tests/budgets.rs.
+enforcement = "soft"
 models = ["gemini-2.5-flash", "gemini-2.5-flash-lite", "slow", "cut", "midstream-error", "final-usage-only", "gzip-always", "error-500", "error-503", "error-429", "error-400", "gemini-2.0-flash"]
 
 [tiers.unlimited]

@@ -32,9 +32,11 @@ path = "{data}"
 input_per_million = "0.30"
 output_per_million = "2.50"
 cached_input_per_million = "0.03"
+max_output_tokens = 65536
 
 # Monthly quotas are checked on every request, so a limit (set far out of reach) keeps that
-# work in the measured path; no rate limits, which a closed loop would hit at once.
+# work in the measured path (under the default hard enforcement: bodies read whole, the worst
+# case reserved); no rate limits, which a closed loop would hit at once.
 [tiers.{TIER}]
 messages = 1000000000000
 tokens = 1000000000000000

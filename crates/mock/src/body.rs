@@ -116,6 +116,8 @@ pub(crate) struct StreamPlan {
     pub created: u64,
     pub prompt: u64,
     pub thoughts: u64,
+    /// Most candidates tokens reported (the output cap less the thoughts).
+    pub max_candidates: u64,
     /// Usage only on the final event (model `final-usage-only`).
     pub usage_last_only: bool,
     /// Gap before every event but the first.
@@ -202,7 +204,7 @@ impl StreamPlan {
         let finished = last && self.ending == Ending::Complete;
         let tokens = Tokens {
             prompt: self.prompt,
-            candidates: wire::TOKENS_PER_PIECE * u64::from(i + 1),
+            candidates: (wire::TOKENS_PER_PIECE * u64::from(i + 1)).min(self.max_candidates),
             thoughts: self.thoughts,
         };
         let usage = (!self.usage_last_only || last).then_some(tokens);

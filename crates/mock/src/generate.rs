@@ -20,6 +20,40 @@ fn prompt_tokens(body_len: u64) -> u64 {
     body_len.div_ceil(4).max(1)
 }
 
+/// The output cap and thinking budget a request sets (either spelling), if any.
+fn output_limits(body: &[u8], openai: bool) -> (Option<u64>, Option<u64>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let pick = |v: &serde_json::Value, keys: [&str; 2]| keys.iter().find_map(|k| v.get(*k)).cloned();
+    if openai {
+        let cap = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(serde_json::Value::as_u64))
+            .min();
+        return (cap, None);
+    }
+    let gc = pick(&v, ["generationConfig", "generation_config"]).unwrap_or_default();
+    let cap = pick(&gc, ["maxOutputTokens", "max_output_tokens"]).and_then(|x| x.as_u64());
+    let tc = pick(&gc, ["thinkingConfig", "thinking_config"]).unwrap_or_default();
+    let budget = pick(&tc, ["thinkingBudget", "thinking_budget"]).and_then(|x| x.as_u64());
+    (cap, budget)
+}
+
+/// The usage a request gets: thoughts within the thinking budget, thoughts plus candidates
+/// within the output cap. Records the cap in the stats.
+fn limited(shared: &Shared, body: &[u8], openai: bool, thoughts: u64, candidates: u64) -> (u64, u64) {
+    let (cap, budget) = output_limits(body, openai);
+    if let Some(c) = cap
+        && let Ok(mut caps) = shared.stats.output_caps.lock()
+    {
+        caps.push(c);
+    }
+    let thoughts = thoughts.min(budget.unwrap_or(u64::MAX)).min(cap.unwrap_or(u64::MAX));
+    let candidates = candidates.min(cap.map_or(u64::MAX, |c| c - thoughts));
+    (thoughts, candidates)
+}
+
 fn thoughts_for(model: &str) -> u64 {
     if model.contains("thinking") {
         wire::THINKING_TOKENS
@@ -67,9 +101,11 @@ pub(super) async fn generate(
     shared.stats.generate_requests.fetch_add(1, Relaxed);
     let sse = query_param(req.uri().query(), "alt") == Some("sse");
     let gzip = model == "gzip-always" || client_wants_gzip(req.headers());
-    let Ok(len) = count_body(req.into_body()).await else {
-        return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
+    let body = match read_all(req.into_body(), MAX_JSON_BODY).await {
+        Ok(b) => b,
+        Err(_) => return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST),
     };
+    let len = body.len() as u64;
     ttfb(shared).await;
     if let Some((status, body)) = injected_error(&model) {
         // A failed JSON-array stream answers its error as an array too (gemini-wire.md §3.2).
@@ -80,12 +116,13 @@ pub(super) async fn generate(
         };
     }
     let prompt = prompt_tokens(len);
-    let thoughts = thoughts_for(&model);
+    let full = wire::TOKENS_PER_PIECE * u64::from(shared.chunks);
+    let (thoughts, max_candidates) = limited(shared, &body, false, thoughts_for(&model), full);
     let response_id = random_id(16);
     if !stream {
         let tokens = Tokens {
             prompt,
-            candidates: wire::TOKENS_PER_PIECE * u64::from(shared.chunks),
+            candidates: max_candidates,
             thoughts,
         };
         let answer = wire::GenerateResponse::new(&shared.unary_text, true, Some(tokens), &model, &response_id);
@@ -105,6 +142,7 @@ pub(super) async fn generate(
     let plan = stream_plan(shared, framing, model, response_id, prompt, thoughts, gzip);
     let plan = StreamPlan {
         usage_last_only: final_only,
+        max_candidates,
         ..plan
     };
     let content_type = if sse { "text/event-stream" } else { JSON };
@@ -139,6 +177,7 @@ fn stream_plan(
         created: wire::unix_now(),
         prompt,
         thoughts,
+        max_candidates: u64::MAX,
         usage_last_only: false,
         gzip,
     }
@@ -210,12 +249,13 @@ pub(super) async fn openai_chat(shared: &Shared, req: Request<Incoming>) -> Resp
         return error_json(status, body);
     }
     let prompt = prompt_tokens(body.len() as u64);
-    let thoughts = thoughts_for(&model);
+    let full = wire::TOKENS_PER_PIECE * u64::from(shared.chunks);
+    let (thoughts, max_candidates) = limited(shared, &body, true, thoughts_for(&model), full);
     let id = format!("chatcmpl-{}", random_id(16));
     if chat.stream != Some(true) {
         let tokens = Tokens {
             prompt,
-            candidates: wire::TOKENS_PER_PIECE * u64::from(shared.chunks),
+            candidates: max_candidates,
             thoughts,
         };
         let answer = wire::ChatCompletion {
@@ -238,6 +278,9 @@ pub(super) async fn openai_chat(shared: &Shared, req: Request<Incoming>) -> Resp
             Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
         };
     }
-    let plan = stream_plan(shared, Framing::OpenAi, model, id, prompt, thoughts, gzip);
+    let plan = StreamPlan {
+        max_candidates,
+        ..stream_plan(shared, Framing::OpenAi, model, id, prompt, thoughts, gzip)
+    };
     stream_response(shared, plan, "text/event-stream")
 }

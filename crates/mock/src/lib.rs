@@ -62,7 +62,9 @@ const JSON: &str = "application/json; charset=UTF-8";
 /// that status with Google's envelope; `midstream-error` streams 2 events then an error object;
 /// `cut` streams 2 events then aborts the body; `final-usage-only` streams with LF endings and
 /// usage on the last event only; `gzip-always` gzips the answer; `slow` waits 200 ms between
-/// events. A model id containing `thinking` reports 7 thoughts tokens.
+/// events. A model id containing `thinking` reports 7 thoughts tokens. Usage honours the
+/// request's output cap: thoughts are at most `thinkingBudget`, thoughts plus candidates at most
+/// `maxOutputTokens` (OpenAI: `max_completion_tokens` / `max_tokens`).
 #[derive(Debug, Clone)]
 pub struct MockOptions {
     /// Delay before the response headers of generate calls (time to first byte).
@@ -106,6 +108,9 @@ pub struct MockStats {
     /// Requests where a header value or the query held a token starting with `gm_`
     /// (a gateway-issued key that leaked upstream).
     pub leaked_gateway_keys: AtomicU64,
+    /// The output cap (`generationConfig.maxOutputTokens`, OpenAI `max_tokens` /
+    /// `max_completion_tokens`) of every generate call that set one, in arrival order.
+    pub output_caps: std::sync::Mutex<Vec<u64>>,
 }
 
 impl MockStats {

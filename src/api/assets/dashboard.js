@@ -135,6 +135,9 @@
     }
     const p = Number(pct) || 0;
     text.textContent = q.fmt(used) + ' / ' + q.fmt(limit) + ' ' + q.noun;
+    // Held by calls in flight (hard enforcement): shown apart, replaced by usage as they end.
+    const held = c.reserved ? c.reserved[q.key] : undefined;
+    if (held !== undefined && Number(held) > 0) text.textContent += ' · ' + q.fmt(held) + ' in flight';
     fill.style.width = Math.min(100, p) + '%';
     fill.classList.toggle('warn', p >= 75 && p < 90);
     fill.classList.toggle('bad', p >= 90);
