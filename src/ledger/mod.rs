@@ -5,7 +5,6 @@
 pub mod alerts;
 pub mod counters;
 pub mod details;
-mod json;
 pub mod log;
 pub mod record;
 pub mod recorder;

@@ -8,6 +8,8 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 use super::details::Details;
+mod json;
+
 pub use super::details::RecordKind;
 use crate::clock::{Month, rfc3339_ms};
 
@@ -66,7 +68,7 @@ impl Record {
 
     /// Writes [`Record::to_json`]'s bytes (same keys, same order) without building a `Value`.
     pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-        super::json::write_record(self, out)
+        json::write_record(self, out)
     }
 
     /// The same bytes as [`Record::write_json`], through serde_json (the reference it is

@@ -8,10 +8,10 @@ use std::io::Write as _;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
-use super::details::{
+use super::super::details::{
     AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource,
 };
-use super::record::Record;
+use super::Record;
 
 /// Appends `rec`'s JSON to `out`.
 pub fn write_record(rec: &Record, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
