@@ -168,10 +168,9 @@ fn main() -> ExitCode {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!("passthrough listening on {}", listener.local_addr()?);
-                tokio::select! {
-                    r = gemini_meter::loadtest::passthrough::serve(listener, upstream) => r.context("passthrough failed"),
-                    _ = shutdown_signal() => Ok(()),
-                }
+                gemini_meter::loadtest::passthrough::serve(listener, upstream, shutdown_signal())
+                    .await
+                    .context("passthrough failed")
             }
             Command::MockUpstream {
                 listen,
