@@ -436,7 +436,7 @@ fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiE
         .map_err(|_| ApiError::bad_request("The request path is not valid."))
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error) -> ApiError {
+fn upstream_error(e: &super::client::Error) -> ApiError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut timed_out = false;
     while let Some(s) = src {
