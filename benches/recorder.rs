@@ -6,6 +6,8 @@
 //! `cargo bench --bench recorder` (GM_BENCH_BATCH sets the batch size, default 1,000; the
 //! records spread over 1,000 users). Throughput is in records per second.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 
 use chrono::Utc;

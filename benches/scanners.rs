@@ -1,5 +1,7 @@
 //! Throughput of the response scanners on the wire fixtures, repeated to about 1 MiB.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 use std::io::Write;
 

@@ -2,19 +2,20 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::broadcast;
 
 use crate::alerts::Alerts;
 use crate::clock::{Month, SharedClock};
 use crate::config::Config;
-use crate::identity::{IdentityError, Registry, User};
-use crate::ledger::{Record, RecordIds, Recorder, RecorderHandle, SledStore, StoreError, Totals};
+use crate::identity::{IdentityError, Registry};
+use crate::ledger::{RecordIds, Recorder, RecorderHandle, SledStore, StoreError};
 use crate::metrics::Metrics;
-use crate::proxy::client::{UpstreamClient, build as build_client};
+use crate::proxy::Proxy;
+use crate::proxy::client::build as build_client;
 use crate::proxy::upload::UploadSessions;
 use crate::runtime::{EnvLookup, Live, Runtime, RuntimeError};
+use crate::settle::Settler;
 
 /// Errors of assembling the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -36,25 +37,23 @@ pub struct App {
     /// The live config snapshot.
     pub live: Arc<Live>,
     /// Users and keys.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// Where records go.
     pub recorder: RecorderHandle,
     /// The store (reads for the APIs).
     pub store: SledStore,
     /// The clock.
     pub clock: SharedClock,
-    /// Record id generator.
-    pub ids: RecordIds,
-    /// The pooled upstream client.
-    pub upstream: UpstreamClient,
-    /// Upload sessions started here.
-    pub uploads: UploadSessions,
     /// Operational metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Announces the user id after each change of their usage (for live updates).
     pub usage_events: broadcast::Sender<Arc<str>>,
     /// Quota alerts: what fired this month, the delivery task's wake-up, metrics.
-    pub alerts: Alerts,
+    pub alerts: Arc<Alerts>,
+    /// Where usage is settled.
+    pub settler: Arc<Settler>,
+    /// Forwarding to the upstream.
+    pub proxy: Arc<Proxy>,
 }
 
 impl App {
@@ -69,54 +68,68 @@ impl App {
         let now = clock.now();
         let rt = Runtime::build(config, None, now, &env)?;
         let store = SledStore::open(&rt.config.storage.path)?;
-        let registry = Registry::load(store.clone(), Month::of(now))?;
+        let registry = Arc::new(Registry::load(store.clone(), Month::of(now))?);
         let upstream = build_client(&rt.config.upstream);
         let (recorder, handle) = Recorder::new(store.clone(), rt.config.storage.flush_interval);
         let (usage_events, _) = broadcast::channel(1024);
         let uploads = UploadSessions::new(store.meta().clone());
-        let alerts = Alerts::new(env.clone());
+        let alerts = Arc::new(Alerts::new(env.clone()));
         alerts.load(&store, &registry, Month::of(now))?;
+        let live = Arc::new(Live::new(rt, config_path, env));
+        let metrics = Arc::new(Metrics::default());
+        let settler = Arc::new(Settler {
+            registry: registry.clone(),
+            recorder: handle.clone(),
+            alerts: alerts.clone(),
+            metrics: metrics.clone(),
+            live: live.clone(),
+            clock: clock.clone(),
+            ids: RecordIds::new(),
+            usage_events: usage_events.clone(),
+        });
+        let proxy = Arc::new(Proxy {
+            live: live.clone(),
+            registry: registry.clone(),
+            settler: settler.clone(),
+            upstream,
+            uploads,
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+        });
         let app = App {
-            live: Arc::new(Live::new(rt, config_path, env)),
+            live,
             registry,
             recorder: handle,
             store,
             clock,
-            ids: RecordIds::new(),
-            upstream,
-            uploads,
+            metrics,
             usage_events,
-            metrics: Metrics::default(),
             alerts,
+            settler,
+            proxy,
         };
         Ok((Arc::new(app), recorder))
     }
+}
 
-    /// Settles one record: counters now, ledger later (batched by the recorder).
-    /// `reserved_message` says the record's message was already counted at admission.
-    pub fn settle_record(&self, user: &User, rec: Record, reserved_message: bool) {
-        user.usage.add(rec.month(), &Totals::of(&rec), reserved_message);
-        let m = &self.metrics;
-        m.records.fetch_add(1, Relaxed);
-        m.tokens.fetch_add(rec.tokens, Relaxed);
-        m.upload_bytes.fetch_add(rec.bytes, Relaxed);
-        let nanos = (rec.cost * rust_decimal::Decimal::from(1_000_000_000u32)).trunc();
-        m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
-        let user_id = rec.user_id.clone();
-        let alerts = self
-            .alerts
-            .detect(&self.live.load(), &self.registry, user, &rec, &*self.clock);
-        if alerts.is_empty() {
-            self.recorder.record(rec);
-        } else {
-            // The alerts go in the record's batch: on disk together, or not at all. A crossing
-            // is rare (a few per user and month); its caller waits (bounded) for that batch, so
-            // a client that saw the call succeed can count on the alert, even after a kill -9.
-            let on_disk = self.recorder.record_with_alerts(rec, alerts);
-            self.alerts.wake();
-            crate::alerts::wait_on_disk(&on_disk);
-        }
-        // Nobody listening is the common case; that is not an error.
-        let _ = self.usage_events.send(user_id);
+impl crate::alerts::Gateway for App {
+    fn recorder(&self) -> &RecorderHandle {
+        &self.recorder
+    }
+
+    fn store(&self) -> &SledStore {
+        &self.store
+    }
+
+    fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    fn alerts(&self) -> &Alerts {
+        &self.alerts
     }
 }

@@ -4,7 +4,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::proxy::body::ProxyBody;
+use crate::admission::Refusal;
+use crate::body::ProxyBody;
+use crate::clock::rfc3339;
 
 /// A refusal or failure the gateway reports to its caller.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -156,4 +158,51 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::UnknownTier { tier } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "unknown_tier",
+                format!("Plan '{tier}' is not configured on this gateway; ask the operator to assign a valid plan."),
+            ),
+            Refusal::ModelNotAllowed { model, tier } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "model_not_allowed",
+                format!("Model {model} is not available on the {tier} plan. Upgrade your plan to use it."),
+            )
+            .with_reason("MODEL_NOT_ALLOWED", json!({"model": model, "tier": &*tier})),
+            Refusal::RateLimited { limit, retry_secs } => {
+                let what = limit.describe();
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RESOURCE_EXHAUSTED",
+                    "rate_limited",
+                    format!("Rate limit exceeded: {what}. Retry in {} s.", retry_secs.max(1)),
+                )
+                .with_reason("RATE_LIMIT_EXCEEDED", json!({"limit": what}));
+                e.retry_after = Some(retry_secs.max(1));
+                e
+            }
+            Refusal::Quota {
+                quota,
+                used,
+                limit,
+                resets_at,
+            } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                quota.as_str(),
+                crate::admission::quota_message(quota),
+            )
+            .with_reason(
+                "MONTHLY_QUOTA_EXCEEDED",
+                json!({"quota": quota.as_str(), "used": used, "limit": limit, "resets_at": rfc3339(resets_at)}),
+            ),
+        }
+    }
 }

@@ -1,21 +1,29 @@
 //! gemini-meter: a metering gateway for the Gemini API.
 //!
-//! Requests flow one way: `proxy` identifies the caller (`identity`), admits it (`admission`),
-//! forwards it, meters the response as it streams (`metering`) and settles the usage into the
-//! in-memory counters and the durable ledger (`ledger`). `api` serves the usage and admin routes.
+//! Requests flow one way: `server` accepts them; `proxy` identifies the caller (`identity`),
+//! admits it (`admission`), forwards it, meters the response as it streams (`metering`), and
+//! hands the usage to `settle`, which updates the in-memory counters, fires alerts and sends
+//! the record to the durable ledger (`ledger`). `api` serves the usage and admin routes.
+//!
+//! The built-in mock upstream and the load tool are crates of their own (`gemini-meter-mock`,
+//! `gemini-meter-loadtest`), linked only by the binary and the tests.
 
+#![forbid(unsafe_code)]
+
+pub mod accept;
 pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod identity;
 pub mod ledger;
-pub mod loadtest;
 pub mod metering;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
 pub mod runtime;
+pub mod server;
+pub mod settle;

@@ -1,5 +1,7 @@
 //! The `gemini-meter` binary: parse the command, build the state, run.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,8 +13,8 @@ use clap::{Parser, Subcommand};
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SharedClock, SystemClock};
 use gemini_meter::config::Config;
-use gemini_meter::mock::{MockOptions, MockServer};
-use gemini_meter::runtime::process_env;
+use gemini_meter::runtime::{EnvLookup, process_env};
+use gemini_meter_mock::{MockOptions, MockServer};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -149,9 +151,6 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    if matches!(cli.command, Command::Demo) {
-        prepare_demo_env();
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -168,7 +167,7 @@ fn main() -> ExitCode {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!("passthrough listening on {}", listener.local_addr()?);
-                gemini_meter::loadtest::passthrough::serve(listener, upstream, shutdown_signal())
+                gemini_meter::proxy::passthrough::serve(listener, upstream, shutdown_signal())
                     .await
                     .context("passthrough failed")
             }
@@ -190,7 +189,7 @@ fn main() -> ExitCode {
                 let addr = listener.local_addr()?;
                 tracing::info!("mock upstream listening on {addr}");
                 tokio::select! {
-                    r = gemini_meter::mock::serve(listener, opts) => r.context("mock upstream failed"),
+                    r = gemini_meter_mock::serve(listener, opts) => r.context("mock upstream failed"),
                     _ = shutdown_signal() => Ok(()),
                 }
             }
@@ -213,11 +212,11 @@ fn main() -> ExitCode {
                     Duration::try_from_secs_f64(v)
                         .map_err(|_| anyhow::anyhow!("{flag} must be a number of seconds >= 0"))
                 };
-                let opts = gemini_meter::loadtest::Options {
+                let opts = gemini_meter_loadtest::Options {
                     mode: match mode {
-                        LoadMode::Unary => gemini_meter::loadtest::Mode::Unary,
-                        LoadMode::Sse => gemini_meter::loadtest::Mode::Sse,
-                        LoadMode::Both => gemini_meter::loadtest::Mode::Both,
+                        LoadMode::Unary => gemini_meter_loadtest::Mode::Unary,
+                        LoadMode::Sse => gemini_meter_loadtest::Mode::Sse,
+                        LoadMode::Both => gemini_meter_loadtest::Mode::Both,
                     },
                     concurrency,
                     duration: secs(duration_secs, "--duration-secs")?,
@@ -232,7 +231,7 @@ fn main() -> ExitCode {
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                 };
-                let report = gemini_meter::loadtest::run(&opts).await?;
+                let report = gemini_meter_loadtest::run(&opts).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report.json())?);
                 } else {
@@ -332,7 +331,7 @@ async fn run_gateway(
     spawn_retention(app.clone());
     gemini_meter::alerts::spawn_delivery(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
-    gemini_meter::proxy::serve(app.clone(), listener, shutdown_signal()).await;
+    gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");
     app.recorder.sync().await.context("flushing usage records")?;
     app.store.flush().await.context("flushing storage")?;
@@ -367,20 +366,26 @@ async fn serve(path: &Path) -> Result<()> {
 
 const DEMO_UPSTREAM_KEY: &str = "demo-upstream-key";
 
-/// Sets the demo's environment before any thread starts.
-fn prepare_demo_env() {
-    let cfg = Config::demo_default();
-    // SAFETY: called from main before the async runtime or any other thread exists.
-    unsafe {
-        if std::env::var_os(&cfg.upstream.api_key_env).is_none() {
-            std::env::set_var(&cfg.upstream.api_key_env, DEMO_UPSTREAM_KEY);
-        }
-        if std::env::var_os(&cfg.server.admin_token_env).is_none()
-            && let Ok(t) = gemini_meter::identity::keys::random_base62(32)
-        {
-            std::env::set_var(&cfg.server.admin_token_env, format!("adm_{t}"));
-        }
-    }
+/// The demo's environment: the process's, plus a placeholder upstream key and a fresh admin
+/// token where the process has none (the variables themselves are not set).
+fn demo_env(cfg: &Config) -> EnvLookup {
+    let upstream_key_env = cfg.upstream.api_key_env.clone();
+    let admin_token_env = cfg.server.admin_token_env.clone();
+    // Without a random source the demo runs with the admin API off, as `serve` does without a token.
+    let admin_token = gemini_meter::identity::keys::random_base62(32)
+        .ok()
+        .map(|t| format!("adm_{t}"));
+    Arc::new(move |name: &str| {
+        std::env::var(name).ok().or_else(|| {
+            if name == upstream_key_env {
+                Some(DEMO_UPSTREAM_KEY.to_string())
+            } else if name == admin_token_env {
+                admin_token.clone()
+            } else {
+                None
+            }
+        })
+    })
 }
 
 async fn demo() -> Result<()> {
@@ -394,7 +399,8 @@ async fn demo() -> Result<()> {
         cfg.server.listen = "127.0.0.1:0".parse()?;
     }
     let clock: SharedClock = Arc::new(SystemClock::default());
-    let (app, recorder) = App::open(cfg, None, clock.clone(), process_env())?;
+    let env = demo_env(&cfg);
+    let (app, recorder) = App::open(cfg, None, clock.clone(), env)?;
     let now = clock.now();
     if app.registry.user("demo").is_none() {
         app.registry.create_user("demo", "free", None, now, Month::of(now))?;

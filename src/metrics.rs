@@ -177,7 +177,7 @@ impl Metrics {
             "gm_upstream_ttfb_seconds",
             "Time to the first response body byte.",
         );
-        let gauges: [(&str, &str, f64); 5] = [
+        let gauges: [(&str, &str, f64); 6] = [
             (
                 "gm_recorder_queue_depth",
                 "Records waiting to be written.",
@@ -197,6 +197,11 @@ impl Metrics {
                 "gm_recorder_batches_total",
                 "Batches written to storage.",
                 rec.batches.load(Relaxed) as f64,
+            ),
+            (
+                "gm_recorder_records_dropped_erased_total",
+                "Records of deleted users that settled after the erasure, dropped.",
+                rec.dropped_erased.load(Relaxed) as f64,
             ),
             (
                 "gm_storage_degraded",

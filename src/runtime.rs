@@ -1,19 +1,16 @@
 //! The live configuration: an immutable snapshot (config, upstream key, rate limiters) swapped
 //! atomically on reload, so a request sees the old or the new config, never a mix.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use governor::clock::DefaultClock;
-use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
-use crate::admission::KeyCells;
-use crate::config::{Config, ConfigError, Tier};
+use crate::admission::{TierRuntime, Tiers};
+use crate::config::{Config, ConfigError, TierId};
 
 /// Errors of building a runtime from a config.
 #[derive(Debug, thiserror::Error)]
@@ -34,100 +31,12 @@ pub fn process_env() -> EnvLookup {
     Arc::new(|name| std::env::var(name).ok())
 }
 
-/// A per-key requests-per-minute limiter (governor's GCRA), keyed by the key's slot in the
-/// registry, its state one cell per slot ([`KeyCells`]).
-pub type KeyLimiter = RateLimiter<u32, KeyCells, DefaultClock>;
-
-/// A tier name as a small number, so each of a million users holds 2 bytes rather than a
-/// pointer, and admission finds its tier by index rather than by hashing a string.
-///
-/// Ids are process-wide and never reused: a name keeps its id across reloads, and a runtime
-/// maps the ids of the tiers it has ([`Runtime::tier_by_id`]); a name it lacks maps to none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TierId(u16);
-
-#[derive(Default)]
-struct TierNames {
-    names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, u16>,
-}
-
-// Process-wide because tier names outlive any one config snapshot and are few (the names seen in
-// configs and stored users); tests run several gateways in one process, which share it harmlessly.
-static TIER_NAMES: LazyLock<RwLock<TierNames>> = LazyLock::new(Default::default);
-
-impl TierId {
-    /// Stands for a name that could not be interned (over 65,535 distinct names): no runtime has it.
-    const OVERFLOW: TierId = TierId(u16::MAX);
-
-    /// The id of a tier name, assigned on first use.
-    pub fn of(name: &str) -> TierId {
-        let read = TIER_NAMES.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(&id) = read.ids.get(name) {
-            return TierId(id);
-        }
-        drop(read);
-        let mut w = TIER_NAMES.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&id) = w.ids.get(name) {
-            return TierId(id);
-        }
-        let Ok(id) = u16::try_from(w.names.len()) else {
-            return TierId::OVERFLOW;
-        };
-        if id == u16::MAX {
-            return TierId::OVERFLOW;
-        }
-        let name: Arc<str> = Arc::from(name);
-        w.names.push(name.clone());
-        w.ids.insert(name, id);
-        TierId(id)
-    }
-
-    /// The tier's name.
-    pub fn name(self) -> Arc<str> {
-        let read = TIER_NAMES.read().unwrap_or_else(|p| p.into_inner());
-        read.names
-            .get(usize::from(self.0))
-            .cloned()
-            .unwrap_or_else(|| Arc::from("(unknown)"))
-    }
-
-    /// The id as stored in a user's slot.
-    pub fn raw(self) -> u16 {
-        self.0
-    }
-
-    /// An id read back from [`TierId::raw`].
-    pub fn from_raw(raw: u16) -> TierId {
-        TierId(raw)
-    }
-
-    fn index(self) -> usize {
-        usize::from(self.0)
-    }
-}
-
-/// A tier with its limiters.
-#[derive(Debug)]
-pub struct TierRuntime {
-    /// The tier's name.
-    pub name: Arc<str>,
-    /// The tier's limits.
-    pub tier: Tier,
-    /// Per-key limiter when the tier sets `requests_per_minute`.
-    pub rpm: Option<Arc<KeyLimiter>>,
-    /// `x-quota-*-limit` header values (messages, tokens, bytes, cost), rendered once.
-    pub limit_values: [Option<http::HeaderValue>; 4],
-}
-
 /// One immutable snapshot of the running configuration.
 pub struct Runtime {
     /// The validated config.
     pub config: Arc<Config>,
-    /// Tiers by name.
-    pub tiers: HashMap<String, Arc<TierRuntime>>,
-    /// The same tiers by [`TierId`] (the hot path's lookup).
-    by_id: Vec<Option<Arc<TierRuntime>>>,
+    /// The tiers with their limiters.
+    pub tiers: Tiers,
     /// The real upstream key (never logged).
     pub upstream_key: Arc<str>,
     /// The key as the header values sent upstream, built once per snapshot.
@@ -143,7 +52,7 @@ impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
             .field("config", &self.config)
-            .field("tiers", &self.tiers.keys().collect::<Vec<_>>())
+            .field("tiers", &self.tiers)
             .field("upstream_key", &"<redacted>")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .field("loaded_at", &self.loaded_at)
@@ -193,50 +102,10 @@ impl Runtime {
         let admin_token = env(&config.server.admin_token_env)
             .filter(|v| !v.is_empty())
             .map(Arc::<str>::from);
-        let mut tiers = HashMap::with_capacity(config.tiers.len());
-        let mut by_id: Vec<Option<Arc<TierRuntime>>> = Vec::new();
-        for (name, tier) in &config.tiers {
-            let rpm = tier.requests_per_minute.map(|rpm| {
-                let reuse = previous
-                    .and_then(|p| p.tiers.get(name))
-                    .filter(|old| old.tier.requests_per_minute == Some(rpm))
-                    .and_then(|old| old.rpm.clone());
-                reuse.unwrap_or_else(|| {
-                    Arc::new(RateLimiter::new(
-                        Quota::per_minute(rpm),
-                        KeyCells::default(),
-                        DefaultClock::default(),
-                    ))
-                })
-            });
-            let limit_values = [
-                tier.messages.map(http::HeaderValue::from),
-                tier.tokens.map(http::HeaderValue::from),
-                tier.bytes.map(http::HeaderValue::from),
-                tier.cost
-                    .and_then(|c| http::HeaderValue::from_str(&c.normalize().to_string()).ok()),
-            ];
-            let tr = Arc::new(TierRuntime {
-                name: Arc::from(name.as_str()),
-                tier: tier.clone(),
-                rpm,
-                limit_values,
-            });
-            let id = TierId::of(name);
-            if id != TierId::OVERFLOW {
-                if by_id.len() <= id.index() {
-                    by_id.resize(id.index() + 1, None);
-                }
-                if let Some(slot) = by_id.get_mut(id.index()) {
-                    *slot = Some(tr.clone());
-                }
-            }
-            tiers.insert(name.clone(), tr);
-        }
+        let tiers = Tiers::build(&config.tiers, previous.map(|p| &p.tiers));
         Ok(Runtime {
             config: Arc::new(config),
             tiers,
-            by_id,
             upstream_headers: UpstreamHeaders::of(&upstream_key),
             upstream_key,
             admin_token,
@@ -248,12 +117,12 @@ impl Runtime {
 impl Runtime {
     /// The tier with this name, if the config has it.
     pub fn tier(&self, name: &str) -> Option<&TierRuntime> {
-        self.tiers.get(name).map(|t| &**t)
+        self.tiers.by_name(name)
     }
 
     /// The tier with this id, if the config has it.
     pub fn tier_by_id(&self, id: TierId) -> Option<&TierRuntime> {
-        self.by_id.get(id.index()).and_then(|t| t.as_deref())
+        self.tiers.by_id(id)
     }
 }
 

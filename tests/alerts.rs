@@ -8,6 +8,8 @@
 //! threshold list applies to the next crossing; a delivery is given up a day after its alert;
 //! `kill -9` right after a crossing neither loses the alert nor sends it twice.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::convert::Infallible;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{ADMIN_TOKEN, Harness, UPSTREAM_KEY, base_config};
 use gemini_meter::clock::{Clock, Month};
-use gemini_meter::mock::{MockOptions, MockServer};
+use gemini_meter_mock::{MockOptions, MockServer};
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -1115,4 +1117,63 @@ async fn kill_9_right_after_a_crossing_neither_loses_the_alert_nor_sends_it_twic
     assert_eq!(listed["counts"]["pending"], 0, "{listed:#}");
     hook.stop();
     smtp.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. A deleted user's alerts go with it: the same id created again is alerted again.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_deleted_and_created_again_is_alerted_again() {
+    let hook = Receiver::start("127.0.0.1:0".parse().unwrap(), Mode::Accept).await;
+    let extra = format!(
+        "[tiers.ten]\nmessages = 10\n{}",
+        alerts_toml("[80]", Some(&hook.url()), None)
+    );
+    let h = Harness::start_alerting(&extra, ENV).await;
+    let key = create_user(&h, "rae", "ten", None).await;
+    for _ in 0..8 {
+        assert_eq!(call(&h, &key).await.0, 200);
+    }
+    wait_for(Duration::from_secs(10), "the first alert", || {
+        hook.accepted().len() == 1
+    })
+    .await;
+    assert_eq!(alerts_of(&h, "?user_id=rae").await["counts"]["alerts"], 1);
+    let r = h
+        .admin(reqwest::Method::DELETE, "/admin/users/rae")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let gone = alerts_of(&h, "?user_id=rae").await;
+    assert_eq!(
+        gone["counts"]["alerts"], 0,
+        "marks and deliveries go with the user: {gone:#}"
+    );
+
+    // Created again (most likely within the same second): a new user, alerted afresh.
+    let key = create_user(&h, "rae", "ten", None).await;
+    for _ in 0..8 {
+        assert_eq!(call(&h, &key).await.0, 200);
+    }
+    wait_for(Duration::from_secs(10), "the second alert", || {
+        hook.accepted().len() == 2
+    })
+    .await;
+    let listed = alerts_of(&h, "?user_id=rae").await;
+    assert_eq!(listed["counts"]["alerts"], 1, "{listed:#}");
+    assert_eq!(listed["data"][0]["used"], 8, "{listed:#}");
+    // Once per user and month still holds, also across a restart.
+    let h = h.reopen(ENV).await;
+    assert_eq!(call(&h, &key).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let bodies: Vec<Value> = hook.accepted().iter().map(Hook::json).collect();
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    for b in &bodies {
+        assert_eq!(
+            (b["user_id"].as_str(), b["threshold"].as_u64(), b["used"].as_u64()),
+            (Some("rae"), Some(80), Some(8))
+        );
+    }
+    hook.stop();
 }

@@ -3,6 +3,8 @@
 //! `GM_BIG_RECORDS=10000000 GM_BIG_HEAVY=1000000 cargo test --release --test big_ledger -- --ignored --nocapture`
 //! (`GM_BIG_HEAVY` is the one user's share, default a tenth).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;
@@ -12,8 +14,8 @@ use chrono::Utc;
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SystemClock};
 use gemini_meter::config::Config;
-use gemini_meter::ledger::{Record, RecordIds, RecordKind, SledStore};
-use gemini_meter::proxy::Server;
+use gemini_meter::ledger::{Details, Record, RecordIds, RecordKind, SledStore};
+use gemini_meter::server::Server;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
@@ -79,11 +81,6 @@ async fn reads_stay_fast_with_a_big_ledger() {
                     Record {
                         id: ids.next(at),
                         user_id: Arc::from(user.as_str()),
-                        kind: if j % 2 == 0 {
-                            RecordKind::MessageSent
-                        } else {
-                            RecordKind::AiResponse
-                        },
                         tokens: if j % 2 == 0 { 0 } else { 27 },
                         messages: u64::from(j % 2 == 0),
                         bytes: 0,
@@ -92,10 +89,15 @@ async fn reads_stay_fast_with_a_big_ledger() {
                         } else {
                             Decimal::new(4110, 8)
                         },
-                        metadata: json!({"model": "gemini-2.5-flash", "status": "ok"})
-                            .as_object()
-                            .unwrap()
-                            .clone(),
+                        details: Details::from_value(
+                            if j % 2 == 0 {
+                                RecordKind::MessageSent
+                            } else {
+                                RecordKind::AiResponse
+                            },
+                            &json!({"model": "gemini-2.5-flash", "status": "ok"}),
+                        )
+                        .unwrap(),
                         created_at: at,
                     }
                 })
@@ -110,7 +112,7 @@ async fn reads_stay_fast_with_a_big_ledger() {
         t0.elapsed().as_secs_f64()
     );
 
-    let mock = gemini_meter::mock::MockServer::start("127.0.0.1:0".parse().unwrap(), Default::default())
+    let mock = gemini_meter_mock::MockServer::start("127.0.0.1:0".parse().unwrap(), Default::default())
         .await
         .unwrap();
     let text = common::base_config(mock.addr, &data, "");

@@ -4,6 +4,8 @@
 //! Without `/usr/bin/chromedriver` these tests fail with a message saying what to install,
 //! unless `GEMINI_METER_SKIP_BROWSER=1` is set.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "browser/webdriver.rs"]
 mod webdriver;
 

@@ -6,6 +6,8 @@
 //! config file and sled directory. Every child is killed when its guard drops, also on failure.
 //! Figures (responses, records, loss) are printed; see them with `-- --nocapture`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use common::{ADMIN_TOKEN, UPSTREAM_KEY, base_config};
-use gemini_meter::mock::{MockOptions, MockServer};
+use gemini_meter_mock::{MockOptions, MockServer};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 

@@ -86,12 +86,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fn of_kind<'a>(records: &'a [Record], kind: &str) -> Vec<&'a Record> {
-    records.iter().filter(|r| r.kind.as_str() == kind).collect()
+    records.iter().filter(|r| r.kind().as_str() == kind).collect()
 }
 
 /// A metadata field (Null when absent).
 fn md(r: &Record, f: &str) -> Value {
-    r.metadata.get(f).cloned().unwrap_or(Value::Null)
+    r.metadata().get(f).cloned().unwrap_or(Value::Null)
 }
 
 fn md_u64(r: &Record, f: &str) -> u64 {
@@ -581,7 +581,7 @@ async fn run_splits(h: &Harness, user: &str, fx: &str, gz: bool, step: usize, wa
             md(r, "status") == "ok" && md(r, "token_source") == "upstream" && md(r, "stream") == (fx != "unary");
         if got != want || !extra_ok {
             let k = r
-                .metadata
+                .metadata()
                 .get("tags")
                 .and_then(|t| t.get("split"))
                 .cloned()
@@ -1432,14 +1432,14 @@ async fn tags_are_recorded_and_caller_secrets_are_not_forwarded() {
             md(r, "tags"),
             json!({"chat-id": "123"}),
             "{} record: {r:?}",
-            r.kind.as_str()
+            r.kind().as_str()
         );
     }
     assert!(
         h.records("plain")
             .await
             .iter()
-            .all(|r| r.metadata.get("tags").is_none())
+            .all(|r| r.metadata().get("tags").is_none())
     );
 }
 

@@ -1,6 +1,8 @@
 //! Inbound limits over real sockets: body size (413, by Content-Length and while streaming),
 //! the header read timeout (slowloris) and the connection limit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;
@@ -9,8 +11,8 @@ use std::time::{Duration, Instant};
 use gemini_meter::app::App;
 use gemini_meter::clock::SystemClock;
 use gemini_meter::config::Config;
-use gemini_meter::mock::{MockOptions, MockServer};
-use gemini_meter::proxy::Server;
+use gemini_meter::server::Server;
+use gemini_meter_mock::{MockOptions, MockServer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

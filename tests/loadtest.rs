@@ -2,6 +2,8 @@
 //! them for a second, and the report's metering check passes. No timing is asserted: the figures
 //! depend on the machine; only that they exist and that every gateway request was metered.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use serde_json::Value;

@@ -2,6 +2,8 @@
 //! under concurrency, the error envelopes of every refusal, `x-quota-*` headers, tier changes,
 //! hot reload of the config file and the month rollover.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -12,7 +14,7 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use common::{Harness, base_config};
 use futures_util::StreamExt;
 use gemini_meter::clock::Clock;
-use gemini_meter::mock::MockOptions;
+use gemini_meter_mock::MockOptions;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use rust_decimal::Decimal;
@@ -193,7 +195,7 @@ async fn message_quota_is_exact_under_50_concurrent_requests() {
         .records("racer")
         .await
         .iter()
-        .filter(|r| r.kind.as_str() == "message_sent" && r.messages == 1)
+        .filter(|r| r.kind().as_str() == "message_sent" && r.messages == 1)
         .count();
     assert_eq!(sent, 5);
 }
@@ -249,7 +251,7 @@ async fn upstream_5xx_does_not_count_against_the_message_quota() {
     let recs = h.records("carol").await;
     let failed: Vec<_> = recs
         .iter()
-        .filter(|r| r.kind.as_str() == "message_sent" && r.metadata["status"] == "upstream_error")
+        .filter(|r| r.kind().as_str() == "message_sent" && r.metadata()["status"] == "upstream_error")
         .collect();
     assert_eq!(failed.len(), 2, "{recs:?}");
     assert!(failed.iter().all(|r| r.messages == 0), "{failed:?}");
@@ -605,16 +607,16 @@ async fn hot_reload_lowers_a_limit_without_losing_counters_or_streams() {
             .records("pia")
             .await
             .into_iter()
-            .find(|r| r.kind.as_str() == "ai_response" && r.metadata["model"] == "slow");
+            .find(|r| r.kind().as_str() == "ai_response" && r.metadata()["model"] == "slow");
         if ai.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ai = ai.expect("the stream opened before the reload is metered");
-    assert_eq!(ai.metadata["status"], "ok", "{ai:?}");
-    assert_eq!(ai.metadata["stream"], true, "{ai:?}");
-    assert_eq!(ai.metadata["token_source"], "upstream", "{ai:?}");
+    assert_eq!(ai.metadata()["status"], "ok", "{ai:?}");
+    assert_eq!(ai.metadata()["stream"], true, "{ai:?}");
+    assert_eq!(ai.metadata()["token_source"], "upstream", "{ai:?}");
     assert!(ai.tokens > 0);
 }
 
@@ -788,4 +790,102 @@ async fn new_month_resets_the_quota_and_keeps_the_previous_totals() {
         hist.text
     );
     assert_eq!(sent_in(&next), 1, "{}", hist.text);
+}
+
+/// The message reserved at admission is kept exactly when the upstream answered with success,
+/// and given back on every other way a call ends: upstream error status, client gone before the
+/// answer, a body the gateway refused as too large, an upstream that cannot be reached. A
+/// client that leaves mid-stream was answered: its message counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_a_call_ends_keeps_or_gives_back_its_message() {
+    let h = Harness::start_with(
+        "[tiers.ten]\nmessages = 10\n",
+        MockOptions {
+            ttfb: Duration::from_millis(300),
+            ..MockOptions::default()
+        },
+    )
+    .await;
+    let key = h.user_with_key("ends", "ten").await;
+    let messages = |v: Value| v["current_month"]["messages"].as_u64().unwrap();
+    let gen_url = h.url("/v1beta/models/gemini-2.5-flash:generateContent");
+    let body = json!({"contents": [{"parts": [{"text": "hi"}]}]}).to_string();
+
+    // Answered: 1.
+    assert_eq!(call(&h, &key, "gemini-2.5-flash").await.status, 200);
+    assert_eq!(messages(h.current(&key).await), 1);
+
+    // Upstream error status: given back.
+    assert_eq!(call(&h, &key, "error-500").await.status, 500);
+    assert_eq!(messages(h.current(&key).await), 1);
+
+    // The client leaves while the upstream is still thinking: given back.
+    let req = h
+        .http
+        .post(&gen_url)
+        .header("x-goog-api-key", &key)
+        .body(body.clone())
+        .send();
+    assert!(tokio::time::timeout(Duration::from_millis(100), req).await.is_err());
+    wait_for(Duration::from_secs(5), "the abandoned call settles", || async {
+        h.sync().await;
+        h.records("ends")
+            .await
+            .iter()
+            .any(|r| r.metadata()["status"] == "client_closed")
+    })
+    .await;
+    assert_eq!(messages(h.current(&key).await), 1);
+
+    // A streamed body over the limit (no length up front): refused by the gateway, given back.
+    let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..24).map(|_| Ok(chunk.clone())).collect();
+    let r = h
+        .http
+        .post(&gen_url)
+        .header("x-goog-api-key", &key)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 413);
+    }
+    h.sync().await;
+    assert_eq!(messages(h.current(&key).await), 1);
+
+    // A client that leaves mid-stream was answered: counts.
+    let r = h
+        .http
+        .post(h.url("/v1beta/models/slow:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", &key)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut s = r.bytes_stream();
+    assert!(s.next().await.is_some());
+    drop(s);
+    assert_eq!(messages(h.current(&key).await), 2);
+
+    // An upstream that cannot be reached: given back.
+    let down = Harness::start_against(
+        format!("127.0.0.1:{}", common::spare_port()).parse().unwrap(),
+        "[tiers.ten]\nmessages = 10\n",
+    )
+    .await;
+    let key2 = down.user_with_key("ends", "ten").await;
+    let r = down
+        .http
+        .post(down.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+        .header("x-goog-api-key", &key2)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(messages(down.current(&key2).await), 0);
+    let recs = down.records("ends").await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].metadata()["status"], "upstream_unavailable");
 }

@@ -1,5 +1,7 @@
 //! First end-to-end checks: a call goes through, is metered once, and keys are handled.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Harness, UPSTREAM_KEY};
@@ -17,9 +19,9 @@ async fn unary_call_is_forwarded_and_metered_once() {
     let usage = &body["usageMetadata"];
     let recs = h.records("alice").await;
     assert_eq!(recs.len(), 2, "{recs:?}");
-    let ai = recs.iter().find(|r| r.kind.as_str() == "ai_response").unwrap();
+    let ai = recs.iter().find(|r| r.kind().as_str() == "ai_response").unwrap();
     assert_eq!(ai.tokens, usage["totalTokenCount"].as_u64().unwrap());
-    assert_eq!(ai.metadata["token_source"], "upstream");
+    assert_eq!(ai.metadata()["token_source"], "upstream");
     assert_eq!(h.mock_stats()["leaked_gateway_keys"], 0);
     let cur = h.current(&key).await;
     assert_eq!(cur["current_month"]["messages"], 1);

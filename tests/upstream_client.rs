@@ -3,6 +3,8 @@
 //! caller seeing an error, a body dropped early does not break the next request, and requests to
 //! another host than the configured one still work.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The month breakdown behind the dashboard (`GET /api/usage/breakdown`) and how the two pages
 //! are served.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Harness, sum};

@@ -1,5 +1,7 @@
 //! `GET /api/usage/stream`: Server-Sent Events of the caller's usage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

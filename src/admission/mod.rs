@@ -3,22 +3,26 @@
 //! quota is exact under any concurrency. Nothing is sent upstream before this passes.
 
 mod cells;
-mod window;
+mod refusal;
+mod reservation;
+mod tiers;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use governor::clock::{Clock as _, DefaultClock};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue};
 use rust_decimal::Decimal;
-use serde_json::json;
 
 pub use cells::KeyCells;
-pub use window::TokenWindow;
+pub use refusal::{RateLimit, Refusal, quota_message};
+pub use reservation::Reservation;
+pub use tiers::{KeyLimiter, TierRuntime, Tiers};
 
-use crate::clock::{Month, rfc3339};
-use crate::error::ApiError;
-use crate::identity::{KeyEntry, User};
-use crate::ledger::Totals;
-use crate::runtime::{Runtime, TierId, TierRuntime};
+use crate::clock::Month;
+use crate::config::TierId;
+use crate::identity::{KeyEntry, Registry};
+use crate::ledger::{Quota, Totals};
 
 /// What kind of request is being admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,19 +53,29 @@ pub struct Admitted {
     pub month: Month,
     /// When it was admitted.
     pub at: DateTime<Utc>,
-    /// True when a message was reserved (to settle or give back).
-    pub reserved_message: bool,
+    /// What was reserved for the request (a metered model call's message); released if dropped.
+    pub reservation: Option<Reservation>,
     /// The tier and the totals as of admission, for the `x-quota-*` headers; `None`: no headers.
     pub quota: Option<(TierId, Totals)>,
 }
 
 impl Admitted {
+    /// Admission of a request that is part of one already admitted (an upload's next chunk).
+    pub fn continued(at: DateTime<Utc>) -> Self {
+        Admitted {
+            month: Month::of(at),
+            at,
+            reservation: None,
+            quota: None,
+        }
+    }
+
     /// The `x-quota-*` headers for the response, as of admission. Rendered when the response
     /// goes out rather than at admission: formatting numbers allocates, and a refused or failed
-    /// request never needs them. `rt` is the snapshot the request was admitted under.
-    pub fn quota_headers(&self, rt: &Runtime) -> Vec<(HeaderName, HeaderValue)> {
+    /// request never needs them. `tiers` are those of the snapshot the request was admitted under.
+    pub fn quota_headers(&self, tiers: &Tiers) -> Vec<(HeaderName, HeaderValue)> {
         match &self.quota {
-            Some((tier, totals)) => match rt.tier_by_id(*tier) {
+            Some((tier, totals)) => match tiers.by_id(*tier) {
                 Some(tr) => quota_headers(tr, totals),
                 None => Vec::new(),
             },
@@ -70,78 +84,21 @@ impl Admitted {
     }
 }
 
-/// Which quota a refusal is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaKind {
-    /// Messages per month.
-    Messages,
-    /// Tokens per month.
-    Tokens,
-    /// Bytes per month.
-    Bytes,
-    /// Cost per month.
-    Cost,
-}
-
-impl QuotaKind {
-    /// Name used in details and headers.
-    pub fn name(self) -> &'static str {
-        match self {
-            QuotaKind::Messages => "messages",
-            QuotaKind::Tokens => "tokens",
-            QuotaKind::Bytes => "bytes",
-            QuotaKind::Cost => "cost",
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            QuotaKind::Messages => "You have reached your monthly message limit. Upgrade your plan to increase limit.",
-            QuotaKind::Tokens => "You have reached your monthly token limit. Upgrade your plan to increase limit.",
-            QuotaKind::Bytes => "You have reached your monthly storage limit. Upgrade your plan to increase limit.",
-            QuotaKind::Cost => "You have reached your monthly spending limit. Upgrade your plan to increase limit.",
-        }
-    }
-}
-
-/// The 403 for a used-up quota, with the contract's `ErrorInfo`.
-pub fn quota_error(kind: QuotaKind, used: String, limit: String, month: Month) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "PERMISSION_DENIED", kind.name(), kind.message()).with_reason(
-        "MONTHLY_QUOTA_EXCEEDED",
-        json!({"quota": kind.name(), "used": used, "limit": limit, "resets_at": rfc3339(month.resets_at())}),
-    )
-}
-
-fn rate_limited(what: &str, retry_secs: u64) -> ApiError {
-    let mut e = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "RESOURCE_EXHAUSTED",
-        "rate_limited",
-        format!("Rate limit exceeded: {what}. Retry in {} s.", retry_secs.max(1)),
-    )
-    .with_reason("RATE_LIMIT_EXCEEDED", json!({"limit": what}));
-    e.retry_after = Some(retry_secs.max(1));
-    e
-}
-
-/// Checks a request of `user` (the owner of `key`) against their tier and reserves what it
-/// needs. No allocation unless it refuses.
+/// Checks a request of `key`'s user against their tier and reserves what it needs. No
+/// allocation unless it refuses.
 pub fn admit(
-    rt: &Runtime,
-    user: &User,
+    tiers: &Tiers,
+    registry: &Arc<Registry>,
     key: KeyEntry,
     ask: &Ask<'_>,
     now: DateTime<Utc>,
-) -> Result<Admitted, ApiError> {
+) -> Result<Admitted, Refusal> {
+    let Some(user) = registry.user_of(key) else {
+        return Err(Refusal::UnknownTier { tier: Arc::from("") });
+    };
     let tier_id = user.tier_id();
-    let Some(tr) = rt.tier_by_id(tier_id) else {
-        let tier_name = user.tier();
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "PERMISSION_DENIED",
-            "unknown_tier",
-            format!("Plan '{tier_name}' is not configured on this gateway; ask the operator to assign a valid plan."),
-        ));
+    let Some(tr) = tiers.by_id(tier_id) else {
+        return Err(Refusal::UnknownTier { tier: user.tier() });
     };
     let tier = &tr.tier;
     let month = Month::of(now);
@@ -155,16 +112,10 @@ pub fn admit(
     if let Some(m) = model
         && !tier.allows_model(m)
     {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "PERMISSION_DENIED",
-            "model_not_allowed",
-            format!(
-                "Model {m} is not available on the {} plan. Upgrade your plan to use it.",
-                tr.name
-            ),
-        )
-        .with_reason("MODEL_NOT_ALLOWED", json!({"model": m, "tier": &*tr.name})));
+        return Err(Refusal::ModelNotAllowed {
+            model: m.to_string(),
+            tier: tr.name.clone(),
+        });
     }
 
     // 2. Rate limits: per key, then tokens per minute per user.
@@ -173,51 +124,36 @@ pub fn admit(
     {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return Err(rate_limited("requests per minute for this key", secs));
+        return Err(Refusal::RateLimited {
+            limit: RateLimit::RequestsPerMinute,
+            retry_secs: secs.max(1),
+        });
     }
     if let (Ask::Generate { .. }, Some(tpm)) = (ask, tier.tokens_per_minute)
         && let Err(secs) = user.tpm.check(tpm)
     {
-        return Err(rate_limited("tokens per minute for this user", secs));
+        return Err(Refusal::RateLimited {
+            limit: RateLimit::TokensPerMinute,
+            retry_secs: secs.max(1),
+        });
     }
 
     // 3. Monthly quotas, checked against what is used (`used >= limit` is used up).
-    let used_up = |t: &Totals| -> Option<QuotaKind> {
-        if tier.tokens.is_some_and(|l| t.tokens >= l) {
-            return Some(QuotaKind::Tokens);
-        }
-        if tier.cost.is_some_and(|l| t.cost >= l) {
-            return Some(QuotaKind::Cost);
-        }
-        None
-    };
-    let refuse = |kind: QuotaKind, t: &Totals| -> ApiError {
-        let (used, limit) = match kind {
-            QuotaKind::Messages => (t.messages.to_string(), tier.messages.unwrap_or(0).to_string()),
-            QuotaKind::Tokens => (t.tokens.to_string(), tier.tokens.unwrap_or(0).to_string()),
-            QuotaKind::Bytes => (t.bytes.to_string(), tier.bytes.unwrap_or(0).to_string()),
-            QuotaKind::Cost => (
-                t.cost.normalize().to_string(),
-                tier.cost.unwrap_or_default().normalize().to_string(),
-            ),
-        };
-        quota_error(kind, used, limit, month)
-    };
-
-    let (totals, reserved) = match ask {
+    let refuse = |quota: Quota, t: &Totals| quota_refusal(tr, quota, t, month);
+    let (totals, reservation) = match ask {
         Ask::Generate { .. } => {
             let mut why = None;
             let res = user.usage.try_reserve(month, |t| {
-                why = used_up(t).or_else(|| {
+                why = used_up(tr, t).or_else(|| {
                     tier.messages
                         .is_some_and(|l| t.messages >= l)
-                        .then_some(QuotaKind::Messages)
+                        .then_some(Quota::Messages)
                 });
                 why.is_none()
             });
             match res {
-                Ok(t) => (t, true),
-                Err(t) => return Err(refuse(why.unwrap_or(QuotaKind::Messages), &t)),
+                Ok(t) => (t, Some(Reservation::new(registry.clone(), key, month))),
+                Err(t) => return Err(refuse(why.unwrap_or(Quota::Messages), &t)),
             }
         }
         Ask::UploadStart { declared } => {
@@ -225,29 +161,59 @@ pub fn admit(
             if let Some(l) = tier.bytes
                 && (t.bytes >= l || t.bytes.saturating_add(declared.unwrap_or(0)) > l)
             {
-                return Err(refuse(QuotaKind::Bytes, &t));
+                return Err(refuse(Quota::Bytes, &t));
             }
             if tier.cost.is_some_and(|l| t.cost >= l) {
-                return Err(refuse(QuotaKind::Cost, &t));
+                return Err(refuse(Quota::Cost, &t));
             }
-            (t, false)
+            (t, None)
         }
         Ask::UploadBytes => {
             let t = user.usage.snapshot(month);
             if tier.bytes.is_some_and(|l| t.bytes >= l) {
-                return Err(refuse(QuotaKind::Bytes, &t));
+                return Err(refuse(Quota::Bytes, &t));
             }
-            (t, false)
+            (t, None)
         }
-        Ask::Other { .. } => (user.usage.snapshot(month), false),
+        Ask::Other { .. } => (user.usage.snapshot(month), None),
     };
 
     Ok(Admitted {
         month,
         at: now,
-        reserved_message: reserved,
+        reservation,
         quota: Some((tier_id, totals)),
     })
+}
+
+/// The token or cost quota `t` has used up, if any.
+fn used_up(tr: &TierRuntime, t: &Totals) -> Option<Quota> {
+    if tr.tier.tokens.is_some_and(|l| t.tokens >= l) {
+        return Some(Quota::Tokens);
+    }
+    if tr.tier.cost.is_some_and(|l| t.cost >= l) {
+        return Some(Quota::Cost);
+    }
+    None
+}
+
+fn quota_refusal(tr: &TierRuntime, quota: Quota, t: &Totals, month: Month) -> Refusal {
+    let tier = &tr.tier;
+    let (used, limit) = match quota {
+        Quota::Messages => (t.messages.to_string(), tier.messages.unwrap_or(0).to_string()),
+        Quota::Tokens => (t.tokens.to_string(), tier.tokens.unwrap_or(0).to_string()),
+        Quota::Bytes => (t.bytes.to_string(), tier.bytes.unwrap_or(0).to_string()),
+        Quota::Cost => (
+            t.cost.normalize().to_string(),
+            tier.cost.unwrap_or_default().normalize().to_string(),
+        ),
+    };
+    Refusal::Quota {
+        quota,
+        used,
+        limit,
+        resets_at: month.resets_at(),
+    }
 }
 
 /// The `x-quota-*` headers for `tr`'s limits and totals `t`.

@@ -20,13 +20,13 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::AlertMetrics;
 use super::email;
+use super::failure::Failure;
 use super::webhook::{self, WebhookClient};
-use crate::app::App;
+use super::{AlertMetrics, Alerts};
 use crate::clock::SharedClock;
-use crate::ledger::SledStore;
 use crate::ledger::alerts::{Channel, Delivery, DeliveryStatus};
+use crate::ledger::{RecorderHandle, SledStore};
 use crate::runtime::{EnvLookup, Live};
 
 /// Most deliveries in flight at once.
@@ -40,23 +40,6 @@ const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// How long after the alert a delivery is retried before it is given up.
 const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::hours(24);
 
-/// Why an attempt failed.
-#[derive(Debug)]
-pub(super) enum Failure {
-    /// Worth retrying (receiver down, timeout, error status, channel not configured now).
-    Retry(String),
-    /// Can never succeed (e.g. an address that is not one).
-    Permanent(String),
-}
-
-impl Failure {
-    fn message(&self) -> &str {
-        match self {
-            Failure::Retry(m) | Failure::Permanent(m) => m,
-        }
-    }
-}
-
 /// The delay before retry number `attempts` (1 after the first failure): 1 s, 2 s, 4 s, ...
 /// capped at 5 minutes.
 pub fn backoff(attempts: u32) -> Duration {
@@ -64,11 +47,25 @@ pub fn backoff(attempts: u32) -> Duration {
     BACKOFF_START.saturating_mul(1 << exp).min(BACKOFF_CAP)
 }
 
+/// What the delivery task reads of the running gateway.
+pub trait Gateway: Send + Sync + 'static {
+    /// The recorder (its barrier makes the outbox current).
+    fn recorder(&self) -> &RecorderHandle;
+    /// The store holding the outbox.
+    fn store(&self) -> &SledStore;
+    /// The live config (where to deliver).
+    fn live(&self) -> &Arc<Live>;
+    /// The clock.
+    fn clock(&self) -> &SharedClock;
+    /// The alert state.
+    fn alerts(&self) -> &Alerts;
+}
+
 /// Starts the delivery task on the current tokio runtime. It holds the gateway only weakly and
-/// ends once the [`App`] is dropped (or when aborted); whatever it had not finished stays in the
-/// outbox for the next start.
-pub fn spawn_delivery(app: &Arc<App>) -> JoinHandle<()> {
-    tokio::spawn(run(Arc::downgrade(app), app.alerts.wake.clone()))
+/// ends once it is dropped (or when aborted); whatever it had not finished stays in the outbox
+/// for the next start.
+pub fn spawn_delivery<G: Gateway>(gw: &Arc<G>) -> JoinHandle<()> {
+    tokio::spawn(run(Arc::downgrade(gw), gw.alerts().wake.clone()))
 }
 
 /// What one attempt needs (not the whole gateway, so that an attempt waiting on a slow
@@ -83,7 +80,7 @@ struct Ctx {
     client: WebhookClient,
 }
 
-async fn run(app: Weak<App>, wake: Arc<Notify>) {
+async fn run<G: Gateway>(app: Weak<G>, wake: Arc<Notify>) {
     let client = webhook::client();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -91,15 +88,15 @@ async fn run(app: Weak<App>, wake: Arc<Notify>) {
     let mut woken = true;
     loop {
         let Some(app) = app.upgrade() else { return };
-        if woken && app.recorder.sync().await.is_err() {
+        if woken && app.recorder().sync().await.is_err() {
             return; // the recorder stopped: the gateway is going down
         }
-        let now = app.clock.now();
+        let now = app.clock().now();
         let mut next_due: Option<DateTime<Utc>> = None;
         let mut due = Vec::new();
-        match app.store.alert_outbox() {
+        match app.store().alert_outbox() {
             Ok(entries) => {
-                app.alerts
+                app.alerts()
                     .metrics
                     .pending
                     .store(entries.len() as u64, Ordering::Relaxed);
@@ -117,13 +114,13 @@ async fn run(app: Weak<App>, wake: Arc<Notify>) {
             Err(e) => tracing::error!(error = %e, "alerts: cannot read the outbox"),
         }
         // Send only what is durable: entries applied but not yet flushed are flushed by now.
-        if !due.is_empty() && app.recorder.sync().await.is_ok() {
+        if !due.is_empty() && app.recorder().sync().await.is_ok() {
             let ctx = Ctx {
-                store: app.store.clone(),
-                live: app.live.clone(),
-                clock: app.clock.clone(),
-                env: app.alerts.env().clone(),
-                metrics: app.alerts.metrics.clone(),
+                store: app.store().clone(),
+                live: app.live().clone(),
+                clock: app.clock().clone(),
+                env: app.alerts().env().clone(),
+                metrics: app.alerts().metrics.clone(),
                 client: client.clone(),
             };
             for d in due {

@@ -13,7 +13,7 @@ use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use rust_decimal::Decimal;
 
-use super::deliver::Failure;
+use super::failure::Failure;
 use crate::clock::rfc3339;
 use crate::config::{Config, SmtpConfig};
 use crate::ledger::alerts::{Alert, Delivery, Quota};

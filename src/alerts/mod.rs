@@ -10,17 +10,18 @@
 //!   outbox entry per channel in the same atomic batch as the record (see
 //!   [`crate::ledger::alerts`]). After a crash, an alert is on disk exactly when the usage that
 //!   crossed the line is; if both were lost, the reloaded counters are below the line again and
-//!   the next crossing fires it. The request whose record fired an alert waits (bounded, see
-//!   [`wait_on_disk`]) for that batch to be flushed before it completes, so a client that saw
-//!   the crossing call succeed can count on the alert even after a `kill -9`.
+//!   the next crossing fires it. The request whose record fired an alert holds its end (bounded
+//!   by [`ON_DISK_WAIT`], without blocking a thread: see `crate::settle`) until that batch is
+//!   flushed, so a client that saw the crossing call succeed can count on the alert even after
+//!   a `kill -9`.
 //! - Delivery ([`spawn_delivery`]) is a background task that sends only what is on disk (first
 //!   attempt a second after the alert), deletes an outbox entry once the receiver accepted it,
 //!   and retries the rest with exponential backoff (1 s doubling to 5 min) across restarts,
 //!   until success or a day after the alert. No request ever waits for a receiver.
 
-mod admin;
 mod deliver;
 mod email;
+mod failure;
 mod webhook;
 
 use std::sync::Arc;
@@ -31,8 +32,7 @@ use dashmap::DashMap;
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
 
-pub use admin::list;
-pub use deliver::{backoff, spawn_delivery};
+pub use deliver::{Gateway, backoff, spawn_delivery};
 pub use email::render as email_text;
 pub use webhook::signature;
 
@@ -146,6 +146,12 @@ impl Alerts {
         Ok(())
     }
 
+    /// Forgets the thresholds a deleted user reached (call once the registry marked them
+    /// deleted; the store erases their marks): the same id created again is alerted afresh.
+    pub fn forget(&self, user_id: &str) {
+        self.fired.remove(user_id);
+    }
+
     /// Pending deliveries are on disk: the delivery task looks now rather than at its next tick.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -176,6 +182,10 @@ impl Alerts {
         let Some(&lowest) = cfg.thresholds.first() else {
             return Vec::new();
         };
+        if user.is_deleted() {
+            // A request that outlived its user: its record is dropped, and so are its alerts.
+            return Vec::new();
+        }
         let touched = [
             rec.messages > 0,
             rec.tokens > 0,
@@ -265,7 +275,13 @@ impl Alerts {
         {
             return 0;
         }
-        let mut e = self.fired.entry(user.id_arc()).or_insert(Fired {
+        let entry = self.fired.entry(user.id_arc());
+        if user.is_deleted() {
+            // Checked under the entry's lock, which `forget` takes too: a user deleted
+            // meanwhile leaves no mark behind for the next user of the id.
+            return 0;
+        }
+        let mut e = entry.or_insert(Fired {
             month,
             user_created: created,
             bits: [0; 4],
@@ -288,23 +304,7 @@ impl Alerts {
 }
 
 /// Longest a request waits for its crossing record to reach the disk.
-const ON_DISK_WAIT: Duration = Duration::from_secs(1);
-
-/// Waits until the recorder reports the batch with a crossing record on disk, at most one
-/// second. Blocking is fine here: it happens a few times per user and month, and on a
-/// multi-thread runtime it goes through `block_in_place`, so other tasks move to other workers.
-/// On a current-thread runtime it does not wait (that would stall the runtime).
-pub fn wait_on_disk(on_disk: &std::sync::mpsc::Receiver<()>) {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    let wait = || {
-        let _ = on_disk.recv_timeout(ON_DISK_WAIT);
-    };
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(wait),
-        Ok(_) => {}
-        Err(_) => wait(),
-    }
-}
+pub const ON_DISK_WAIT: Duration = Duration::from_secs(1);
 
 /// The tier's limit of `q` and the use of it in `t`; `None` when the tier leaves it unlimited.
 fn level(q: Quota, tier: &Tier, t: &crate::ledger::Totals) -> Option<Level> {

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sha2::Sha256;
 
-use super::deliver::Failure;
+use super::failure::Failure;
 use crate::config::AlertsConfig;
 use crate::ledger::alerts::Delivery;
 use crate::runtime::EnvLookup;

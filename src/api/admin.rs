@@ -89,7 +89,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .user(id)
                 .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
             let mut v = app.registry.user_json(u);
-            v["current"] = super::usage::current(app, u);
+            v["current"] = super::current::current(app, u);
             Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["admin", "users", id]) => {
@@ -107,8 +107,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         }
         (Method::DELETE, ["admin", "users", id]) => {
             let id = id.to_string();
-            app.registry.delete_user(&id).map_err(identity_error)?;
-            let removed = app.recorder.delete_user(&id).await.map_err(storage)?;
+            let key_ids = app.registry.delete_user(&id).map_err(identity_error)?;
+            app.alerts.forget(&id);
+            let removed = app.recorder.delete_user(&id, key_ids).await.map_err(storage)?;
             app.store.flush().await.map_err(storage)?;
             Ok(json_response(
                 StatusCode::OK,
@@ -190,7 +191,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             ))
         }
         (Method::GET, ["admin", "export"]) => export(app, &req),
-        (Method::GET, ["admin", "alerts"]) => crate::alerts::list(app, &req),
+        (Method::GET, ["admin", "alerts"]) => super::alerts::list(app, &req),
         (Method::POST, ["admin", "reload"]) => {
             let res = app.live.reload(app.clock.now());
             let st = app.live.status();

@@ -2,6 +2,8 @@
 //! health and metrics.
 
 pub mod admin;
+mod alerts;
+pub mod current;
 pub mod pages;
 pub mod stream;
 pub mod usage;

@@ -145,7 +145,7 @@ enum Wake {
 impl State {
     fn usage_event(&mut self) -> Bytes {
         let body = match self.app.registry.user_of(self.key) {
-            Some(user) => super::usage::current(&self.app, user),
+            Some(user) => super::current::current(&self.app, user),
             None => serde_json::Value::Null,
         };
         self.next_allowed = Instant::now() + self.timing.min_gap;

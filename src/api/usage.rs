@@ -2,16 +2,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use rust_decimal::Decimal;
-use rust_decimal::prelude::ToPrimitive;
 use serde_json::{Value, json};
 
+pub use super::current::current;
 use super::{bounded, query_map};
 use crate::app::App;
-use crate::clock::{Month, rfc3339};
+use crate::clock::Month;
 use crate::error::{ApiError, json_response};
 use crate::identity::{KeyEntry, User};
 use crate::ledger::Totals;
@@ -25,64 +25,45 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
-        (&Method::GET, "/api/usage/history") => history(app, user, &req),
-        (&Method::GET, "/api/usage/daily") => daily(app, user, &req),
-        (&Method::GET, "/api/usage/breakdown") => breakdown(app, user, &req).await,
+        (&Method::GET, "/api/usage/history") => {
+            written(app).await;
+            history(app, user, &req)
+        }
+        (&Method::GET, "/api/usage/daily") => {
+            written(app).await;
+            daily(app, user, &req)
+        }
+        (&Method::GET, "/api/usage/breakdown") => {
+            written(app).await;
+            breakdown(app, user, &req).await
+        }
         (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, key)),
         _ => Err(ApiError::not_found("No such usage route.")),
+    }
+}
+
+/// Longest a read waits for the recorder (see [`written`]): it takes a millisecond or so, and
+/// longer only while storage writes fail (the read then shows what is written).
+const WRITTEN_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits until every record handed to the recorder so far is in the log, where the caller's
+/// history, daily and breakdown are read from (records not yet applied to the aggregates
+/// included): the caller sees every record of the responses they already got, as
+/// `/api/usage/current` (live counters) does. Costs no disk sync and nothing on the proxy path.
+async fn written(app: &App) {
+    match tokio::time::timeout(WRITTEN_WAIT, app.recorder.written()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "usage read without the recorder's barrier"),
+        Err(_) => tracing::warn!(
+            wait_ms = WRITTEN_WAIT.as_millis() as u64,
+            "the recorder did not write in time; the usage read shows what is written"
+        ),
     }
 }
 
 fn authenticate(app: &App, req: &Request<Incoming>) -> Result<KeyEntry, ApiError> {
     let (key, _) = caller_key(req.headers(), req.uri().query()).ok_or_else(ApiError::missing_key)?;
     app.registry.identify(&key).ok_or_else(ApiError::invalid_key)
-}
-
-fn pct(used: Decimal, limit: Decimal) -> Value {
-    if limit.is_zero() {
-        return json!(100.0);
-    }
-    let p = (used * Decimal::from(100) / limit).round_dp(2);
-    json!(p.to_f64().unwrap_or(0.0))
-}
-
-/// The `current` body: this month's totals against the plan.
-pub fn current(app: &App, user: &User) -> Value {
-    let now = app.clock.now();
-    let month = Month::of(now);
-    let t = user.usage.snapshot(month);
-    let rt = app.live.load();
-    let tier_name = user.tier();
-    let tier = rt.tier_by_id(user.tier_id()).map(|t| &t.tier);
-    let lim_u = |f: fn(&crate::config::Tier) -> Option<u64>| tier.and_then(f);
-    let limits = json!({
-        "messages": lim_u(|t| t.messages),
-        "tokens": lim_u(|t| t.tokens),
-        "bytes": lim_u(|t| t.bytes),
-        "cost": tier.and_then(|t| t.cost).map(|c| c.normalize().to_string()),
-        "requests_per_minute": tier.and_then(|t| t.requests_per_minute).map(|n| n.get()),
-        "tokens_per_minute": lim_u(|t| t.tokens_per_minute),
-        "models": tier.and_then(|t| t.models.clone()),
-    });
-    let p = |used: u64, l: Option<u64>| {
-        l.map(|l| pct(Decimal::from(used), Decimal::from(l)))
-            .unwrap_or(Value::Null)
-    };
-    let percentage = json!({
-        "messages": p(t.messages, lim_u(|t| t.messages)),
-        "tokens": p(t.tokens, lim_u(|t| t.tokens)),
-        "bytes": p(t.bytes, lim_u(|t| t.bytes)),
-        "cost": tier.and_then(|tr| tr.cost).map(|l| pct(t.cost, l)).unwrap_or(Value::Null),
-    });
-    json!({
-        "user_id": user.id(),
-        "tier": &*tier_name,
-        "month": month.to_string(),
-        "resets_at": rfc3339(month.resets_at()),
-        "current_month": t.to_json(),
-        "limits": limits,
-        "percentage": percentage,
-    })
 }
 
 fn history(app: &App, user: &User, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {

@@ -21,7 +21,10 @@ use http::Uri;
 use rust_decimal::Decimal;
 
 mod raw;
+mod tier_id;
 mod validate;
+
+pub use tier_id::TierId;
 
 #[cfg(test)]
 mod tests;

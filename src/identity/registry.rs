@@ -20,10 +20,9 @@ use serde_json::{Value, json};
 
 use super::keys::{KeyHash, RandomError, generate_key, hash_key, looks_like_key, random_base62};
 use super::slots::{Arena, Full, Index};
-use crate::admission::TokenWindow;
 use crate::clock::{Month, rfc3339};
-use crate::ledger::{SledStore, StoreError, Totals, UserUsage};
-use crate::runtime::TierId;
+use crate::config::TierId;
+use crate::ledger::{SledStore, StoreError, TokenWindow, Totals, UserUsage};
 
 /// Errors of identity operations.
 #[derive(Debug, thiserror::Error)]
@@ -504,24 +503,30 @@ impl Registry {
     }
 
     /// Deletes a user and their keys (the caller deletes the usage through the recorder).
-    pub fn delete_user(&self, id: &str) -> Result<(), IdentityError> {
+    /// Returns the ids of every key the user had, revoked ones included: the records of
+    /// requests still in flight carry them.
+    pub fn delete_user(&self, id: &str) -> Result<Vec<String>, IdentityError> {
         let slot = self.remove_user(id).ok_or_else(|| IdentityError::NoUser(id.into()))?;
         let prefix = format!("{id}/");
         let mut batch = sled::Batch::default();
+        let mut key_ids = Vec::new();
         for kv in self.store.keys().scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv?;
             if let Ok(j) = serde_json::from_slice::<Value>(&v)
                 && let Some(key_id) = j["key_id"].as_str()
-                && let Some(key) = self.find_key_id(key_id)
-                && self.keys.get(key).is_some_and(|s| s.user == slot)
             {
-                self.unindex_key(key);
+                key_ids.push(key_id.to_string());
+                if let Some(key) = self.find_key_id(key_id)
+                    && self.keys.get(key).is_some_and(|s| s.user == slot)
+                {
+                    self.unindex_key(key);
+                }
             }
             batch.remove(k);
         }
         self.store.keys().apply_batch(batch)?;
         self.store.users().remove(id.as_bytes())?;
-        Ok(())
+        Ok(key_ids)
     }
 
     /// Issues a new key for a user; the plaintext is returned once and never stored.

@@ -1,22 +1,16 @@
-//! Quota alerts in the ledger tree: fired marks, the outbox and the delivery log.
+//! Quota alerts as the ledger keeps them: the alert, its deliveries, and their stored (JSON)
+//! forms. Where they live in sled (fired marks, the outbox, the delivery log) is the store's
+//! business, see [`super::store`].
 //!
 //! An alert is written by the recorder in the log frame of the usage record that crossed its
 //! threshold, and staged into sled in the batch that applies that record's aggregates (again on
 //! replay after a crash): the fired mark and one outbox entry per channel exist exactly when the
-//! record does. Three key prefixes of the
-//! ledger tree (see the table in [`super::store`]):
-//!
-//! | prefix | key | value |
-//! | --- | --- | --- |
-//! | `F` | `YYYY-MM` `/` user `/` quota `/` threshold (3 digits) | the [`Alert`] (JSON): the fired mark |
-//! | `O` | delivery id | a pending [`Delivery`] (JSON): the outbox |
-//! | `D` | `YYYY-MM` `/` user `/` delivery id | a finished [`Delivery`] (JSON), sent or failed |
+//! record does.
 //!
 //! Ids are derived from what the alert is about (user, the user's creation time, month, quota,
 //! threshold, channel), never random: should an alert ever be produced twice, both copies carry
 //! the same id, and a receiver that deduplicates on it sees one.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -26,7 +20,6 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::record::{format_id, parse_id};
-use super::store::{SledStore, StoreError, join as key};
 use crate::clock::{Month, rfc3339, rfc3339_ms};
 
 /// How long after an alert its first delivery attempt is made. The alert is durable before the
@@ -34,10 +27,6 @@ use crate::clock::{Month, rfc3339, rfc3339_ms};
 /// so a crash right after the crossing finds the alert unsent (and it goes out once after the
 /// restart) rather than sent with its removal from the outbox not yet on disk.
 pub const FIRST_ATTEMPT_DELAY: chrono::Duration = chrono::Duration::seconds(1);
-
-const FIRED: u8 = b'F';
-const OUTBOX: u8 = b'O';
-const DONE: u8 = b'D';
 
 /// A limited monthly quota an alert can be about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,7 +186,7 @@ impl Alert {
         }
     }
 
-    fn to_stored(&self) -> Value {
+    pub(crate) fn to_stored(&self) -> Value {
         json!({
             "id": self.id,
             "user_id": &*self.user_id,
@@ -215,7 +204,7 @@ impl Alert {
         })
     }
 
-    fn from_stored(v: &Value) -> Option<Alert> {
+    pub(crate) fn from_stored(v: &Value) -> Option<Alert> {
         let s = |k: &str| v.get(k).and_then(Value::as_str);
         Some(Alert {
             id: s("id")?.to_string(),
@@ -249,10 +238,6 @@ impl Alert {
             m.insert("resets_at".into(), rfc3339(self.month.resets_at()).into());
         }
         v
-    }
-
-    fn fired_key(&self) -> Vec<u8> {
-        fired_key(self.month, &self.user_id, self.quota, self.threshold)
     }
 }
 
@@ -341,7 +326,7 @@ impl Delivery {
         Value::Object(m)
     }
 
-    fn to_stored(&self) -> Value {
+    pub(crate) fn to_stored(&self) -> Value {
         let mut v = self.to_json();
         if let Some(m) = v.as_object_mut() {
             m.insert("next_attempt_at".into(), rfc3339_ms(self.next_attempt_at).into());
@@ -350,7 +335,7 @@ impl Delivery {
         v
     }
 
-    fn from_stored(v: &Value) -> Option<Delivery> {
+    pub(crate) fn from_stored(v: &Value) -> Option<Delivery> {
         let s = |k: &str| v.get(k).and_then(Value::as_str);
         Some(Delivery {
             id: s("id")?.to_string(),
@@ -366,64 +351,10 @@ impl Delivery {
             alert: Alert::from_stored(v.get("alert")?)?,
         })
     }
-
-    fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(&self.to_stored()).map_err(|e| StoreError::Corrupt(e.to_string()))
-    }
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
-}
-
-fn fired_key(month: Month, user: &str, quota: Quota, threshold: u8) -> Vec<u8> {
-    let t = format!("{threshold:03}");
-    key(
-        FIRED,
-        &[
-            month.to_string().as_bytes(),
-            user.as_bytes(),
-            quota.as_str().as_bytes(),
-            t.as_bytes(),
-        ],
-    )
-}
-
-/// The prefix of the fired marks of a month, or of one user's in a month.
-fn fired_prefix(month: Month, user: Option<&str>) -> Vec<u8> {
-    let m = month.to_string();
-    let mut k = match user {
-        Some(u) => key(FIRED, &[m.as_bytes(), u.as_bytes()]),
-        None => key(FIRED, &[m.as_bytes()]),
-    };
-    k.push(b'/');
-    k
-}
-
-fn outbox_key(delivery_id: &str) -> Vec<u8> {
-    key(OUTBOX, &[delivery_id.as_bytes()])
-}
-
-fn done_key(d: &Delivery) -> Vec<u8> {
-    let a = &d.alert;
-    key(
-        DONE,
-        &[a.month.to_string().as_bytes(), a.user_id.as_bytes(), d.id.as_bytes()],
-    )
-}
-
-fn corrupt(k: &[u8]) -> StoreError {
-    StoreError::Corrupt(String::from_utf8_lossy(k).into_owned())
-}
-
-fn decode_alert(k: &[u8], v: &[u8]) -> Result<Alert, StoreError> {
-    let json: Value = serde_json::from_slice(v).map_err(|_| corrupt(k))?;
-    Alert::from_stored(&json).ok_or_else(|| corrupt(k))
-}
-
-fn decode_delivery(k: &[u8], v: &[u8]) -> Result<Delivery, StoreError> {
-    let json: Value = serde_json::from_slice(v).map_err(|_| corrupt(k))?;
-    Delivery::from_stored(&json).ok_or_else(|| corrupt(k))
 }
 
 /// The alerts fired by one record, as written in its log frame (empty when none).
@@ -450,108 +381,6 @@ pub(super) fn decode_alerts(bytes: &[u8]) -> Vec<Alert> {
             a
         })
         .collect()
-}
-
-/// Adds alerts to a batch being built by the recorder: for each, its fired mark and one outbox
-/// entry per channel. An alert whose mark is already on disk for the same user (created at the
-/// same time) is left out, so a mark is written once whatever memory believed.
-pub(super) fn stage(tree: &sled::Tree, batch: &mut sled::Batch, alerts: &[Alert]) -> Result<(), StoreError> {
-    let mut staged: HashSet<Vec<u8>> = HashSet::new();
-    for a in alerts {
-        let fk = a.fired_key();
-        if staged.contains(&fk) {
-            continue;
-        }
-        if let Some(old) = tree.get(&fk)?
-            && decode_alert(&fk, &old).is_ok_and(|o| o.user_created == a.user_created)
-        {
-            continue;
-        }
-        let json = serde_json::to_vec(&a.to_stored()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        batch.insert(fk.as_slice(), json);
-        for &ch in &a.channels {
-            let d = Delivery::new(a, ch);
-            batch.insert(outbox_key(&d.id), d.encode()?);
-        }
-        staged.insert(fk);
-    }
-    Ok(())
-}
-
-impl SledStore {
-    /// The fired alerts of a month, for everyone or one user, in key order (user, quota,
-    /// threshold). An entry that cannot be decoded is logged and skipped.
-    pub fn alerts(&self, month: Month, user: Option<&str>) -> Result<Vec<Alert>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.ledger_tree().scan_prefix(fired_prefix(month, user)) {
-            let (k, v) = kv?;
-            match decode_alert(&k, &v) {
-                Ok(a) => out.push(a),
-                Err(e) => tracing::error!(error = %e, "skipping an unreadable alert"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every pending delivery (the outbox). An entry that cannot be decoded is logged and
-    /// skipped (it stays on disk for inspection; it cannot block the others).
-    pub fn alert_outbox(&self) -> Result<Vec<Delivery>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.ledger_tree().scan_prefix([OUTBOX]) {
-            let (k, v) = kv?;
-            match decode_delivery(&k, &v) {
-                Ok(d) => out.push(d),
-                Err(e) => tracing::error!(error = %e, "skipping an unreadable alert delivery"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// The delivery of `alert` on `channel`, pending or finished; `None` when there is none.
-    pub fn alert_delivery(&self, alert: &Alert, channel: Channel) -> Result<Option<Delivery>, StoreError> {
-        let id = alert.delivery_id(channel);
-        let tree = self.ledger_tree();
-        let ok = outbox_key(&id);
-        if let Some(v) = tree.get(&ok)? {
-            return decode_delivery(&ok, &v).map(Some);
-        }
-        let dk = key(
-            DONE,
-            &[
-                alert.month.to_string().as_bytes(),
-                alert.user_id.as_bytes(),
-                id.as_bytes(),
-            ],
-        );
-        match tree.get(&dk)? {
-            Some(v) => decode_delivery(&dk, &v).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Saves a pending delivery after a failed attempt (attempts, next attempt, last error).
-    /// Does nothing when it is no longer in the outbox. Not flushed.
-    pub fn reschedule_delivery(&self, d: &Delivery) -> Result<(), StoreError> {
-        let k = outbox_key(&d.id);
-        let v = d.encode()?;
-        // Only the delivery worker writes outbox entries after the recorder created them, so
-        // this compare-and-swap fails only when the entry was finished meanwhile.
-        let tree = self.ledger_tree();
-        if let Some(cur) = tree.get(&k)? {
-            let _ = tree.compare_and_swap(&k, Some(cur), Some(v))?;
-        }
-        Ok(())
-    }
-
-    /// Moves a delivery out of the outbox into the delivery log (sent or failed), atomically.
-    /// Not flushed.
-    pub fn finish_delivery(&self, d: &Delivery) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(outbox_key(&d.id));
-        batch.insert(done_key(d), d.encode()?);
-        self.ledger_tree().apply_batch(batch)?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -639,45 +468,5 @@ mod tests {
         d.status = DeliveryStatus::Sent;
         d.finished_at = Some(a.at);
         assert_eq!(Delivery::from_stored(&d.to_stored()), Some(d));
-    }
-
-    #[test]
-    fn staging_writes_a_mark_once_and_an_entry_per_channel() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let a = alert(Quota::Messages, 80, Decimal::from(8), Decimal::from(10));
-        store.write_batch(&[], &[a.clone(), a.clone()]).unwrap();
-        assert_eq!(store.alerts(a.month, Some("ann")).unwrap(), vec![a.clone()]);
-        assert_eq!(
-            store.alerts(a.month, Some("an")).unwrap(),
-            vec![],
-            "user prefixes do not leak"
-        );
-        let outbox = store.alert_outbox().unwrap();
-        assert_eq!(outbox.len(), 2);
-        // A second crossing of the same mark (memory lost it) is not staged again.
-        let mut again = a.clone();
-        again.used = Decimal::from(9);
-        let sent = {
-            let mut d = outbox[0].clone();
-            d.status = DeliveryStatus::Sent;
-            d
-        };
-        store.finish_delivery(&sent).unwrap();
-        store.write_batch(&[], &[again]).unwrap();
-        assert_eq!(
-            store.alert_outbox().unwrap().len(),
-            1,
-            "only the untouched entry is pending"
-        );
-        assert_eq!(store.alerts(a.month, None).unwrap()[0].used, Decimal::from(8));
-        let got = store.alert_delivery(&a, sent.channel).unwrap().unwrap();
-        assert_eq!(got.status, DeliveryStatus::Sent);
-        // The same user id created anew is a new user: its mark replaces the old one.
-        let mut reborn = a.clone();
-        reborn.user_created += 10;
-        reborn.id = Alert::make_id("ann", reborn.user_created, a.month, a.quota, a.threshold);
-        store.write_batch(&[], &[reborn.clone()]).unwrap();
-        assert_eq!(store.alerts(a.month, Some("ann")).unwrap(), vec![reborn]);
     }
 }

@@ -80,6 +80,15 @@ impl UserUsage {
         self.with(month, |t| t.messages = t.messages.saturating_sub(1));
     }
 
+    /// Replaces a reserved message with the settled usage `delta` in one step (`delta`'s
+    /// messages are what the request really counts: 1 if answered, 0 if not).
+    pub fn commit(&self, month: Month, delta: &Totals) {
+        self.with(month, |t| {
+            t.messages = t.messages.saturating_sub(1);
+            t.add(delta);
+        });
+    }
+
     /// Adds settled usage. `reserved_message` is true when the record's message was already
     /// counted at admission, so it is not counted twice.
     pub fn add(&self, month: Month, delta: &Totals, reserved_message: bool) {

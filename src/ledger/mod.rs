@@ -4,14 +4,20 @@
 
 pub mod alerts;
 pub mod counters;
+pub mod details;
+mod json;
 pub mod log;
 pub mod record;
 pub mod recorder;
 pub mod store;
 pub mod totals;
+pub mod window;
 
+pub use alerts::Quota;
 pub use counters::UserUsage;
+pub use details::{AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource};
 pub use record::{Record, RecordIds, RecordKind};
 pub use recorder::{Recorder, RecorderHandle};
 pub use store::{SledStore, StoreError};
 pub use totals::Totals;
+pub use window::TokenWindow;

@@ -7,39 +7,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
+use super::details::Details;
+pub use super::details::RecordKind;
 use crate::clock::{Month, rfc3339_ms};
-
-/// What a record bills for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RecordKind {
-    /// A request admitted and answered (messages = 1), or refused upstream (messages = 0).
-    MessageSent,
-    /// The tokens of one model response.
-    AiResponse,
-    /// File bytes sent upstream.
-    FileUpload,
-}
-
-impl RecordKind {
-    /// The wire name (`message_sent`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RecordKind::MessageSent => "message_sent",
-            RecordKind::AiResponse => "ai_response",
-            RecordKind::FileUpload => "file_upload",
-        }
-    }
-
-    /// Parses the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "message_sent" => Some(RecordKind::MessageSent),
-            "ai_response" => Some(RecordKind::AiResponse),
-            "file_upload" => Some(RecordKind::FileUpload),
-            _ => None,
-        }
-    }
-}
 
 /// A usage record.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,8 +19,6 @@ pub struct Record {
     pub id: u128,
     /// The user billed.
     pub user_id: Arc<str>,
-    /// What is billed.
-    pub kind: RecordKind,
     /// Tokens.
     pub tokens: u64,
     /// Messages.
@@ -59,8 +27,8 @@ pub struct Record {
     pub bytes: u64,
     /// Exact cost.
     pub cost: Decimal,
-    /// Details (model, token breakdown, status, tags, ...).
-    pub metadata: Map<String, Value>,
+    /// What the record says beyond its amounts, typed per record type (rendered as `metadata`).
+    pub details: Details,
     /// When the usage happened.
     pub created_at: DateTime<Utc>,
 }
@@ -71,14 +39,24 @@ impl Record {
         Month::of(self.created_at)
     }
 
-    /// Bytes of response streamed back, from the metadata.
-    pub fn response_bytes(&self) -> u64 {
-        self.metadata.get("response_bytes").and_then(Value::as_u64).unwrap_or(0)
+    /// What is billed.
+    pub fn kind(&self) -> RecordKind {
+        self.details.kind()
     }
 
-    /// The model named in the metadata, if any.
+    /// Bytes of response streamed back.
+    pub fn response_bytes(&self) -> u64 {
+        self.details.response_bytes()
+    }
+
+    /// The model the record names, if any.
     pub fn model(&self) -> Option<&str> {
-        self.metadata.get("model").and_then(Value::as_str)
+        self.details.model()
+    }
+
+    /// The `metadata` object as the APIs render it.
+    pub fn metadata(&self) -> Value {
+        self.details.to_value()
     }
 
     /// The id as rendered in APIs: 32 lowercase hex digits (sorts as the time it encodes).
@@ -86,9 +64,14 @@ impl Record {
         format_id(self.id)
     }
 
-    /// Writes [`Record::to_json`]'s bytes (same keys, same order) without building a `Value`:
-    /// the recorder serializes every record, and cloning the metadata map dominated that.
+    /// Writes [`Record::to_json`]'s bytes (same keys, same order) without building a `Value`.
     pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        super::json::write_record(self, out)
+    }
+
+    /// The same bytes as [`Record::write_json`], through serde_json (the reference it is
+    /// tested against).
+    pub fn write_json_serde(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         // Field order is serde_json's map order (sorted), as `to_json` produces.
         #[derive(serde::Serialize)]
         struct Out<'a> {
@@ -97,7 +80,7 @@ impl Record {
             created_at: String,
             id: String,
             messages: u64,
-            metadata: &'a Map<String, Value>,
+            metadata: &'a Details,
             tokens: u64,
             #[serde(rename = "type")]
             kind: &'static str,
@@ -111,9 +94,9 @@ impl Record {
                 created_at: rfc3339_ms(self.created_at),
                 id: self.id_string(),
                 messages: self.messages,
-                metadata: &self.metadata,
+                metadata: &self.details,
                 tokens: self.tokens,
-                kind: self.kind.as_str(),
+                kind: self.kind().as_str(),
                 user_id: &self.user_id,
             },
         )
@@ -124,12 +107,12 @@ impl Record {
         let mut m = Map::with_capacity(9);
         m.insert("id".into(), Value::String(self.id_string()));
         m.insert("user_id".into(), Value::String(self.user_id.to_string()));
-        m.insert("type".into(), Value::String(self.kind.as_str().into()));
+        m.insert("type".into(), Value::String(self.kind().as_str().into()));
         m.insert("tokens".into(), self.tokens.into());
         m.insert("messages".into(), self.messages.into());
         m.insert("bytes".into(), self.bytes.into());
         m.insert("cost".into(), Value::String(self.cost.normalize().to_string()));
-        m.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        m.insert("metadata".into(), self.details.to_value());
         m.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at)));
         Value::Object(m)
     }
@@ -137,15 +120,15 @@ impl Record {
     /// Parses the stored JSON form back; `None` when it is not a record.
     pub fn from_json(v: &Value) -> Option<Self> {
         let cost: Decimal = v.get("cost")?.as_str()?.parse().ok()?;
+        let kind = RecordKind::parse(v.get("type")?.as_str()?)?;
         Some(Record {
             id: parse_id(v.get("id")?.as_str()?)?,
             user_id: Arc::from(v.get("user_id")?.as_str()?),
-            kind: RecordKind::parse(v.get("type")?.as_str()?)?,
             tokens: v.get("tokens")?.as_u64()?,
             messages: v.get("messages")?.as_u64()?,
             bytes: v.get("bytes")?.as_u64()?,
             cost,
-            metadata: v.get("metadata")?.as_object()?.clone(),
+            details: Details::from_value(kind, v.get("metadata")?)?,
             created_at: DateTime::parse_from_rfc3339(v.get("created_at")?.as_str()?)
                 .ok()?
                 .with_timezone(&Utc),
@@ -249,15 +232,15 @@ mod tests {
         let r = Record {
             id: RecordIds::new().next(Utc::now()),
             user_id: Arc::from("u1"),
-            kind: RecordKind::AiResponse,
             tokens: 1644,
             messages: 0,
             bytes: 0,
             cost: "0.0011912".parse().unwrap(),
-            metadata: serde_json::json!({"model": "gemini-2.5-flash", "response_bytes": 10})
-                .as_object()
-                .unwrap()
-                .clone(),
+            details: Details::from_value(
+                RecordKind::AiResponse,
+                &serde_json::json!({"model": "gemini-2.5-flash", "response_bytes": 10}),
+            )
+            .unwrap(),
             created_at: DateTime::parse_from_rfc3339("2026-11-28T10:00:00.123Z")
                 .unwrap()
                 .with_timezone(&Utc),

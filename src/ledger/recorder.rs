@@ -11,6 +11,7 @@
 //! this keeps their share small under load. A failing write is retried with backoff, never dropped;
 //! each step is retried alone, so nothing is written twice.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,9 +42,12 @@ enum Msg {
     Record(Box<Record>),
     /// A record and the alerts it fired: always written in the same batch; the sender is told
     /// once that batch is on disk.
-    Alerted(Box<Record>, Vec<Alert>, std::sync::mpsc::SyncSender<()>),
+    Alerted(Box<Record>, Vec<Alert>, oneshot::Sender<()>),
     Barrier(oneshot::Sender<()>),
-    DeleteUser(String, oneshot::Sender<Result<u64, StoreError>>),
+    /// Told once every record handed over before is written to the log (not applied).
+    Written(oneshot::Sender<()>),
+    /// A user to erase, and the ids of every key they had.
+    DeleteUser(String, Vec<String>, oneshot::Sender<Result<u64, StoreError>>),
     Retention(DateTime<Utc>, oneshot::Sender<Result<u64, StoreError>>),
 }
 
@@ -58,6 +62,8 @@ pub struct RecorderStats {
     pub batches: AtomicU64,
     /// Duration of the last log write (the sync comes with the next apply), in microseconds.
     pub last_flush_us: AtomicU64,
+    /// Records of deleted users that settled after the erasure, dropped.
+    pub dropped_erased: AtomicU64,
     /// True while writes are failing.
     pub degraded: AtomicBool,
     /// The last write error, if writes are failing.
@@ -102,10 +108,10 @@ impl RecorderHandle {
     }
 
     /// Hands a record over together with the alerts it fired; they are written in the same
-    /// atomic batch. Never blocks; the returned receiver gets a message once that batch is on
-    /// disk (and is closed without one if the recorder has stopped).
-    pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> std::sync::mpsc::Receiver<()> {
-        let (done, on_disk) = std::sync::mpsc::sync_channel(1);
+    /// atomic batch. Never blocks; the returned receiver resolves once that batch is on disk
+    /// (and with an error if the recorder has stopped).
+    pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> oneshot::Receiver<()> {
+        let (done, on_disk) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Alerted(Box::new(r), alerts, done)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -121,11 +127,24 @@ impl RecorderHandle {
         rx.await.map_err(|_| RecorderError::Stopped)
     }
 
-    /// Deletes a user's usage, after every record handed over before.
-    pub async fn delete_user(&self, user: &str) -> Result<u64, RecorderError> {
+    /// Waits until every record handed over before this call is written to the log, where one
+    /// user's reads find it (see `SledStore::records`); unlike [`RecorderHandle::sync`] it
+    /// forces no sync and no apply: the recorder writes what it is handed within a
+    /// millisecond or so anyway.
+    pub async fn written(&self) -> Result<(), RecorderError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Written(tx)).map_err(|_| RecorderError::Stopped)?;
+        rx.await.map_err(|_| RecorderError::Stopped)
+    }
+
+    /// Deletes a user's usage, after every record handed over before. Records of requests
+    /// made with one of `key_ids` (the user's keys) that are handed over later, from requests
+    /// still in flight, are dropped: nothing of the user lands after the erasure, and a user
+    /// created again under the same id (with keys of their own) starts with nothing.
+    pub async fn delete_user(&self, user: &str, key_ids: Vec<String>) -> Result<u64, RecorderError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Msg::DeleteUser(user.to_string(), tx))
+            .send(Msg::DeleteUser(user.to_string(), key_ids, tx))
             .map_err(|_| RecorderError::Stopped)?;
         Ok(rx.await.map_err(|_| RecorderError::Stopped)??)
     }
@@ -154,6 +173,10 @@ pub struct Recorder {
     appended: Option<Appended>,
     /// When the oldest unapplied batch must be applied.
     apply_due: Option<Instant>,
+    /// Deleted users, with the ids of the keys they had: their records that come late are
+    /// dropped (see [`RecorderHandle::delete_user`]). In memory: nothing is in flight across
+    /// a restart.
+    erased: HashMap<Arc<str>, HashSet<String>>,
 }
 
 impl Recorder {
@@ -172,6 +195,7 @@ impl Recorder {
                 unapplied: Vec::new(),
                 appended: None,
                 apply_due: None,
+                erased: HashMap::new(),
             },
             RecorderHandle { tx, stats },
         )
@@ -225,19 +249,26 @@ impl Recorder {
 
     fn run_loop(mut self) {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
-        let mut on_disk: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
+        let mut on_disk: Vec<oneshot::Sender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut written: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(first) = self.next_msg() {
             let mut op = None;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
+                    Msg::Record(r) if self.of_erased_user(&r) => {}
                     Msg::Record(r) => buf.push((*r, Vec::new())),
+                    Msg::Alerted(r, _, done) if self.of_erased_user(&r) => {
+                        // Its alerts go with it; the request that waits is let go.
+                        let _ = done.send(());
+                    }
                     Msg::Alerted(r, a, done) => {
                         buf.push((*r, a));
                         on_disk.push(done);
                     }
                     Msg::Barrier(b) => barriers.push(b),
+                    Msg::Written(w) => written.push(w),
                     other => {
                         // Admin operations run after the records queued before them.
                         op = Some(other);
@@ -266,14 +297,18 @@ impl Recorder {
             if waited || self.unapplied.len() >= MAX_BATCH || self.apply_due.is_some_and(|d| d <= Instant::now()) {
                 self.apply();
             }
+            for w in written.drain(..) {
+                let _ = w.send(());
+            }
             for done in on_disk.drain(..) {
-                let _ = done.try_send(());
+                let _ = done.send(());
             }
             for b in barriers.drain(..) {
                 let _ = b.send(());
             }
             match op {
-                Some(Msg::DeleteUser(user, reply)) => {
+                Some(Msg::DeleteUser(user, key_ids, reply)) => {
+                    self.erased.entry(Arc::from(user.as_str())).or_default().extend(key_ids);
                     let res = self.store.delete_user_usage(&user);
                     let res = match res {
                         Ok(n) => self.store.flush_sync().map(|_| n),
@@ -299,6 +334,21 @@ impl Recorder {
         if let Err(e) = self.store.flush_sync() {
             tracing::error!(error = %e, "final flush failed");
         }
+    }
+
+    /// True for a record of a deleted user's request that settled after the erasure (it is
+    /// dropped; see [`RecorderHandle::delete_user`]).
+    fn of_erased_user(&self, r: &Record) -> bool {
+        let Some(keys) = self.erased.get(&*r.user_id) else {
+            return false;
+        };
+        let late = r.details.key_id().is_some_and(|k| keys.contains(k));
+        if late {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dropped_erased.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(user = %r.user_id, kind = r.kind().as_str(), "record of a deleted user, settled after the erasure: dropped");
+        }
+        late
     }
 
     /// Writes one batch to the log (retried until it is) and keeps it for the next apply;

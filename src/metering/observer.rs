@@ -1,28 +1,22 @@
 //! The response-body observer: forwards every frame untouched and at once, feeds the bytes to
-//! the scanner, and settles exactly once however the body ends: at its end, on an upstream
-//! error, or when dropped because the client went away (dropping it also drops the upstream
-//! body, which closes the upstream connection so the upstream stops generating).
+//! the scanner, and calls its end-of-stream callback exactly once however the body ends: at
+//! its end (`None`, or `is_end_stream` turning true, since hyper may never poll again), on an
+//! upstream error, or when dropped because the client went away (dropping it also drops the
+//! upstream body, which closes the upstream connection so the upstream stops generating).
+//!
+//! The body is generic over its callback ([`OnEnd`]), so it is tested here with a scripted
+//! body and a callback that only remembers what it was told.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
-use serde_json::{Map, Value};
 
 use super::decode::DecodingScanner;
-use super::pricing::{TokenSource, Tokens, response_cost};
 use super::scan::{Format, ScanSummary};
-use crate::app::App;
-use crate::identity::KeyEntry;
-use crate::ledger::{Record, RecordKind};
-
-/// Boxed error type of proxied bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::body::BoxError;
 
 /// How a metered body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,75 +29,110 @@ pub enum Ending {
     ClientClosed,
 }
 
-/// Everything needed to settle one metered response.
-#[derive(Debug)]
-pub struct Meter {
-    /// Shared state.
-    pub app: Arc<App>,
-    /// The key used (and so who pays).
-    pub key: KeyEntry,
-    /// The requested model id.
-    pub model: String,
-    /// Framing of the response.
-    pub format: Format,
-    /// Upstream HTTP status.
-    pub upstream_status: u16,
-    /// Tags from `x-meter-tag-*` headers.
-    pub tags: Option<Map<String, Value>>,
-    /// Characters of prompt text seen in the request body (for estimates).
-    pub prompt_chars: Arc<AtomicU64>,
-    /// When the request arrived.
-    pub started: Instant,
-    /// When it was admitted.
-    pub admitted_at: DateTime<Utc>,
+/// What the body saw, handed to the callback at its end.
+#[derive(Debug, Clone, Copy)]
+pub struct End<'a> {
+    /// What the scanner read.
+    pub summary: &'a ScanSummary,
+    /// Bytes of body passed to the client.
+    pub response_bytes: u64,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// One poll's result of a body.
+type Item = Option<Result<Frame<Bytes>, BoxError>>;
+
+/// A wait the body holds its end on (the settled record's alert reaching the disk).
+pub type Hold = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The end-of-stream callback of a [`MeteredBody`].
+pub trait OnEnd: Send + Unpin + 'static {
+    /// The first bytes of the body passed (for time-to-first-byte).
+    fn first_byte(&mut self) {}
+
+    /// The body ended; called exactly once. A returned hold delays the end of the body toward
+    /// the client until it resolves (ignored when the client is gone).
+    fn on_end(self, end: End<'_>) -> Option<Hold>;
 }
 
 /// A response body that meters what passes through it.
-pub struct MeteredBody<B> {
+pub struct MeteredBody<B, E: OnEnd> {
     inner: B,
     scanner: DecodingScanner,
     response_bytes: u64,
-    meter: Option<Meter>,
+    on_end: Option<E>,
+    /// Whether an in-band error object ends the stream as an error (a 2xx stream's).
+    fail_on_error: bool,
     /// Set after forwarding an in-band error object of a 2xx stream: the next poll fails, so
     /// the client's stream ends as an error, not as a clean end.
     fail_next: bool,
     /// True once the frames before a deliberate failure had their chance to be written.
     flushed: bool,
+    /// The end, held back until `hold` resolves.
+    held: Option<(Hold, Item)>,
 }
 
-impl<B> MeteredBody<B> {
-    /// Wraps `inner`; `content_encoding` is the response's Content-Encoding.
-    pub fn new(inner: B, content_encoding: Option<&str>, meter: Meter) -> Self {
-        let scanner = DecodingScanner::new(content_encoding, meter.format);
-        meter.app.metrics.open_streams.fetch_add(1, Ordering::Relaxed);
+impl<B, E: OnEnd> MeteredBody<B, E> {
+    /// Wraps `inner`; `content_encoding` is the response's Content-Encoding, `format` its
+    /// framing; `fail_on_error` for a successful stream, whose in-band error must reach the
+    /// client as a failed stream.
+    pub fn new(inner: B, content_encoding: Option<&str>, format: Format, fail_on_error: bool, on_end: E) -> Self {
         Self {
             inner,
-            scanner,
+            scanner: DecodingScanner::new(content_encoding, format),
             response_bytes: 0,
-            meter: Some(meter),
+            on_end: Some(on_end),
+            fail_on_error,
             fail_next: false,
             flushed: false,
+            held: None,
         }
     }
 
-    fn settle(&mut self, ending: Ending) {
-        if let Some(m) = self.meter.take() {
-            m.app.metrics.open_streams.fetch_sub(1, Ordering::Relaxed);
-            settle(m, &self.scanner.summary(), self.response_bytes, ending);
+    fn end(&mut self, ending: Ending) -> Option<Hold> {
+        let e = self.on_end.take()?;
+        e.on_end(End {
+            summary: &self.scanner.summary(),
+            response_bytes: self.response_bytes,
+            ending,
+        })
+    }
+
+    /// Ends with `ending`, then yields `item`, after the callback's hold if it returned one.
+    fn finish(&mut self, cx: &mut Context<'_>, ending: Ending, item: Item) -> Poll<Item> {
+        match self.end(ending) {
+            None => Poll::Ready(item),
+            Some(hold) => {
+                self.held = Some((hold, item));
+                self.poll_held(cx)
+            }
         }
+    }
+
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+        let Some((hold, _)) = &mut self.held else {
+            return Poll::Ready(None);
+        };
+        ready!(hold.as_mut().poll(cx));
+        Poll::Ready(self.held.take().and_then(|(_, item)| item))
     }
 }
 
-impl<B> Body for MeteredBody<B>
+impl<B, E> Body for MeteredBody<B, E>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    E: OnEnd,
 {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.held.is_some() {
+            return this.poll_held(cx);
+        }
         if this.fail_next {
             if !this.flushed {
                 // Give hyper one turn to write out the error object it already holds before the
@@ -113,46 +142,39 @@ where
                 return Poll::Pending;
             }
             this.fail_next = false;
-            this.settle(Ending::Complete);
-            return Poll::Ready(Some(Err("the upstream reported an error inside the stream".into())));
+            let err: BoxError = "the upstream reported an error inside the stream".into();
+            return this.finish(cx, Ending::Complete, Some(Err(err)));
+        }
+        if this.on_end.is_none() {
+            return Poll::Ready(None);
         }
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if this.response_bytes == 0
-                        && let Some(m) = &this.meter
+                        && let Some(e) = &mut this.on_end
                     {
-                        m.app.metrics.ttfb.observe(m.started.elapsed());
+                        e.first_byte();
                     }
                     this.response_bytes += data.len() as u64;
                     this.scanner.feed(data);
-                    let ok_stream = this.meter.as_ref().is_some_and(|m| {
-                        m.upstream_status < 300 && m.format != Format::UnaryJson && m.format != Format::OpenAiJson
-                    });
-                    if ok_stream && this.scanner.has_error() {
+                    if this.fail_on_error && this.scanner.has_error() {
                         this.fail_next = true;
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 }
-                // hyper may never poll again once the body says it has ended.
                 if this.inner.is_end_stream() {
-                    this.settle(Ending::Complete);
+                    return this.finish(cx, Ending::Complete, Some(Ok(frame)));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => {
-                this.settle(Ending::UpstreamCut);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            None => {
-                this.settle(Ending::Complete);
-                Poll::Ready(None)
-            }
+            Some(Err(e)) => this.finish(cx, Ending::UpstreamCut, Some(Err(e.into()))),
+            None => this.finish(cx, Ending::Complete, None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        !self.fail_next && self.meter.is_none() && self.inner.is_end_stream()
+        !self.fail_next && self.held.is_none() && self.on_end.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -160,117 +182,12 @@ where
     }
 }
 
-impl<B> Drop for MeteredBody<B> {
+impl<B, E: OnEnd> Drop for MeteredBody<B, E> {
     fn drop(&mut self) {
-        self.settle(Ending::ClientClosed);
+        // The client is gone: nobody to hold the end for.
+        drop(self.end(Ending::ClientClosed));
     }
 }
 
-/// Settles a request the client abandoned before the upstream answered: the prompt was sent,
-/// so its tokens are estimated and recorded.
-pub fn settle_unanswered(m: Meter) {
-    settle(m, &ScanSummary::default(), 0, Ending::ClientClosed);
-}
-
-/// Builds the `ai_response` record of a finished response and hands it over.
-fn settle(m: Meter, s: &ScanSummary, response_bytes: u64, ending: Ending) {
-    let openai = matches!(m.format, Format::OpenAiJson | Format::OpenAiSse);
-    let failed_status = m.upstream_status >= 400;
-    let status = if failed_status || (ending == Ending::Complete && s.error.is_some()) {
-        "upstream_error"
-    } else {
-        match ending {
-            Ending::Complete => "ok",
-            Ending::UpstreamCut => "upstream_closed",
-            Ending::ClientClosed => "client_closed",
-        }
-    };
-    let (tokens, source) = if s.usage_seen {
-        let t = if openai {
-            Tokens::from_openai(&s.usage)
-        } else {
-            Tokens::from_native(&s.usage)
-        };
-        (t, TokenSource::Upstream)
-    } else if failed_status {
-        // An error status bills nothing (Gemini does not charge failed requests).
-        (Tokens::default(), TokenSource::Upstream)
-    } else {
-        m.app.metrics.estimated.fetch_add(1, Ordering::Relaxed);
-        (
-            Tokens::estimated(m.prompt_chars.load(Ordering::Relaxed), s.text_chars),
-            TokenSource::Estimated,
-        )
-    };
-    let Some(user) = m.app.registry.user_of(m.key) else {
-        return;
-    };
-    let rt = m.app.live.load();
-    let pricing = &rt.config.pricing;
-    let price_model = match (&s.model_version, pricing.model(&m.model)) {
-        (Some(v), None) if pricing.model(v).is_some() => v.as_str(),
-        _ => m.model.as_str(),
-    };
-    let cost = response_cost(pricing, price_model, &tokens);
-    let now = m.app.clock.now();
-
-    let mut md = Map::with_capacity(20);
-    md.insert("model".into(), m.model.clone().into());
-    if let Some(v) = &s.model_version {
-        md.insert("model_version".into(), v.clone().into());
-    }
-    md.insert("prompt_tokens".into(), tokens.prompt.into());
-    md.insert("output_tokens".into(), tokens.output.into());
-    md.insert("thoughts_tokens".into(), tokens.thoughts.into());
-    md.insert("cached_tokens".into(), tokens.cached.into());
-    md.insert("tool_use_prompt_tokens".into(), tokens.tool_use.into());
-    md.insert("response_bytes".into(), response_bytes.into());
-    md.insert(
-        "stream".into(),
-        matches!(m.format, Format::Sse | Format::JsonArray | Format::OpenAiSse).into(),
-    );
-    md.insert("format".into(), format_name(m.format).into());
-    md.insert("upstream_status".into(), m.upstream_status.into());
-    md.insert("status".into(), status.into());
-    md.insert("token_source".into(), source.as_str().into());
-    md.insert("key_id".into(), m.app.registry.key_id(m.key).into());
-    md.insert("duration_ms".into(), (m.started.elapsed().as_millis() as u64).into());
-    if let Some(e) = &s.error {
-        let mut em = Map::new();
-        if let Some(c) = e.code {
-            em.insert("code".into(), c.into());
-        }
-        if let Some(st) = &e.status {
-            em.insert("status".into(), st.clone().into());
-        }
-        md.insert("error".into(), Value::Object(em));
-    }
-    if let Some(tags) = m.tags {
-        md.insert("tags".into(), Value::Object(tags));
-    }
-    let rec = Record {
-        id: m.app.ids.next(now),
-        user_id: user.id_arc(),
-        kind: RecordKind::AiResponse,
-        tokens: tokens.total,
-        messages: 0,
-        bytes: 0,
-        cost,
-        metadata: md,
-        created_at: now,
-    };
-    if let Some(tpm) = rt.tier_by_id(user.tier_id()).and_then(|t| t.tier.tokens_per_minute) {
-        user.tpm.add(tokens.total, Some(tpm));
-    }
-    m.app.settle_record(user, rec, false);
-}
-
-fn format_name(f: Format) -> &'static str {
-    match f {
-        Format::UnaryJson => "json",
-        Format::Sse => "sse",
-        Format::JsonArray => "json_array",
-        Format::OpenAiJson => "openai_json",
-        Format::OpenAiSse => "openai_sse",
-    }
-}
+#[cfg(test)]
+mod tests;

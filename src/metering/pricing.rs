@@ -5,25 +5,6 @@ use rust_decimal::Decimal;
 use super::scan::UsageReport;
 use crate::config::Pricing;
 
-/// Where the token counts of a response came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenSource {
-    /// The upstream's own usage report.
-    Upstream,
-    /// Estimated from the text seen (about 4 characters per token).
-    Estimated,
-}
-
-impl TokenSource {
-    /// Wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenSource::Upstream => "upstream",
-            TokenSource::Estimated => "estimated",
-        }
-    }
-}
-
 /// The token breakdown billed for one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tokens {

@@ -31,8 +31,8 @@ use parking_lot::Mutex;
 use tower_service::Service;
 
 use super::body::ProxyBody;
+use crate::body::BoxError;
 use crate::config::UpstreamConfig;
-use crate::metering::observer::BoxError;
 
 /// How long an idle connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

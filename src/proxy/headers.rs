@@ -1,9 +1,11 @@
 //! Header and query handling: where the caller's key is, what must not be forwarded, tags.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName};
-use serde_json::{Map, Value};
+
+use crate::ledger::Tags;
 
 /// Where the caller put their key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +155,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Takes the `x-meter-tag-*` headers out of `h`, returning the valid ones (at most 8, names
 /// and values at most 64 characters; others are dropped).
-pub fn take_tags(h: &mut HeaderMap) -> Option<Map<String, Value>> {
+pub fn take_tags(h: &mut HeaderMap) -> Option<Arc<Tags>> {
     let names: Vec<HeaderName> = h
         .keys()
         .filter(|n| n.as_str().starts_with(TAG_PREFIX))
@@ -162,7 +164,7 @@ pub fn take_tags(h: &mut HeaderMap) -> Option<Map<String, Value>> {
     if names.is_empty() {
         return None;
     }
-    let mut tags = Map::new();
+    let mut tags = Tags::new();
     for n in names {
         let tag = &n.as_str()[TAG_PREFIX.len()..];
         let value = h.get(&n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -173,10 +175,10 @@ pub fn take_tags(h: &mut HeaderMap) -> Option<Map<String, Value>> {
             && v.chars().count() <= MAX_TAG_LEN
             && tags.len() < MAX_TAGS
         {
-            tags.insert(tag.to_string(), Value::String(v));
+            tags.insert(tag.to_string(), v);
         }
     }
-    (!tags.is_empty()).then_some(tags)
+    (!tags.is_empty()).then(|| Arc::new(tags))
 }
 
 #[cfg(test)]

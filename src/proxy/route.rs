@@ -3,6 +3,8 @@
 use http::{HeaderMap, Method};
 
 use super::headers::query_param;
+use crate::admission::Ask;
+use crate::metering::scan::Format;
 
 /// The kind of a proxied request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,112 @@ pub enum Route {
         /// The model the path names, if any.
         model: Option<String>,
     },
+}
+
+/// What the gateway does with the upstream's answer to a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// Meter the response body (a model call).
+    Metered,
+    /// Remember the upload session and point its URL at the gateway.
+    UploadStart {
+        /// The declared size.
+        declared: Option<u64>,
+    },
+    /// Bill the bytes sent; forget the session once final.
+    UploadBytes {
+        /// The session, when the request names one.
+        upload_id: Option<&'a str>,
+    },
+    /// Pass it through.
+    Plain,
+}
+
+impl Route {
+    /// The metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Generate { stream: false, .. } => "generate",
+            Route::Generate { stream: true, .. } => "stream",
+            Route::OpenAiChat => "openai",
+            Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
+            Route::Other { .. } => "other",
+        }
+    }
+
+    /// The upload session a request continues (its caller is the session's key).
+    pub fn upload_session(&self) -> Option<&str> {
+        match self {
+            Route::UploadChunk { upload_id } => Some(upload_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the model is named in the body (read whole before admission).
+    pub fn model_in_body(&self) -> bool {
+        *self == Route::OpenAiChat
+    }
+
+    /// Whether the request body's prompt text is counted as it streams (for estimates).
+    pub fn counts_prompt_text(&self) -> bool {
+        matches!(self, Route::Generate { .. })
+    }
+
+    /// Whether the caller's URL for the gateway is needed (to rewrite an upload's URL).
+    pub fn needs_gateway_base(&self) -> bool {
+        matches!(self, Route::UploadStart { .. })
+    }
+
+    /// The model a metered call is for: the path's, or `body_model` for the OpenAI route.
+    pub fn metered_model<'a>(&'a self, body_model: Option<&'a str>) -> Option<&'a str> {
+        match self {
+            Route::Generate { model, .. } => Some(model),
+            Route::OpenAiChat => body_model,
+            _ => None,
+        }
+    }
+
+    /// What admission is asked for this request.
+    pub fn ask<'a>(&'a self, body_model: Option<&'a str>) -> Ask<'a> {
+        match self {
+            Route::Generate { model, .. } => Ask::Generate { model },
+            Route::OpenAiChat => Ask::Generate {
+                model: body_model.unwrap_or_default(),
+            },
+            Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
+            Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,
+            Route::Other { model } => Ask::Other {
+                model: model.as_deref(),
+            },
+        }
+    }
+
+    /// What to do with the upstream's answer.
+    pub fn answer(&self) -> Answer<'_> {
+        match self {
+            Route::Generate { .. } | Route::OpenAiChat => Answer::Metered,
+            Route::UploadStart { declared } => Answer::UploadStart { declared: *declared },
+            Route::UploadChunk { upload_id } => Answer::UploadBytes {
+                upload_id: Some(upload_id),
+            },
+            Route::UploadOther => Answer::UploadBytes { upload_id: None },
+            Route::Other { .. } => Answer::Plain,
+        }
+    }
+
+    /// The framing of a metered response: `status` and whether the upstream answered with
+    /// Server-Sent Events (`sse`); `body_stream` is the OpenAI body's `stream` flag.
+    pub fn response_format(&self, status: http::StatusCode, sse: bool, body_stream: bool) -> Format {
+        let openai = *self == Route::OpenAiChat;
+        let stream = matches!(self, Route::Generate { stream: true, .. }) || (openai && body_stream);
+        match (openai, status.is_success() && (stream || sse), sse) {
+            (true, true, _) => Format::OpenAiSse,
+            (true, false, _) => Format::OpenAiJson,
+            (false, true, true) => Format::Sse,
+            (false, true, false) => Format::JsonArray,
+            (false, false, _) => Format::UnaryJson,
+        }
+    }
 }
 
 /// True when the path is forwarded upstream.

@@ -9,12 +9,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::body::RequestTally;
-use crate::app::App;
 use crate::identity::{KeyEntry, Registry, hash_key};
-use crate::ledger::{Record, RecordKind};
+use crate::ledger::{Details, FileUpload, Record, Status, Tags};
 use crate::metering::pricing::upload_cost;
 
 /// Sessions older than this are forgotten (Gemini keeps uploads for 48 hours at most).
@@ -126,51 +125,53 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
     Some(format!("{}{}", public.trim_end_matches('/'), rest))
 }
 
-/// Records the file bytes of an upload request the upstream accepted.
-pub fn record_upload(
-    app: &Arc<App>,
-    key: KeyEntry,
-    rparts: &http::response::Parts,
-    tally: &RequestTally,
-    tags: Option<Map<String, Value>>,
-    upload_id: Option<&str>,
-) {
-    let Some(user) = app.registry.user_of(key) else {
-        return;
-    };
-    let sent = tally.bytes.load(Ordering::Relaxed);
-    let ok = rparts.status.is_success();
-    let bytes = if ok { sent } else { 0 };
-    let now = app.clock.now();
-    let rt = app.live.load();
-    let mut md = Map::new();
-    md.insert("upstream_status".into(), rparts.status.as_u16().into());
-    md.insert("status".into(), (if ok { "ok" } else { "upstream_error" }).into());
-    md.insert("bytes_sent".into(), sent.into());
-    md.insert("key_id".into(), app.registry.key_id(key).into());
-    if let Some(s) = rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) {
-        md.insert("upload_status".into(), s.into());
+impl super::Proxy {
+    /// Records the file bytes an upload request sent upstream (billed when it accepted them).
+    /// Waits (without blocking) for an alert the record fired to reach the disk.
+    pub async fn record_upload(
+        &self,
+        key: KeyEntry,
+        rparts: &http::response::Parts,
+        tally: &RequestTally,
+        tags: Option<Arc<Tags>>,
+        upload_id: Option<&str>,
+    ) {
+        let Some(user) = self.registry.user_of(key) else {
+            return;
+        };
+        let sent = tally.bytes.load(Ordering::Relaxed);
+        let ok = rparts.status.is_success();
+        let bytes = if ok { sent } else { 0 };
+        let s = &self.settler;
+        let now = s.clock.now();
+        let details = FileUpload {
+            bytes_sent: sent,
+            key_id: self.registry.key_id(key).into(),
+            status: if ok { Status::Ok } else { Status::UpstreamError },
+            tags,
+            // The upload id is a bearer capability: keep only a fingerprint of it.
+            upload_session: upload_id.map(|id| hex::encode(&hash_key(id)[..8]).into()),
+            upload_status: rparts
+                .headers
+                .get("x-goog-upload-status")
+                .and_then(|v| v.to_str().ok())
+                .map(Into::into),
+            upstream_status: rparts.status.as_u16(),
+        };
+        let rec = Record {
+            id: s.ids.next(now),
+            user_id: user.id_arc(),
+            tokens: 0,
+            messages: 0,
+            bytes,
+            cost: upload_cost(&self.live.load().config.pricing, bytes),
+            details: Details::FileUpload(details),
+            created_at: now,
+        };
+        if let Some(wait) = s.settle(key, rec, None) {
+            wait.await;
+        }
     }
-    if let Some(id) = upload_id {
-        // The upload id is a bearer capability: keep only a fingerprint of it.
-        let fp = hex::encode(&hash_key(id)[..8]);
-        md.insert("upload_session".into(), fp.into());
-    }
-    if let Some(t) = tags {
-        md.insert("tags".into(), Value::Object(t));
-    }
-    let rec = Record {
-        id: app.ids.next(now),
-        user_id: user.id_arc(),
-        kind: RecordKind::FileUpload,
-        tokens: 0,
-        messages: 0,
-        bytes,
-        cost: upload_cost(&rt.config.pricing, bytes),
-        metadata: md,
-        created_at: now,
-    };
-    app.settle_record(user, rec, false);
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use gemini_meter::clock::SystemClock;
 use gemini_meter::config::Config;
 use gemini_meter::ledger::Record;
 use gemini_meter::ledger::store::RecordFilter;
-use gemini_meter::mock::{MockOptions, MockServer};
-use gemini_meter::proxy::Server;
+use gemini_meter::server::Server;
+use gemini_meter_mock::{MockOptions, MockServer};
 use serde_json::{Value, json};
 
 /// The real upstream key the gateway must send (and never leak).
@@ -100,11 +100,29 @@ impl Harness {
         Self::assemble(mock, upstream, extra).await
     }
 
+    /// Like [`Harness::start`], with `storage.flush_interval_ms` set to `ms` (the default
+    /// config has 20).
+    pub async fn start_flushing_every(ms: u64, extra: &str) -> Harness {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let opts = MockOptions {
+            api_key: Some(UPSTREAM_KEY.into()),
+            ..MockOptions::default()
+        };
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+        let upstream = mock.addr;
+        Self::assemble_with(mock, upstream, extra, ms).await
+    }
+
     /// A gateway whose upstream is `upstream` (the mock still runs, for its counters).
     async fn assemble(mock: MockServer, upstream: SocketAddr, extra: &str) -> Harness {
+        Self::assemble_with(mock, upstream, extra, 20).await
+    }
+
+    async fn assemble_with(mock: MockServer, upstream: SocketAddr, extra: &str, flush_ms: u64) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gemini-meter.toml");
-        let text = base_config(upstream, &dir.path().join("data"), extra);
+        let text = base_config(upstream, &dir.path().join("data"), extra)
+            .replace("flush_interval_ms = 20\n", &format!("flush_interval_ms = {flush_ms}\n"));
         std::fs::write(&config_path, &text).unwrap();
         let clock = Arc::new(SystemClock::default());
         Self::open_on(mock, dir, config_path, clock, &[], false).await

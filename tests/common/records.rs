@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use gemini_meter::ledger::{Record, RecordIds, RecordKind};
+use gemini_meter::ledger::{Details, Record, RecordIds, RecordKind};
 use rust_decimal::Decimal;
 use serde_json::json;
 
@@ -23,16 +23,19 @@ pub fn settled(ids: &RecordIds, i: usize, user: &str, at: DateTime<Utc>) -> Reco
     Record {
         id: ids.next(at),
         user_id: Arc::from(user),
-        kind: if ai {
-            RecordKind::AiResponse
-        } else {
-            RecordKind::MessageSent
-        },
         tokens: if ai { 27 } else { 0 },
         messages: u64::from(!ai),
         bytes: 0,
         cost: if ai { Decimal::new(4110, 8) } else { Decimal::ZERO },
-        metadata: metadata.as_object().cloned().unwrap_or_default(),
+        details: Details::from_value(
+            if ai {
+                RecordKind::AiResponse
+            } else {
+                RecordKind::MessageSent
+            },
+            &metadata,
+        )
+        .expect("settled records have the shape the gateway writes"),
         created_at: at,
     }
 }

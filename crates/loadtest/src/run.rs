@@ -187,9 +187,25 @@ fn validate(opts: &Options) -> Result<(), LoadError> {
 
 /// A random admin token for this run's gateway (it never leaves the child's environment).
 fn gemini_meter_secret() -> Result<String, LoadError> {
-    crate::identity::keys::random_base62(32)
+    random_base62(32)
         .map(|t| format!("adm_{t}"))
         .map_err(|e| LoadError::Admin(format!("cannot make an admin token: {e}")))
+}
+
+/// `n` uniformly random base62 characters from the OS's secure source (the same shape as the
+/// gateway's own tokens; the load tool does not link the gateway library).
+fn random_base62(n: usize) -> Result<String, getrandom::Error> {
+    const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::fill(&mut buf)?;
+        // Rejection sampling keeps the distribution uniform (248 = 4 * 62).
+        for &b in buf.iter().filter(|&&b| b < 248).take(n - out.len()) {
+            out.push(char::from(BASE62[usize::from(b % 62)]));
+        }
+    }
+    Ok(out)
 }
 
 /// nginx when wanted and installed; otherwise why not.

@@ -9,10 +9,11 @@
 //! every wait a timeout), or touch the gateway's internals: it sees the gateway as a user would,
 //! through its binary, its admin API and /proc.
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod client;
 mod configs;
-pub mod passthrough;
 mod procs;
 mod report;
 mod run;

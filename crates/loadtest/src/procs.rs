@@ -48,7 +48,7 @@ impl Proc {
     /// SIGTERM, then SIGKILL if it has not exited within the stop timeout. Returns whether it
     /// exited on its own with status 0.
     pub async fn stop(mut self) -> bool {
-        signal(self.pid, libc::SIGTERM);
+        terminate(self.pid);
         let clean = match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
             Ok(Ok(status)) => status.success(),
             _ => {
@@ -68,21 +68,17 @@ impl Drop for Proc {
         // SIGTERM rather than SIGKILL: nginx's master only takes its workers down on a signal it
         // can handle. tokio reaps the child in the background.
         if self.pid != 0 && matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.pid, libc::SIGTERM);
+            terminate(self.pid);
         }
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    if pid <= 0 {
+/// Sends SIGTERM to our child `pid` (not yet reaped, so not reused).
+fn terminate(pid: u32) {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
         return;
-    }
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is our own
-    // child, not yet reaped (so not reused).
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    };
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
 }
 
 /// Spawns `cmd` with piped output, and waits until a line contains `ready`; returns the child

@@ -8,12 +8,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::api::query_map;
+use super::query_map;
 use crate::app::App;
+use crate::body::ProxyBody;
 use crate::clock::Month;
 use crate::error::{ApiError, json_response};
 use crate::ledger::alerts::DeliveryStatus;
-use crate::proxy::body::ProxyBody;
 
 /// Lists alerts and their deliveries. The caller checked the admin token.
 pub fn list(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {

@@ -1,7 +1,9 @@
-//! A plain hyper reverse proxy, the load tool's fourth target: the gateway's own server and
-//! upstream client with the same settings, and nothing else (no keys, quotas, metering or
-//! records). Its row shows what the HTTP stack costs by itself, so the gateway's distance to
-//! nginx splits into hyper's part and the metering's.
+//! A plain hyper reverse proxy (`gemini-meter loadtest-passthrough`), the load tool's fourth
+//! target: the gateway's own server and upstream client with the same settings, and nothing else
+//! (no keys, quotas, metering or records). Its row shows what the HTTP stack costs by itself, so
+//! the gateway's distance to nginx splits into hyper's part and the metering's. It lives here, not
+//! in the load tool's crate, because it is the gateway's stack; the load tool starts it through
+//! the binary.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,11 +15,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
+use crate::accept::accept_loop;
 use crate::config::{ServerConfig, UpstreamConfig};
 use crate::error::ApiError;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::client::{UpstreamClient, build};
-use crate::proxy::server::accept_loop;
 
 /// Serves on `listener`, forwarding every request to `upstream` over plain HTTP, until
 /// `shutdown` resolves; then drains like the gateway.
