@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod admission;
 pub mod alerts;
 pub mod api;

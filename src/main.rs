@@ -100,6 +100,11 @@ enum Command {
         /// Tokio worker threads of the gateway (default: one per core).
         #[arg(long)]
         gateway_workers: Option<usize>,
+        /// After the run, also count the user-space instructions per unary request of the
+        /// gateway and the hyper target, each under `valgrind --tool=callgrind`, over this many
+        /// requests (e.g. 2000; needs valgrind).
+        #[arg(long, value_name = "N")]
+        callgrind: Option<u64>,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -167,10 +172,9 @@ fn main() -> ExitCode {
                     .await
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 tracing::info!("passthrough listening on {}", listener.local_addr()?);
-                tokio::select! {
-                    r = gemini_meter::proxy::passthrough::serve(listener, upstream) => r.context("passthrough failed"),
-                    _ = shutdown_signal() => Ok(()),
-                }
+                gemini_meter::proxy::passthrough::serve(listener, upstream, shutdown_signal())
+                    .await
+                    .context("passthrough failed")
             }
             Command::MockUpstream {
                 listen,
@@ -207,6 +211,7 @@ fn main() -> ExitCode {
                 no_nginx,
                 no_hyper,
                 gateway_workers,
+                callgrind,
                 json,
             } => {
                 let secs = |v: f64, flag: &str| {
@@ -231,6 +236,7 @@ fn main() -> ExitCode {
                     no_hyper,
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
+                    callgrind,
                 };
                 let report = gemini_meter_loadtest::run(&opts).await?;
                 if json {

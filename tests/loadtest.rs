@@ -62,3 +62,59 @@ fn tiny_run_reports_and_meters_every_request() {
     assert!(v["gateway_rss_bytes"]["peak"].as_u64().unwrap_or(0) > 0, "{v}");
     assert_eq!(v["gateway_clean_exit"], true, "{v}");
 }
+
+/// `--callgrind N`: both targets get exactly N counted requests under valgrind, the count
+/// leaves start-up out, and the gateway under valgrind still meters every request. Without
+/// valgrind on the machine the report says it was skipped.
+#[test]
+fn callgrind_counts_instructions_per_request() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gemini-meter"))
+        .args([
+            "loadtest",
+            "--mode",
+            "unary",
+            "--duration-secs",
+            "0.3",
+            "--rounds",
+            "1",
+            "--warmup-secs",
+            "0",
+            "--concurrency",
+            "2",
+            "--users",
+            "2",
+            "--no-nginx",
+            "--callgrind",
+            "40",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run gemini-meter loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadtest failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON report on stdout");
+    let c = &v["callgrind"];
+    let has_valgrind =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("valgrind").is_file()));
+    if !has_valgrind {
+        assert!(c["skipped"].as_str().is_some(), "{c}");
+        return;
+    }
+    assert_eq!(c["requests"], 40, "{c}");
+    let rows = c["targets"].as_array().expect("targets");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["target"].as_str()).collect();
+    assert_eq!(names, ["gateway", "hyper"], "{c}");
+    for r in rows {
+        assert_eq!(r["ok"], 40, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        let per = r["instructions_per_request"].as_f64().expect("per request");
+        // A proxied request is tens of thousands of instructions in a release build, about a
+        // million in this unoptimized one; start-up (billions here) spread over 40 requests
+        // would be far more.
+        assert!(per > 1_000.0 && per < 10_000_000.0, "{r}");
+    }
+    let warmup = c["warmup"].as_u64().expect("warmup");
+    assert_eq!(rows[0]["ledger_messages"].as_u64(), Some(40 + warmup), "{c}");
+    assert!(c["gateway_over_hyper"].as_f64().is_some(), "{c}");
+}

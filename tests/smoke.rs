@@ -30,6 +30,33 @@ async fn unary_call_is_forwarded_and_metered_once() {
     let _ = UPSTREAM_KEY;
 }
 
+/// HTTP/1 connections skip the protocol sniffing; a client that opens with the HTTP/2 preface
+/// (h2c with prior knowledge) is still served, unary and streamed, and metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_is_served_and_metered() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("hana", "free").await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for path in [":generateContent", ":streamGenerateContent?alt=sse"] {
+        let r = h2
+            .post(h.url(&format!("/v1beta/models/gemini-2.5-flash{path}")))
+            .header("x-goog-api-key", &key)
+            .json(&serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "Name three primes."}]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert!(!r.bytes().await.unwrap().is_empty());
+    }
+    let recs = h.records("hana").await;
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    // And HTTP/1.1 on the same port.
+    let r = h.generate(&key, "gemini-2.5-flash", false).await;
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_refusals_and_tokens() {
     let h = Harness::start("").await;

@@ -15,7 +15,7 @@ pub enum UpstreamFailure {
 
 impl UpstreamFailure {
     /// Classifies a client error by the types in its source chain.
-    pub fn of(e: &hyper_util::client::legacy::Error) -> Self {
+    pub fn of(e: &super::client::Error) -> Self {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = src {
             let timed_out = s

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::Proxy;
 use super::body::{CountingBody, ProxyBody, RequestTally};
+use super::client::UpstreamBody;
 use super::failure::UpstreamFailure;
 use super::headers::{caller_key, query_param, strip_hop_by_hop, strip_key_param, take_tags};
 use super::metered::MeteredCall;
@@ -297,7 +298,7 @@ async fn send(
     call: &Call<'_>,
     req: Request<ProxyBody>,
     metered: Option<MeteredCall>,
-) -> Result<(Response<Incoming>, Option<MeteredCall>), ApiError> {
+) -> Result<(Response<UpstreamBody>, Option<MeteredCall>), ApiError> {
     let sent_at = Instant::now();
     let fut = call.proxy.upstream.request(req);
     let result = match call.rt.config.upstream.read_timeout {
@@ -332,7 +333,7 @@ async fn send(
 /// The answer's head: quota headers, then what the route does with it.
 async fn answer(
     call: Call<'_>,
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     admitted: Admitted,
     metered: Option<MeteredCall>,
     gateway_base: Option<String>,
@@ -374,7 +375,7 @@ async fn answer(
 async fn metered_body(
     call: &Call<'_>,
     rparts: &http::response::Parts,
-    rbody: Incoming,
+    rbody: UpstreamBody,
     metered: MeteredCall,
     body_stream: bool,
 ) -> ProxyBody {

@@ -6,55 +6,76 @@
 //! the binary.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
-use crate::config::UpstreamConfig;
+use crate::accept::accept_loop;
+use crate::config::{ServerConfig, UpstreamConfig};
 use crate::error::ApiError;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::client::{UpstreamClient, build};
 
-/// Serves on `listener`, forwarding every request to `upstream` over plain HTTP, until the
-/// listener fails.
-pub async fn serve(listener: TcpListener, upstream: SocketAddr) -> std::io::Result<()> {
+/// Serves on `listener`, forwarding every request to `upstream` over plain HTTP, until
+/// `shutdown` resolves; then drains like the gateway.
+pub async fn serve(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let base: Uri = format!("http://{upstream}")
         .parse()
         .map_err(|e| std::io::Error::other(format!("upstream address: {e}")))?;
-    let client = Arc::new(build(&UpstreamConfig {
+    let authority = base
+        .authority()
+        .cloned()
+        .ok_or_else(|| std::io::Error::other("upstream address has no authority"))?;
+    let client = build(&UpstreamConfig {
         base_url: base,
         api_key_env: String::new(),
         connect_timeout: std::time::Duration::from_secs(5),
         read_timeout: None,
-    }));
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let client = client.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| forward(client.clone(), upstream, req));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+    });
+    let cfg = ServerConfig::default();
+    accept_loop(
+        listener,
+        &cfg,
+        move || {
+            let client = client.clone();
+            let authority = authority.clone();
+            service_fn(move |req| forward(client.clone(), authority.clone(), req))
+        },
+        shutdown,
+        || {},
+    )
+    .await;
+    Ok(())
 }
 
 async fn forward(
-    client: Arc<UpstreamClient>,
-    upstream: SocketAddr,
+    client: UpstreamClient,
+    authority: Authority,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (mut parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = match format!("http://{upstream}{pq}").parse() {
+    // The request's path and query under the upstream's authority, without formatting and
+    // parsing a string (which cost more than the rest of this function).
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
         Err(_) => return Ok(ApiError::bad_request("The request path is not valid.").into_response()),
     };

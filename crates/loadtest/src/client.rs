@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -77,6 +78,8 @@ pub struct Phase {
     /// that streams are spread over one chunk interval instead of all ticking in the same
     /// millisecond (a thousand chat streams are not in lockstep); zero for unary.
     pub stagger: Duration,
+    /// Requests to send in all, shared by the workers (`None`: as many as `duration` allows).
+    pub requests: Option<u64>,
 }
 
 impl Phase {
@@ -96,6 +99,7 @@ pub async fn run_phase(p: &Phase) -> Tally {
     let barrier = Arc::new(Barrier::new(n + 1));
     let path: Arc<str> = p.path().into();
     let host = HeaderValue::from_str(&p.addr.to_string()).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+    let tickets = p.requests.map(|n| Arc::new(AtomicU64::new(n)));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let key = match p.keys.len() {
@@ -110,6 +114,7 @@ pub async fn run_phase(p: &Phase) -> Tally {
             host: host.clone(),
             key,
             chunks: p.chunks,
+            tickets: tickets.clone(),
         };
         let barrier = barrier.clone();
         let duration = p.duration;
@@ -144,6 +149,7 @@ struct Worker {
     host: HeaderValue,
     key: HeaderValue,
     chunks: u32,
+    tickets: Option<Arc<AtomicU64>>,
 }
 
 /// How one request ended.
@@ -185,6 +191,9 @@ impl Worker {
             if s.ready().await.is_err() {
                 continue;
             }
+            if !self.take_ticket() {
+                break;
+            }
             let (outcome, keep) = match tokio::time::timeout(REQUEST_TIMEOUT, self.one(&mut s, &mut t)).await {
                 Ok(r) => r,
                 Err(_) => (Outcome::Transport, false),
@@ -200,6 +209,14 @@ impl Worker {
             }
         }
         t
+    }
+
+    /// Whether another request may be sent (always, unless the phase has a request count).
+    fn take_ticket(&self) -> bool {
+        self.tickets.as_ref().is_none_or(|t| {
+            t.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        })
     }
 
     /// Sends one request and reads its answer to the end; returns how it ended and whether the

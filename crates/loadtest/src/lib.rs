@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod callgrind;
 mod client;
 mod configs;
 mod procs;
@@ -21,6 +22,7 @@ mod stats;
 
 use std::time::Duration;
 
+pub use callgrind::{Callgrind, CallgrindStatus, Count};
 pub use report::Report;
 pub use run::run;
 
@@ -94,6 +96,9 @@ pub struct Options {
     pub gateway_workers: Option<usize>,
     /// The `gemini-meter` binary to start as mock and gateway (normally this process's own).
     pub binary: std::path::PathBuf,
+    /// Also count, under valgrind's callgrind, the user-space instructions of this many unary
+    /// requests through the gateway and the hyper target.
+    pub callgrind: Option<u64>,
 }
 
 /// Why a load run could not be carried out (a failed request is a figure, not an error).

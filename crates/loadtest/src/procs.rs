@@ -1,6 +1,7 @@
 //! The child processes (mock, gateway, nginx): start, wait until ready, read /proc, stop.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +16,8 @@ use super::LoadError;
 
 /// How long a child may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The same under a tool such as valgrind, which runs it some fifty times slower.
+const WRAPPED_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a child may take to exit after SIGTERM (the gateway drains and flushes).
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output lines kept per child, for error messages.
@@ -81,9 +84,44 @@ fn terminate(pid: u32) {
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
 }
 
-/// Spawns `cmd` with piped output, and waits until a line contains `ready`; returns the child
-/// and the rest of that line after `ready`.
-async fn spawn_until(name: &'static str, mut cmd: Command, ready: &'static str) -> Result<(Proc, String), LoadError> {
+/// How the gateway binary is started: as itself, or under a tool given by its command line
+/// (`valgrind --tool=callgrind ...`), whose process is then the child.
+#[derive(Debug, Clone, Copy)]
+pub enum Launch<'a> {
+    /// `binary args...`
+    Direct,
+    /// `tool... binary args...`
+    Under(&'a [OsString]),
+}
+
+impl Launch<'_> {
+    fn command(self, binary: &Path) -> Command {
+        match self {
+            Launch::Under([tool, args @ ..]) => {
+                let mut c = Command::new(tool);
+                c.args(args).arg(binary);
+                c
+            }
+            Launch::Direct | Launch::Under([]) => Command::new(binary),
+        }
+    }
+
+    fn start_timeout(self) -> Duration {
+        match self {
+            Launch::Direct => START_TIMEOUT,
+            Launch::Under(_) => WRAPPED_START_TIMEOUT,
+        }
+    }
+}
+
+/// Spawns `cmd` with piped output, and waits (up to `within`) until a line contains `ready`;
+/// returns the child and the rest of that line after `ready`.
+async fn spawn_until(
+    name: &'static str,
+    mut cmd: Command,
+    ready: &'static str,
+    within: Duration,
+) -> Result<(Proc, String), LoadError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| LoadError::Start {
         name,
@@ -99,7 +137,7 @@ async fn spawn_until(name: &'static str, mut cmd: Command, ready: &'static str) 
         drain(err, tail.clone(), tx);
     }
     let proc = Proc { name, child, pid, tail };
-    let found = tokio::time::timeout(START_TIMEOUT, async {
+    let found = tokio::time::timeout(within, async {
         while let Some(line) = rx.recv().await {
             if let Some((_, rest)) = line.split_once(ready) {
                 return Some(rest.to_string());
@@ -116,7 +154,7 @@ async fn spawn_until(name: &'static str, mut cmd: Command, ready: &'static str) 
         }),
         Err(_) => Err(LoadError::Start {
             name,
-            reason: format!("no `{ready}` within {START_TIMEOUT:?}: {}", proc.tail()),
+            reason: format!("no `{ready}` within {within:?}: {}", proc.tail()),
         }),
     }
 }
@@ -167,30 +205,35 @@ pub async fn start_mock(
         "--ttfb-ms".to_string(),
         ttfb.as_millis().to_string(),
     ];
-    start_listener(binary, "mock upstream", "mock-upstream", &args).await
+    start_listener(binary, Launch::Direct, "mock upstream", "mock-upstream", &args).await
 }
 
 /// Starts `gemini-meter loadtest-passthrough` (a plain hyper proxy) in front of `upstream`.
-pub async fn start_passthrough(binary: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr), LoadError> {
+pub async fn start_passthrough(
+    binary: &Path,
+    launch: Launch<'_>,
+    upstream: SocketAddr,
+) -> Result<(Proc, SocketAddr), LoadError> {
     let args = ["--upstream".to_string(), upstream.to_string()];
-    start_listener(binary, "hyper passthrough", "loadtest-passthrough", &args).await
+    start_listener(binary, launch, "hyper passthrough", "loadtest-passthrough", &args).await
 }
 
 /// Starts `gemini-meter <command> --listen 127.0.0.1:0 <args>` and returns the address it
 /// says it listens on.
 async fn start_listener(
     binary: &Path,
+    launch: Launch<'_>,
     name: &'static str,
     command: &str,
     args: &[String],
 ) -> Result<(Proc, SocketAddr), LoadError> {
-    let mut cmd = Command::new(binary);
+    let mut cmd = launch.command(binary);
     cmd.arg(command)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .args(args)
         .env("RUST_LOG", "info");
-    let (p, rest) = spawn_until(name, cmd, "listening on ").await?;
+    let (p, rest) = spawn_until(name, cmd, "listening on ", launch.start_timeout()).await?;
     let addr = parse_addr(name, &rest)?;
     Ok((p, addr))
 }
@@ -199,12 +242,13 @@ async fn start_listener(
 /// (and `workers` tokio worker threads, if set).
 pub async fn start_gateway(
     binary: &Path,
+    launch: Launch<'_>,
     config: &Path,
     admin_token: &str,
     upstream_key: &str,
     workers: Option<usize>,
 ) -> Result<(Proc, SocketAddr), LoadError> {
-    let mut cmd = Command::new(binary);
+    let mut cmd = launch.command(binary);
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
@@ -216,7 +260,7 @@ pub async fn start_gateway(
         // Read by tokio's runtime builder when the program sets no count itself.
         cmd.env("TOKIO_WORKER_THREADS", n.to_string());
     }
-    let (p, rest) = spawn_until("gateway", cmd, "listening on ").await?;
+    let (p, rest) = spawn_until("gateway", cmd, "listening on ", launch.start_timeout()).await?;
     let addr = parse_addr("gateway", &rest)?;
     Ok((p, addr))
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::callgrind::CallgrindStatus;
 use super::stats::{Hist, Tally};
 use super::{CallKind, Options};
 
@@ -137,6 +138,8 @@ pub struct Report {
     pub metering: Metering,
     /// The gateway exited 0 on SIGTERM (drained and flushed).
     pub gateway_clean_exit: bool,
+    /// `--callgrind`: instructions per request under valgrind.
+    pub callgrind: Option<CallgrindStatus>,
 }
 
 /// One of the targets, judged.
@@ -393,6 +396,9 @@ impl Report {
             };
             let _ = writeln!(s, "  {:<48} {:<40} {verdict}", c.what, c.measured);
         }
+        if let Some(c) = &self.callgrind {
+            s.push_str(&c.table());
+        }
         s
     }
 
@@ -472,6 +478,7 @@ impl Report {
                 "error": m.error,
             },
             "checks": checks,
+            "callgrind": self.callgrind.as_ref().map(CallgrindStatus::json),
         })
     }
 }

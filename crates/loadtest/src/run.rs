@@ -10,7 +10,7 @@ use http::HeaderValue;
 
 use super::admin::{Admin, Summary};
 use super::client::{Phase, run_phase};
-use super::procs::{self, Proc};
+use super::procs::{self, Launch, Proc};
 use super::report::{KindReport, Metering, NginxStatus, Report, Target, TargetReport};
 use super::stats::Tally;
 use super::{CallKind, LoadError, Options, configs};
@@ -41,6 +41,7 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         .map_err(LoadError::io("writing the gateway config"))?;
     let (gateway, gw_addr) = procs::start_gateway(
         &opts.binary,
+        Launch::Direct,
         &config_path,
         &secret,
         "loadtest-upstream-key",
@@ -58,7 +59,7 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     let hyper = if opts.no_hyper {
         None
     } else {
-        Some(procs::start_passthrough(&opts.binary, mock_addr).await?)
+        Some(procs::start_passthrough(&opts.binary, Launch::Direct, mock_addr).await?)
     };
 
     let mut targets: Vec<(Target, SocketAddr, Arc<Vec<HeaderValue>>)> = vec![
@@ -92,6 +93,7 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
                 CallKind::Sse => opts.chunk_delay,
                 CallKind::Unary => Duration::ZERO,
             },
+            requests: None,
         };
         if !opts.warmup.is_zero() {
             for (target, addr, keys) in &targets {
@@ -151,6 +153,10 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         p.stop().await;
     }
     let gateway_clean_exit = gateway.stop().await;
+    let callgrind = match opts.callgrind {
+        Some(n) => Some(super::callgrind::measure(opts, n, mock_addr, dir.path()).await),
+        None => None,
+    };
     mock.stop().await;
 
     Ok(Report {
@@ -162,6 +168,7 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         gateway_rss_end: rss_end,
         metering,
         gateway_clean_exit,
+        callgrind,
     })
 }
 
@@ -182,11 +189,14 @@ fn validate(opts: &Options) -> Result<(), LoadError> {
     if opts.chunks == 0 {
         return bad("--chunks must be at least 1");
     }
+    if opts.callgrind == Some(0) {
+        return bad("--callgrind must be at least 1");
+    }
     Ok(())
 }
 
 /// A random admin token for this run's gateway (it never leaves the child's environment).
-fn gemini_meter_secret() -> Result<String, LoadError> {
+pub(crate) fn gemini_meter_secret() -> Result<String, LoadError> {
     random_base62(32)
         .map(|t| format!("adm_{t}"))
         .map_err(|e| LoadError::Admin(format!("cannot make an admin token: {e}")))
