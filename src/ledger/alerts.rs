@@ -383,29 +383,32 @@ pub(super) fn decode_alerts(bytes: &[u8]) -> Vec<Alert> {
         .collect()
 }
 
+/// An alert for tests of the alert store and its keys.
+#[cfg(test)]
+pub(crate) fn test_alert(quota: Quota, threshold: u8, used: Decimal, limit: Decimal) -> Alert {
+    let month = Month(202611);
+    Alert {
+        id: Alert::make_id("ann", 1_700_000_000, month, quota, threshold),
+        user_id: Arc::from("ann"),
+        user_created: 1_700_000_000,
+        tier: "free".into(),
+        quota,
+        threshold,
+        used,
+        limit,
+        month,
+        at: chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 28, 10, 0, 0).unwrap(),
+        record_id: 42,
+        email: Some("ann@example.com".into()),
+        channels: vec![Channel::Webhook, Channel::Email],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
 
-    fn alert(quota: Quota, threshold: u8, used: Decimal, limit: Decimal) -> Alert {
-        let month = Month(202611);
-        Alert {
-            id: Alert::make_id("ann", 1_700_000_000, month, quota, threshold),
-            user_id: Arc::from("ann"),
-            user_created: 1_700_000_000,
-            tier: "free".into(),
-            quota,
-            threshold,
-            used,
-            limit,
-            month,
-            at: Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap(),
-            record_id: 42,
-            email: Some("ann@example.com".into()),
-            channels: vec![Channel::Webhook, Channel::Email],
-        }
-    }
+    use super::test_alert as alert;
 
     #[test]
     fn ids_are_stable_and_distinct() {

@@ -217,28 +217,11 @@ impl SledStore {
 mod tests {
     use super::*;
     use crate::ledger::alerts::DeliveryStatus;
-    use chrono::{TimeZone, Utc};
+
     use rust_decimal::Decimal;
     use std::sync::Arc;
 
-    fn alert(quota: Quota, threshold: u8, used: Decimal, limit: Decimal) -> Alert {
-        let month = Month(202611);
-        Alert {
-            id: Alert::make_id("ann", 1_700_000_000, month, quota, threshold),
-            user_id: Arc::from("ann"),
-            user_created: 1_700_000_000,
-            tier: "free".into(),
-            quota,
-            threshold,
-            used,
-            limit,
-            month,
-            at: Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).unwrap(),
-            record_id: 42,
-            email: Some("ann@example.com".into()),
-            channels: vec![Channel::Webhook, Channel::Email],
-        }
-    }
+    use crate::ledger::alerts::test_alert as alert;
 
     #[test]
     fn staging_writes_a_mark_once_and_an_entry_per_channel() {
