@@ -94,6 +94,15 @@ async fn upstream(how: Serve) -> Upstream {
 }
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/early" {
+        // Answers at once and reads the request body on the side, keeping the connection.
+        let (parts, body) = req.into_parts();
+        tokio::spawn(async move {
+            let _ = body.collect().await;
+        });
+        let text = format!("{:?} {}", parts.version, parts.uri);
+        return Ok(Response::new(Full::new(Bytes::from(text))));
+    }
     if req.uri().path() == "/big" {
         return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20]))));
     }
@@ -218,6 +227,34 @@ async fn a_body_dropped_early_does_not_break_the_next_request() {
     assert_eq!(big.len(), 1 << 20);
     let _ = get(&c, &format!("http://{}/again", up.addr)).await;
     assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// An upstream that answers before reading the request body: its connection is still busy
+/// sending that body, so the next request must not be handed it (it would wait behind the upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_sending_its_request_body_is_not_reused_meanwhile() {
+    let up = upstream(Serve::Plain).await;
+    let c = client(&format!("http://{}", up.addr), false);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"first part"))))
+        .await
+        .unwrap();
+    let body = http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (f, rx))
+    }));
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/early", up.addr))
+        .body(ProxyBody::stream(body))
+        .expect("request");
+    let resp = c.request(req).await.expect("response");
+    let got = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(got.starts_with(b"HTTP/1.1 /early"));
+    // The upload is still open (tx not dropped); the next request gets another connection.
+    let next = tokio::time::timeout(Duration::from_secs(2), get(&c, &format!("http://{}/next", up.addr))).await;
+    assert!(next.expect("not stuck behind the upload").starts_with("HTTP/1.1 /next"));
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    drop(tx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

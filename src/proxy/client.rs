@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,7 @@ impl UpstreamClient {
                 Err(req) => req,
             };
         }
+        let body_sent = track_body(&mut req);
         loop {
             let (mut tx, reused) = match shared.pop_idle() {
                 Some(tx) => (tx, true),
@@ -159,7 +161,7 @@ impl UpstreamClient {
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
-                    let body = UpstreamBody::pooled(body, tx, self.shared.clone());
+                    let body = UpstreamBody::pooled(body, tx, self.shared.clone(), body_sent);
                     return Ok(Response::from_parts(parts, body));
                 }
                 Err(mut e) => match e.take_message() {
@@ -168,6 +170,53 @@ impl UpstreamClient {
                 },
             }
         }
+    }
+}
+
+/// Makes a streamed request body tell when hyper has taken its last frame; `None` when there is
+/// nothing to stream (a whole body goes out with the head).
+fn track_body(req: &mut Request<ProxyBody>) -> Option<Arc<AtomicBool>> {
+    if matches!(req.body(), ProxyBody::Full(_)) || req.body().is_end_stream() {
+        return None;
+    }
+    let sent = Arc::new(AtomicBool::new(false));
+    let inner = std::mem::replace(req.body_mut(), ProxyBody::empty());
+    *req.body_mut() = ProxyBody::stream(Sending {
+        inner,
+        sent: sent.clone(),
+    });
+    Some(sent)
+}
+
+/// A request body that flags when its last frame has been taken.
+struct Sending {
+    inner: ProxyBody,
+    sent: Arc<AtomicBool>,
+}
+
+impl Body for Sending {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let done = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if done {
+            self.sent.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -335,14 +384,27 @@ impl Origin {
 /// hyper cannot reuse a connection with unread response bytes).
 pub struct UpstreamBody {
     inner: Incoming,
-    back: Option<(http1::SendRequest<ProxyBody>, Arc<Shared>)>,
+    back: Option<Back>,
+}
+
+/// Where an HTTP/1 connection goes back to, and whether its request body has all been taken
+/// (`None`: it had none to stream).
+struct Back {
+    tx: http1::SendRequest<ProxyBody>,
+    shared: Arc<Shared>,
+    body_sent: Option<Arc<AtomicBool>>,
 }
 
 impl UpstreamBody {
-    fn pooled(inner: Incoming, tx: http1::SendRequest<ProxyBody>, shared: Arc<Shared>) -> Self {
+    fn pooled(
+        inner: Incoming,
+        tx: http1::SendRequest<ProxyBody>,
+        shared: Arc<Shared>,
+        body_sent: Option<Arc<AtomicBool>>,
+    ) -> Self {
         let mut b = UpstreamBody {
             inner,
-            back: Some((tx, shared)),
+            back: Some(Back { tx, shared, body_sent }),
         };
         if b.inner.is_end_stream() {
             b.release();
@@ -354,9 +416,30 @@ impl UpstreamBody {
         UpstreamBody { inner, back: None }
     }
 
+    /// Gives the connection back. A connection whose response ended before its request body
+    /// was all taken (an upstream that answered early, during an upload) is still busy
+    /// sending it: it goes back only once done, so no other request waits behind the upload.
+    /// Otherwise it goes back at once, even if hyper's connection task has not yet asked for
+    /// the next request (it is about to, and the next checkout waits for that).
     fn release(&mut self) {
-        if let Some((tx, shared)) = self.back.take() {
+        let Some(Back {
+            mut tx,
+            shared,
+            body_sent,
+        }) = self.back.take()
+        else {
+            return;
+        };
+        if body_sent.is_none_or(|s| s.load(Ordering::Acquire)) || tx.is_ready() {
             shared.put_idle(tx);
+        } else if !tx.is_closed()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                if tx.ready().await.is_ok() {
+                    shared.put_idle(tx);
+                }
+            });
         }
     }
 }
