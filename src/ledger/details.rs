@@ -118,12 +118,7 @@ pub struct MessageSent {
     /// How the request ended.
     pub status: Status,
     /// The caller's tags.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_tags",
-        deserialize_with = "de_tags"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "tags_serde")]
     pub tags: Option<Arc<Tags>>,
     /// The upstream's HTTP status, when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,12 +162,7 @@ pub struct AiResponse {
     #[serde(default)]
     pub stream: bool,
     /// The caller's tags.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_tags",
-        deserialize_with = "de_tags"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "tags_serde")]
     pub tags: Option<Arc<Tags>>,
     /// Thinking tokens (billed as output).
     #[serde(default)]
@@ -196,12 +186,7 @@ pub struct FileUpload {
     /// `ok` or `upstream_error`.
     pub status: Status,
     /// The caller's tags.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_tags",
-        deserialize_with = "de_tags"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "tags_serde")]
     pub tags: Option<Arc<Tags>>,
     /// A fingerprint of the upload session (the id itself is a bearer capability).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,15 +296,21 @@ impl Serialize for Details {
     }
 }
 
-fn ser_tags<S: Serializer>(t: &Option<Arc<Tags>>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => t.as_ref().serialize(s),
-        None => s.serialize_none(),
-    }
-}
+/// `Option<Arc<Tags>>` as a plain map (serde's own `Arc` support needs its `rc` feature).
+mod tags_serde {
+    use std::sync::Arc;
 
-fn de_tags<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<Tags>>, D::Error> {
-    Ok(Option::<Tags>::deserialize(d)?.map(Arc::new))
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Tags;
+
+    pub fn serialize<S: Serializer>(t: &Option<Arc<Tags>>, s: S) -> Result<S::Ok, S::Error> {
+        t.as_deref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<Tags>>, D::Error> {
+        Ok(Option::<Tags>::deserialize(d)?.map(Arc::new))
+    }
 }
 
 fn ser_arc<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {

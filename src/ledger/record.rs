@@ -73,7 +73,8 @@ impl Record {
 
     /// The same bytes as [`Record::write_json`], through serde_json (the reference it is
     /// tested against).
-    pub fn write_json_serde(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    #[cfg(test)]
+    pub(crate) fn write_json_serde(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         // Field order is serde_json's map order (sorted), as `to_json` produces.
         #[derive(serde::Serialize)]
         struct Out<'a> {
