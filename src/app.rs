@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::identity::{IdentityError, Registry};
 use crate::ledger::{RecordIds, Recorder, RecorderHandle, SledStore, StoreError};
 use crate::metrics::Metrics;
+use crate::ownership::Owners;
 use crate::proxy::Proxy;
 use crate::proxy::client::build as build_client;
 use crate::proxy::upload::UploadSessions;
@@ -29,6 +30,9 @@ pub enum StartError {
     /// Users and keys could not be loaded.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The ownership index could not be loaded.
+    #[error(transparent)]
+    Ownership(#[from] crate::ownership::OwnershipError),
 }
 
 /// Everything a request handler needs.
@@ -73,6 +77,7 @@ impl App {
         let (recorder, handle) = Recorder::new(store.clone(), rt.config.storage.flush_interval);
         let (usage_events, _) = broadcast::channel(1024);
         let uploads = UploadSessions::new(store.meta().clone());
+        let owners = Arc::new(Owners::load(store.owners().clone())?);
         let alerts = Arc::new(Alerts::new(env.clone()));
         alerts.load(&store, &registry, Month::of(now))?;
         let live = Arc::new(Live::new(rt, config_path, env));
@@ -93,6 +98,7 @@ impl App {
             settler: settler.clone(),
             upstream,
             uploads,
+            owners,
             metrics: metrics.clone(),
             clock: clock.clone(),
         });

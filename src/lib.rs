@@ -23,6 +23,8 @@ pub mod identity;
 pub mod ledger;
 pub mod metering;
 pub mod metrics;
+pub mod ownership;
+pub mod policy;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

@@ -52,6 +52,16 @@ pub struct Config {
     pub tiers: BTreeMap<String, Tier>,
     /// `[alerts]`: quota threshold notifications.
     pub alerts: AlertsConfig,
+    /// `[routes]`: methods the operator lets through unbilled.
+    pub routes: RoutesConfig,
+}
+
+/// `[routes]`
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RoutesConfig {
+    /// Methods forwarded unbilled although the route policy refuses them (see the README's
+    /// route table).
+    pub allow_unmetered: Vec<crate::policy::Allowed>,
 }
 
 /// `[server]`

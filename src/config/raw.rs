@@ -24,6 +24,15 @@ pub(super) struct RawConfig {
     pub tiers: BTreeMap<String, RawTier>,
     #[serde(default)]
     pub alerts: RawAlerts,
+    #[serde(default)]
+    pub routes: RawRoutes,
+}
+
+/// `[routes]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawRoutes {
+    pub allow_unmetered: Option<Vec<String>>,
 }
 
 /// `[server]`

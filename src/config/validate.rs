@@ -30,6 +30,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         pricing: v.pricing(raw.pricing),
         tiers: v.tiers(raw.tiers),
         alerts: v.alerts(raw.alerts),
+        routes: v.routes(raw.routes),
     };
     v.output_caps(&config.pricing, &config.tiers);
     if v.problems.is_empty() {
@@ -42,6 +43,19 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn routes(&mut self, raw: super::raw::RawRoutes) -> super::RoutesConfig {
+        let mut allow_unmetered = Vec::new();
+        for (i, s) in raw.allow_unmetered.unwrap_or_default().iter().enumerate() {
+            match crate::policy::Allowed::parse(s) {
+                Ok(a) => allow_unmetered.push(a),
+                Err(why) => self.problem(format!("routes.allow_unmetered[{i}]"), why),
+            }
+        }
+        super::RoutesConfig { allow_unmetered }
+    }
 }
 
 impl Validator {

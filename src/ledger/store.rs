@@ -89,6 +89,7 @@ pub struct SledStore {
     users: sled::Tree,
     keys: sled::Tree,
     meta: sled::Tree,
+    owners: sled::Tree,
     log: Arc<RecordLog>,
     unapplied: Arc<parking_lot::Mutex<Unapplied>>,
 }
@@ -557,6 +558,11 @@ impl SledStore {
     /// Raw access to the meta tree (small state: alerts, upload sessions).
     pub fn meta(&self) -> &sled::Tree {
         &self.meta
+    }
+
+    /// Raw access to the owners tree (who owns which upstream resource).
+    pub fn owners(&self) -> &sled::Tree {
+        &self.owners
     }
 
     /// Bytes the database occupies on disk (sled and the record log).

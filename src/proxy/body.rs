@@ -20,6 +20,8 @@ pub struct RequestTally {
     pub text_chars: Arc<AtomicU64>,
     /// Set when the body went over the size limit.
     pub too_large: AtomicBool,
+    /// Set when the body named a resource the caller does not own (and was stopped there).
+    pub foreign_reference: std::sync::OnceLock<(crate::ownership::Kind, String)>,
 }
 
 /// A request body on its way upstream: counts bytes, enforces the size limit, and (for model

@@ -21,19 +21,23 @@ use super::failure::UpstreamFailure;
 use super::headers::{caller_key, query_param, strip_hop_by_hop, strip_key_param, take_tags};
 use super::metered::MeteredCall;
 use super::route::{Answer, Route, classify};
+use super::tenancy::{self, GuardedBody, RefCheck};
 use super::upload::rewrite_upload_url;
 use crate::admission::{Admitted, WorstCase, admit};
-use crate::error::ApiError;
+use crate::error::{ApiError, json_response};
 use crate::identity::KeyEntry;
 use crate::ledger::Tags;
 use crate::metering::estimate::{self, Dialect};
 use crate::metering::observer::MeteredBody;
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
+use crate::policy::path::canonical;
+use crate::ownership::Kind;
+use crate::policy::{Access, Decision};
 use crate::runtime::Runtime;
 
 /// The header the upstream key goes in (a constant: `from_static` validates on every call).
-const GOOG_API_KEY: header::HeaderName = header::HeaderName::from_static("x-goog-api-key");
+pub(super) const GOOG_API_KEY: header::HeaderName = header::HeaderName::from_static("x-goog-api-key");
 
 /// Forwards a proxied request; every failure becomes a Gemini error envelope.
 pub async fn forward(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -56,6 +60,10 @@ struct Call<'p> {
     proxy: &'p Arc<Proxy>,
     rt: Arc<Runtime>,
     route: Route,
+    /// The route policy's decision.
+    decision: Decision,
+    /// The canonical path (what the policy judged and the upstream is sent).
+    path: &'p str,
     key: KeyEntry,
     tags: Option<Arc<Tags>>,
     tally: Arc<RequestTally>,
@@ -88,7 +96,9 @@ async fn forward_inner(
     let (mut parts, body) = req.into_parts();
     // A clone shares the URI's bytes: path and query are borrowed from it, not copied.
     let uri_in = parts.uri.clone();
-    let (path, query) = (uri_in.path(), uri_in.query());
+    let canon = canonical(uri_in.path()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (path, query) = (&*canon, uri_in.query());
+    let decision = tenancy::decision(&rt, &parts.method, path)?;
     let route = classify(&parts.method, path, query, &parts.headers);
     *label = route.label();
     let max = rt.config.server.max_request_bytes;
@@ -96,6 +106,14 @@ async fn forward_inner(
         return Err(ApiError::too_large(max));
     }
     let (key, continued) = identify(proxy, &route, &parts.headers, query)?;
+    if decision.access != Access::None {
+        let user = proxy.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
+        tenancy::check_path(&proxy.owners, user.id(), &decision, path)?;
+    }
+    if matches!(decision.access, Access::Create(_) | Access::PathCreate(_)) {
+        // The answer is read for the new resource's name: plain JSON, not compressed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
     let tags = take_tags(&mut parts.headers);
     let gateway_base = route
         .needs_gateway_base()
@@ -104,10 +122,15 @@ async fn forward_inner(
         proxy,
         rt,
         route,
+        decision,
+        path,
         key,
         tags,
         tally: Arc::new(RequestTally::default()),
     };
+    if let Access::List(kind) = call.decision.access {
+        return list_phase(&call, kind, query).await;
+    }
     let (mut upstream_body, body_model, hard) = request_body(&call, body, max).await?;
     let bm = body_model.as_ref().map(|b| b.model.as_str());
     let worst = hard.as_ref().and_then(|h| worst_case(&call, bm, h));
@@ -181,7 +204,12 @@ async fn request_body(
     let hard = hard && hard_budget(call);
     if !openai && !hard {
         let counting = CountingBody::new(body, call.tally.clone(), max, call.route.counts_prompt_text());
-        return Ok((ProxyBody::stream(counting), None, None));
+        if !call.decision.refs {
+            return Ok((ProxyBody::stream(counting), None, None));
+        }
+        let check = RefCheck::new(call.proxy, &call.rt, call.key);
+        let guarded = GuardedBody::new(ProxyBody::stream(counting), check, call.tally.clone());
+        return Ok((ProxyBody::stream(guarded), None, None));
     }
     let bytes: Bytes = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
         .collect()
@@ -197,6 +225,9 @@ async fn request_body(
     tc.feed(&bytes);
     call.tally.text_chars.store(tc.chars(), Ordering::Relaxed);
     call.tally.bytes.store(bytes.len() as u64, Ordering::Relaxed);
+    if call.decision.refs {
+        RefCheck::new(call.proxy, &call.rt, call.key).whole(&bytes)?;
+    }
     let body_model = if openai {
         let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
         let model = model.strip_prefix("models/").unwrap_or(model).to_string();
@@ -311,6 +342,13 @@ async fn send(
             return Ok((resp, metered));
         }
         Err(f) => f,
+        Ok(Err(e)) if call.tally.foreign_reference.get().is_some() => {
+            drop(e);
+            if let Some(m) = metered {
+                m.refused();
+            }
+            return Err(tenancy::foreign_refusal(&call.tally).unwrap_or_else(|| ApiError::internal("refused")));
+        }
         Ok(Err(e)) if call.tally.too_large.load(Ordering::Relaxed) => {
             drop(e);
             if let Some(m) = metered {
@@ -360,15 +398,61 @@ async fn answer(
             p.record_upload(call.key, &rparts, &call.tally, call.tags.clone(), upload_id)
                 .await;
             if let Some(id) = upload_id
-                && rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok()) == Some("final")
+                && upload_status(&rparts) == Some("final")
             {
                 p.uploads.remove(id);
             }
-            ProxyBody::stream(rbody)
+            owned_body(&call, &mut rparts, rbody).await?
         }
-        _ => ProxyBody::stream(rbody),
+        _ => owned_body(&call, &mut rparts, rbody).await?,
     };
     Ok(Response::from_parts(rparts, body))
+}
+
+fn upload_status(rparts: &http::response::Parts) -> Option<&str> {
+    rparts.headers.get("x-goog-upload-status").and_then(|v| v.to_str().ok())
+}
+
+/// The answer's body, with what it does to owned resources: a created resource is recorded as
+/// the caller's before its name is passed on; a deleted one is forgotten.
+async fn owned_body(
+    call: &Call<'_>,
+    rparts: &mut http::response::Parts,
+    rbody: UpstreamBody,
+) -> Result<ProxyBody, ApiError> {
+    match call.decision.access {
+        Access::Create(kind) | Access::PathCreate(kind) if creates_now(call, rparts) => {
+            let user = call.proxy.registry.user_of(call.key).ok_or_else(ApiError::invalid_key)?;
+            tenancy::record_created(&call.proxy.owners, &user.id_arc(), kind, rparts, rbody).await
+        }
+        Access::Delete => {
+            tenancy::deleted(&call.proxy.owners, rparts.status, call.path);
+            Ok(ProxyBody::stream(rbody))
+        }
+        _ => Ok(ProxyBody::stream(rbody)),
+    }
+}
+
+/// Whether this answer is the one that names a new resource (an upload's, only when final).
+fn creates_now(call: &Call<'_>, rparts: &http::response::Parts) -> bool {
+    if !rparts.status.is_success() {
+        return false;
+    }
+    match call.route {
+        Route::UploadChunk { .. } => upload_status(rparts) == Some("final"),
+        Route::UploadOther => upload_status(rparts).is_none_or(|s| s == "final"),
+        Route::UploadStart { .. } => false,
+        _ => true,
+    }
+}
+
+/// A list of the caller's own resources, answered by the gateway (after admission, which rate
+/// limits it like any call).
+async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
+    let _admitted = admit_phase(call, None, false, None)?;
+    let user = call.proxy.registry.user_of(call.key).ok_or_else(ApiError::invalid_key)?;
+    let v = tenancy::list(call.proxy, &call.rt, user.id(), kind, call.path, query).await?;
+    Ok(json_response(http::StatusCode::OK, &v))
 }
 
 /// Settles the call's message and wraps the body in the meter.
@@ -437,7 +521,7 @@ fn gateway_base(public_url: &Option<String>, parts: &http::request::Parts) -> St
     format!("http://{host}")
 }
 
-fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+pub(super) fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
     let scheme = base.scheme_str().unwrap_or("https");
     let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
     let prefix = base.path().trim_end_matches('/');

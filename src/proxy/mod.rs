@@ -10,6 +10,7 @@ pub mod headers;
 mod metered;
 pub mod passthrough;
 pub mod route;
+pub mod tenancy;
 pub mod upload;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct Proxy {
     pub upstream: client::UpstreamClient,
     /// Upload sessions started here.
     pub uploads: upload::UploadSessions,
+    /// Who owns which upstream resource.
+    pub owners: Arc<crate::ownership::Owners>,
     /// Operational metrics.
     pub metrics: Arc<Metrics>,
     /// The clock.

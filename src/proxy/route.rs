@@ -150,6 +150,8 @@ pub fn is_proxied(path: &str) -> bool {
         || path.starts_with("/v1/")
         || path.starts_with("/v1alpha/")
         || path.starts_with("/upload/")
+        // The Live API's WebSocket: refused by the route policy, with a clear error.
+        || path.starts_with("/ws/")
 }
 
 /// The model id and method named by a path such as `/v1beta/models/x:generateContent`.

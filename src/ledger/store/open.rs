@@ -38,6 +38,7 @@ impl SledStore {
             users: db.open_tree("users")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
+            owners: db.open_tree("owners")?,
             db,
             log: Arc::new(log),
             unapplied: Arc::default(),

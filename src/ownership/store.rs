@@ -1,0 +1,239 @@
+//! The ownership index: resource name → owner, in memory for the request path and in a sled
+//! tree for restarts. A creation is flushed to disk before its answer reaches the caller, so a
+//! name a caller holds is always one the index knows (also after `kill -9`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use super::Kind;
+
+/// Errors of the ownership store.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    /// sled failed.
+    #[error("ownership store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored entry is not readable.
+    #[error("ownership store: entry {0} is corrupt")]
+    Corrupt(String),
+}
+
+/// One owned resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEntry {
+    /// The index name (`files/abc`).
+    pub name: String,
+    /// Its kind.
+    pub kind: Kind,
+    /// The owner's user id.
+    pub user: Arc<str>,
+    /// Creation order (newest first in lists).
+    pub seq: u64,
+    /// When it was recorded (Unix milliseconds).
+    pub created_ms: u64,
+}
+
+/// How an entry is kept on disk, under `n/{name}`.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    user: String,
+    seq: u64,
+    created_ms: u64,
+}
+
+/// The index of owned resources.
+#[derive(Debug)]
+pub struct Owners {
+    by_name: DashMap<String, OwnedEntry>,
+    /// Each user's names by creation order, for lists.
+    by_user: DashMap<Arc<str>, BTreeMap<u64, String>>,
+    next_seq: AtomicU64,
+    tree: sled::Tree,
+}
+
+fn stored_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 2);
+    k.extend_from_slice(b"n/");
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Owners {
+    /// Loads the index from `tree`.
+    pub fn load(tree: sled::Tree) -> Result<Self, OwnershipError> {
+        let owners = Owners {
+            by_name: DashMap::new(),
+            by_user: DashMap::new(),
+            next_seq: AtomicU64::new(1),
+            tree,
+        };
+        let mut max_seq = 0;
+        for item in owners.tree.scan_prefix(b"n/") {
+            let (k, v) = item?;
+            let name = String::from_utf8_lossy(k.get(2..).unwrap_or_default()).into_owned();
+            let s: Stored = serde_json::from_slice(&v).map_err(|_| OwnershipError::Corrupt(name.clone()))?;
+            let Some((kind, _)) = super::resource_of(&name) else {
+                return Err(OwnershipError::Corrupt(name));
+            };
+            max_seq = max_seq.max(s.seq);
+            owners.index(OwnedEntry {
+                name,
+                kind,
+                user: Arc::from(s.user),
+                seq: s.seq,
+                created_ms: s.created_ms,
+            });
+        }
+        owners.next_seq.store(max_seq + 1, Ordering::Relaxed);
+        Ok(owners)
+    }
+
+    fn index(&self, e: OwnedEntry) {
+        self.by_user
+            .entry(e.user.clone())
+            .or_default()
+            .insert(e.seq, e.name.clone());
+        if let Some(old) = self.by_name.insert(e.name.clone(), e)
+            && let Some(mut m) = self.by_user.get_mut(&old.user)
+        {
+            // A name re-created by another user (the old one expired upstream) moves.
+            if m.get(&old.seq) == Some(&old.name) {
+                m.remove(&old.seq);
+            }
+        }
+    }
+
+    /// The owner of an index name.
+    pub fn owner(&self, name: &str) -> Option<Arc<str>> {
+        self.by_name.get(name).map(|e| e.user.clone())
+    }
+
+    /// Whether `user` owns the index name.
+    pub fn owns(&self, user: &str, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|e| &*e.user == user)
+    }
+
+    /// Records `user` as the owner of `name` (a resource the upstream just created) and waits
+    /// until that is on disk. The upstream's word wins over an older entry: a name is only
+    /// re-created after the old resource is gone.
+    pub async fn record(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
+        self.put(user, kind, name)?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Writes an entry without waiting for the disk.
+    fn put(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
+        let e = OwnedEntry {
+            name: name.to_string(),
+            kind,
+            user: user.clone(),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            created_ms: now_ms(),
+        };
+        let stored = Stored {
+            user: user.to_string(),
+            seq: e.seq,
+            created_ms: e.created_ms,
+        };
+        let v = serde_json::to_vec(&stored).map_err(|_| OwnershipError::Corrupt(name.into()))?;
+        self.tree.insert(stored_key(name), v)?;
+        self.index(e);
+        Ok(())
+    }
+
+    /// Gives an existing (or unowned) resource to `user` (admin).
+    pub async fn assign(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
+        self.forget(name)?;
+        self.record(user, kind, name).await
+    }
+
+    /// Forgets a resource (deleted upstream, or gone).
+    pub fn forget(&self, name: &str) -> Result<(), OwnershipError> {
+        if let Some((_, e)) = self.by_name.remove(name)
+            && let Some(mut m) = self.by_user.get_mut(&e.user)
+        {
+            m.remove(&e.seq);
+        }
+        self.tree.remove(stored_key(name))?;
+        Ok(())
+    }
+
+    /// Up to `limit` of `user`'s resources of the kinds `want` accepts, newest first, older
+    /// than creation number `before` (exclusive; `u64::MAX` for the first page).
+    pub fn page(&self, user: &str, want: impl Fn(Kind) -> bool, before: u64, limit: usize) -> Vec<OwnedEntry> {
+        let Some(m) = self.by_user.get(user) else {
+            return Vec::new();
+        };
+        m.range(..before)
+            .rev()
+            .filter_map(|(_, name)| self.by_name.get(name).map(|e| e.clone()))
+            .filter(|e| want(e.kind))
+            .take(limit)
+            .collect()
+    }
+
+    /// Every resource of `user`, newest first.
+    pub fn of_user(&self, user: &str) -> Vec<OwnedEntry> {
+        self.page(user, |_| true, u64::MAX, usize::MAX)
+    }
+
+    /// Every owned resource (admin), in name order.
+    pub fn all(&self) -> Vec<OwnedEntry> {
+        let mut v: Vec<OwnedEntry> = self.by_name.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn survives_a_reopen_and_pages_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: Arc<str> = Arc::from("alice");
+        let bob: Arc<str> = Arc::from("bob");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let o = Owners::load(db.open_tree("owners").unwrap()).unwrap();
+            for i in 0..5 {
+                o.record(&alice, Kind::File, &format!("files/a{i}")).await.unwrap();
+            }
+            o.record(&bob, Kind::File, "files/b0").await.unwrap();
+            o.record(&alice, Kind::CachedContent, "cachedContents/c0").await.unwrap();
+            o.forget("files/a1").unwrap();
+            o.tree.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let o = Owners::load(db.open_tree("owners").unwrap()).unwrap();
+        assert!(o.owns("alice", "files/a0"));
+        assert!(!o.owns("bob", "files/a0"));
+        assert!(!o.owns("alice", "files/a1"));
+        let files = |k| k == Kind::File;
+        let p1: Vec<String> = o.page("alice", files, u64::MAX, 2).into_iter().map(|e| e.name).collect();
+        assert_eq!(p1, ["files/a4", "files/a3"]);
+        let last = o.page("alice", files, u64::MAX, 2)[1].seq;
+        let p2: Vec<String> = o.page("alice", files, last, 10).into_iter().map(|e| e.name).collect();
+        assert_eq!(p2, ["files/a2", "files/a0"]);
+        // A new record after reopening gets a newer number than every old one.
+        o.record(&alice, Kind::File, "files/a9").await.unwrap();
+        assert_eq!(o.page("alice", files, u64::MAX, 1)[0].name, "files/a9");
+        // Re-created by someone else: it moves.
+        o.record(&bob, Kind::File, "files/a0").await.unwrap();
+        assert!(o.owns("bob", "files/a0"));
+        assert!(o.page("alice", files, u64::MAX, 10).iter().all(|e| e.name != "files/a0"));
+    }
+}
