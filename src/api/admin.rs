@@ -111,9 +111,18 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             app.alerts.forget(&id);
             let removed = app.recorder.delete_user(&id, key_ids).await.map_err(storage)?;
             app.store.flush().await.map_err(storage)?;
+            // Their upstream resources are not deleted with them (a deletion upstream cannot be
+            // undone): listed here and under /admin/resources?user=, for the operator to delete.
+            let resources: Vec<Value> = app
+                .proxy
+                .owners
+                .of_user(&id)
+                .iter()
+                .map(super::resources::entry_json)
+                .collect();
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"deleted": id, "records_deleted": removed}),
+                &json!({"deleted": id, "records_deleted": removed, "resources": resources}),
             ))
         }
         (Method::POST, ["admin", "users", id, "keys"]) => {
@@ -134,6 +143,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             Ok(json_response(StatusCode::OK, &json!({"revoked": key_id})))
         }
         (Method::GET, ["admin", "usage"]) => admin_usage(app, &req),
+        (Method::GET, ["admin", "resources"]) => super::resources::list(app, &req).await,
+        (Method::PUT, ["admin", "resources", name @ ..]) => super::resources::assign(app, name, req).await,
+        (Method::DELETE, ["admin", "resources", name @ ..]) => super::resources::delete(app, name).await,
         (Method::GET, ["admin", "analytics", "daily"]) => {
             let days = bounded(&query_map(&req), "days", 30, 366)?;
             Ok(json_response(StatusCode::OK, &daily_rows(app, None, days)?))

@@ -5,6 +5,7 @@ pub mod admin;
 mod alerts;
 pub mod current;
 pub mod pages;
+pub mod resources;
 pub mod stream;
 pub mod usage;
 

@@ -77,9 +77,10 @@ pub fn resource_of(path: &str) -> Option<(Kind, String)> {
     let id = segs.next().filter(|s| !s.is_empty())?;
     if collection == "models" {
         return match (segs.next(), segs.next()) {
-            (Some("operations"), Some(op)) if valid_id(op) && valid_id(id) => {
-                Some((Kind::Operation, format!("models/{id}/operations/{op}").to_ascii_lowercase()))
-            }
+            (Some("operations"), Some(op)) if valid_id(op) && valid_id(id) => Some((
+                Kind::Operation,
+                format!("models/{id}/operations/{op}").to_ascii_lowercase(),
+            )),
             _ => None,
         };
     }
@@ -96,7 +97,11 @@ pub fn index_name(name: &str) -> Option<(Kind, String)> {
 /// Resource ids are short runs of letters, digits, `-`, `_` and `.` (model ids have dots).
 /// Anything else (escapes, spaces, path tricks) is not a name the index can hold.
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && id != "."
         && id != ".."
 }
@@ -108,7 +113,10 @@ mod tests {
     #[test]
     fn names_of_paths() {
         assert_eq!(resource_of("files/abc"), Some((Kind::File, "files/abc".into())));
-        assert_eq!(resource_of("files/ABC:download"), Some((Kind::File, "files/abc".into())));
+        assert_eq!(
+            resource_of("files/ABC:download"),
+            Some((Kind::File, "files/abc".into()))
+        );
         assert_eq!(
             resource_of("fileSearchStores/s1/documents/d"),
             Some((Kind::FileSearchStore, "fileSearchStores/s1".into()))

@@ -273,7 +273,9 @@ impl RefScanner {
                 if n >= 3 || digit.is_none() {
                     if !matches!(self.mode, Mode::Skip | Mode::Outside) {
                         // Surrogates (never part of a name) become U+FFFD, which no name has.
-                        let c = char::from_u32(u32::from(v)).filter(|_| digit.is_some()).unwrap_or('\u{fffd}');
+                        let c = char::from_u32(u32::from(v))
+                            .filter(|_| digit.is_some())
+                            .unwrap_or('\u{fffd}');
                         let mut tmp = [0u8; 4];
                         self.keep(c.encode_utf8(&mut tmp).as_bytes());
                     }
@@ -326,7 +328,12 @@ fn file_uri(v: &str, upstream_host: &str) -> Option<(Kind, String)> {
     let end = after.find(['/', '?', '#']).unwrap_or(after.len());
     let authority = after.get(..end).unwrap_or_default();
     let host = authority.rsplit('@').next().unwrap_or_default();
-    let host = host.split(':').next().unwrap_or_default().trim_end_matches('.').to_ascii_lowercase();
+    let host = host
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let ours = host.ends_with("googleapis.com") || (!upstream_host.is_empty() && host == upstream_host);
     if !ours {
         return None;
@@ -433,10 +440,16 @@ mod tests {
         let r = |key, v: &str| required(&Reference { key, value: v.into() }, "127.0.0.1");
         assert_eq!(r(RefKey::FileUri, "files/abc"), Some((Kind::File, "files/abc".into())));
         assert_eq!(
-            r(RefKey::FileUri, "https://GenerativeLanguage.googleapis.com./v1beta/files/%61bc?x=1"),
+            r(
+                RefKey::FileUri,
+                "https://GenerativeLanguage.googleapis.com./v1beta/files/%61bc?x=1"
+            ),
             Some((Kind::File, "files/abc".into()))
         );
-        assert_eq!(r(RefKey::FileUri, "http://127.0.0.1:9/v1beta/files/ABC"), Some((Kind::File, "files/abc".into())));
+        assert_eq!(
+            r(RefKey::FileUri, "http://127.0.0.1:9/v1beta/files/ABC"),
+            Some((Kind::File, "files/abc".into()))
+        );
         assert_eq!(r(RefKey::FileUri, "https://www.youtube.com/watch?v=9hE5-98ZeCg"), None);
         // Looks like a Gemini file but is not a clean name: refused (a name no one has).
         for v in [
@@ -449,8 +462,16 @@ mod tests {
             assert!(got.1.starts_with('\u{fffd}'), "{v}: {got:?}");
         }
         assert_eq!(r(RefKey::Model, "models/gemini-2.5-flash"), None);
-        assert_eq!(r(RefKey::Model, "tunedModels/t1"), Some((Kind::TunedModel, "tunedModels/t1".into())));
-        assert!(r(RefKey::Model, "models/../tunedModels/t1").unwrap().1.starts_with('\u{fffd}'));
+        assert_eq!(
+            r(RefKey::Model, "tunedModels/t1"),
+            Some((Kind::TunedModel, "tunedModels/t1".into()))
+        );
+        assert!(
+            r(RefKey::Model, "models/../tunedModels/t1")
+                .unwrap()
+                .1
+                .starts_with('\u{fffd}')
+        );
         assert_eq!(r(RefKey::CachedContent, ""), None);
         assert!(r(RefKey::CachedContent, "c1").unwrap().1.starts_with('\u{fffd}'));
     }

@@ -213,7 +213,9 @@ mod tests {
                 o.record(&alice, Kind::File, &format!("files/a{i}")).await.unwrap();
             }
             o.record(&bob, Kind::File, "files/b0").await.unwrap();
-            o.record(&alice, Kind::CachedContent, "cachedContents/c0").await.unwrap();
+            o.record(&alice, Kind::CachedContent, "cachedContents/c0")
+                .await
+                .unwrap();
             o.forget("files/a1").unwrap();
             o.tree.flush().unwrap();
         }
@@ -223,7 +225,11 @@ mod tests {
         assert!(!o.owns("bob", "files/a0"));
         assert!(!o.owns("alice", "files/a1"));
         let files = |k| k == Kind::File;
-        let p1: Vec<String> = o.page("alice", files, u64::MAX, 2).into_iter().map(|e| e.name).collect();
+        let p1: Vec<String> = o
+            .page("alice", files, u64::MAX, 2)
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
         assert_eq!(p1, ["files/a4", "files/a3"]);
         let last = o.page("alice", files, u64::MAX, 2)[1].seq;
         let p2: Vec<String> = o.page("alice", files, last, 10).into_iter().map(|e| e.name).collect();
@@ -234,6 +240,10 @@ mod tests {
         // Re-created by someone else: it moves.
         o.record(&bob, Kind::File, "files/a0").await.unwrap();
         assert!(o.owns("bob", "files/a0"));
-        assert!(o.page("alice", files, u64::MAX, 10).iter().all(|e| e.name != "files/a0"));
+        assert!(
+            o.page("alice", files, u64::MAX, 10)
+                .iter()
+                .all(|e| e.name != "files/a0")
+        );
     }
 }

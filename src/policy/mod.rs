@@ -97,10 +97,38 @@ use Treatment::{Free, Metered, Owned, Refused};
 
 /// Every method the gateway knows (the generate calls first: they are looked up most).
 pub static RULES: &[Rule] = &[
-    rule("models.generateContent", "POST", "models/*:generateContent", Metered, Access::None, true),
-    rule("models.streamGenerateContent", "POST", "models/*:streamGenerateContent", Metered, Access::None, true),
-    rule("openai.chat.completions", "POST", "openai/chat/completions", Metered, Access::None, true),
-    rule("models.countTokens", "POST", "models/*:countTokens", Free, Access::None, true),
+    rule(
+        "models.generateContent",
+        "POST",
+        "models/*:generateContent",
+        Metered,
+        Access::None,
+        true,
+    ),
+    rule(
+        "models.streamGenerateContent",
+        "POST",
+        "models/*:streamGenerateContent",
+        Metered,
+        Access::None,
+        true,
+    ),
+    rule(
+        "openai.chat.completions",
+        "POST",
+        "openai/chat/completions",
+        Metered,
+        Access::None,
+        true,
+    ),
+    rule(
+        "models.countTokens",
+        "POST",
+        "models/*:countTokens",
+        Free,
+        Access::None,
+        true,
+    ),
     rule("models.list", "GET", "models", Free, Access::None, false),
     rule("models.get", "GET", "models/*", Free, Access::None, false),
     rule("openai.models.list", "GET", "openai/models", Free, Access::None, false),
@@ -113,40 +141,187 @@ pub static RULES: &[Rule] = &[
     rule("files.get", "GET", "files/*", Owned, Path, false),
     rule("files.download", "GET", "files/*:download", Owned, Path, false),
     rule("files.delete", "DELETE", "files/*", Owned, Delete, false),
-    rule("cachedContents.create", "POST", "cachedContents", Refused, Create(Kind::CachedContent), true),
-    rule("cachedContents.list", "GET", "cachedContents", Owned, List(Kind::CachedContent), false),
+    rule(
+        "cachedContents.create",
+        "POST",
+        "cachedContents",
+        Refused,
+        Create(Kind::CachedContent),
+        true,
+    ),
+    rule(
+        "cachedContents.list",
+        "GET",
+        "cachedContents",
+        Owned,
+        List(Kind::CachedContent),
+        false,
+    ),
     rule("cachedContents.get", "GET", "cachedContents/*", Owned, Path, false),
     rule("cachedContents.patch", "PATCH", "cachedContents/*", Refused, Path, true),
-    rule("cachedContents.delete", "DELETE", "cachedContents/*", Owned, Delete, false),
-    rule("models.batchGenerateContent", "POST", "models/*:batchGenerateContent", Refused, Create(Kind::Batch), true),
-    rule("models.asyncBatchEmbedContent", "POST", "models/*:asyncBatchEmbedContent", Refused, Create(Kind::Batch), true),
+    rule(
+        "cachedContents.delete",
+        "DELETE",
+        "cachedContents/*",
+        Owned,
+        Delete,
+        false,
+    ),
+    rule(
+        "models.batchGenerateContent",
+        "POST",
+        "models/*:batchGenerateContent",
+        Refused,
+        Create(Kind::Batch),
+        true,
+    ),
+    rule(
+        "models.asyncBatchEmbedContent",
+        "POST",
+        "models/*:asyncBatchEmbedContent",
+        Refused,
+        Create(Kind::Batch),
+        true,
+    ),
     rule("batches.list", "GET", "batches", Owned, List(Kind::Batch), false),
     rule("batches.get", "GET", "batches/*", Owned, Path, false),
     rule("batches.cancel", "POST", "batches/*:cancel", Owned, Path, false),
     rule("batches.delete", "DELETE", "batches/*", Owned, Delete, false),
-    rule("models.embedContent", "POST", "models/*:embedContent", Refused, Access::None, true),
-    rule("models.batchEmbedContents", "POST", "models/*:batchEmbedContents", Refused, Access::None, true),
-    rule("models.predict", "POST", "models/*:predict", Refused, Access::None, true),
-    rule("models.predictLongRunning", "POST", "models/*:predictLongRunning", Refused, Create(Kind::Operation), true),
-    rule("models.operations.get", "GET", "models/*/operations/*", Owned, Path, false),
-    rule("operations.list", "GET", "operations", Owned, List(Kind::Operation), false),
+    rule(
+        "models.embedContent",
+        "POST",
+        "models/*:embedContent",
+        Refused,
+        Access::None,
+        true,
+    ),
+    rule(
+        "models.batchEmbedContents",
+        "POST",
+        "models/*:batchEmbedContents",
+        Refused,
+        Access::None,
+        true,
+    ),
+    rule(
+        "models.predict",
+        "POST",
+        "models/*:predict",
+        Refused,
+        Access::None,
+        true,
+    ),
+    rule(
+        "models.predictLongRunning",
+        "POST",
+        "models/*:predictLongRunning",
+        Refused,
+        Create(Kind::Operation),
+        true,
+    ),
+    rule(
+        "models.operations.get",
+        "GET",
+        "models/*/operations/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "operations.list",
+        "GET",
+        "operations",
+        Owned,
+        List(Kind::Operation),
+        false,
+    ),
     rule("operations.get", "GET", "operations/*", Owned, Path, false),
     rule("operations.cancel", "POST", "operations/*:cancel", Owned, Path, false),
     rule("operations.delete", "DELETE", "operations/*", Owned, Delete, false),
-    rule("tunedModels.create", "POST", "tunedModels", Owned, Create(Kind::TunedModel), true),
-    rule("tunedModels.list", "GET", "tunedModels", Owned, List(Kind::TunedModel), false),
+    rule(
+        "tunedModels.create",
+        "POST",
+        "tunedModels",
+        Owned,
+        Create(Kind::TunedModel),
+        true,
+    ),
+    rule(
+        "tunedModels.list",
+        "GET",
+        "tunedModels",
+        Owned,
+        List(Kind::TunedModel),
+        false,
+    ),
     rule("tunedModels.get", "GET", "tunedModels/*", Owned, Path, false),
     rule("tunedModels.patch", "PATCH", "tunedModels/*", Owned, Path, false),
     rule("tunedModels.delete", "DELETE", "tunedModels/*", Owned, Delete, false),
-    rule("tunedModels.generateContent", "POST", "tunedModels/*:generateContent", Metered, Path, true),
-    rule("tunedModels.streamGenerateContent", "POST", "tunedModels/*:streamGenerateContent", Metered, Path, true),
-    rule("tunedModels.operations.list", "GET", "tunedModels/*/operations", Owned, Path, false),
-    rule("tunedModels.operations.get", "GET", "tunedModels/*/operations/*", Owned, Path, false),
-    rule("fileSearchStores.create", "POST", "fileSearchStores", Owned, Create(Kind::FileSearchStore), false),
-    rule("fileSearchStores.list", "GET", "fileSearchStores", Owned, List(Kind::FileSearchStore), false),
+    rule(
+        "tunedModels.generateContent",
+        "POST",
+        "tunedModels/*:generateContent",
+        Metered,
+        Path,
+        true,
+    ),
+    rule(
+        "tunedModels.streamGenerateContent",
+        "POST",
+        "tunedModels/*:streamGenerateContent",
+        Metered,
+        Path,
+        true,
+    ),
+    rule(
+        "tunedModels.operations.list",
+        "GET",
+        "tunedModels/*/operations",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "tunedModels.operations.get",
+        "GET",
+        "tunedModels/*/operations/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "fileSearchStores.create",
+        "POST",
+        "fileSearchStores",
+        Owned,
+        Create(Kind::FileSearchStore),
+        false,
+    ),
+    rule(
+        "fileSearchStores.list",
+        "GET",
+        "fileSearchStores",
+        Owned,
+        List(Kind::FileSearchStore),
+        false,
+    ),
     rule("fileSearchStores.get", "GET", "fileSearchStores/*", Owned, Path, false),
-    rule("fileSearchStores.delete", "DELETE", "fileSearchStores/*", Owned, Delete, false),
-    rule("fileSearchStores.importFile", "POST", "fileSearchStores/*:importFile", Refused, PathCreate(Kind::Operation), true),
+    rule(
+        "fileSearchStores.delete",
+        "DELETE",
+        "fileSearchStores/*",
+        Owned,
+        Delete,
+        false,
+    ),
+    rule(
+        "fileSearchStores.importFile",
+        "POST",
+        "fileSearchStores/*:importFile",
+        Refused,
+        PathCreate(Kind::Operation),
+        true,
+    ),
     Rule {
         upload: true,
         ..rule(
@@ -158,13 +333,62 @@ pub static RULES: &[Rule] = &[
             false,
         )
     },
-    rule("fileSearchStores.documents.list", "GET", "fileSearchStores/*/documents", Owned, Path, false),
-    rule("fileSearchStores.documents.get", "GET", "fileSearchStores/*/documents/*", Owned, Path, false),
-    rule("fileSearchStores.documents.delete", "DELETE", "fileSearchStores/*/documents/*", Owned, Path, false),
-    rule("fileSearchStores.operations.get", "GET", "fileSearchStores/*/operations/*", Owned, Path, false),
-    rule("fileSearchStores.upload.operations.get", "GET", "fileSearchStores/*/upload/operations/*", Owned, Path, false),
-    rule("openai.embeddings", "POST", "openai/embeddings", Refused, Access::None, false),
-    rule("openai.images.generations", "POST", "openai/images/generations", Refused, Access::None, false),
+    rule(
+        "fileSearchStores.documents.list",
+        "GET",
+        "fileSearchStores/*/documents",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "fileSearchStores.documents.get",
+        "GET",
+        "fileSearchStores/*/documents/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "fileSearchStores.documents.delete",
+        "DELETE",
+        "fileSearchStores/*/documents/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "fileSearchStores.operations.get",
+        "GET",
+        "fileSearchStores/*/operations/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "fileSearchStores.upload.operations.get",
+        "GET",
+        "fileSearchStores/*/upload/operations/*",
+        Owned,
+        Path,
+        false,
+    ),
+    rule(
+        "openai.embeddings",
+        "POST",
+        "openai/embeddings",
+        Refused,
+        Access::None,
+        false,
+    ),
+    rule(
+        "openai.images.generations",
+        "POST",
+        "openai/images/generations",
+        Refused,
+        Access::None,
+        false,
+    ),
 ];
 
 /// A request target: under `/upload/` or not, its version, and the path after the version.
@@ -238,10 +462,14 @@ impl Allowed {
             let verb = verb.trim();
             let path = path.trim().trim_start_matches('/');
             if !matches!(verb, "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {
-                return Err(format!("{verb:?} is not an HTTP method (GET, POST, PUT, PATCH, DELETE)"));
+                return Err(format!(
+                    "{verb:?} is not an HTTP method (GET, POST, PUT, PATCH, DELETE)"
+                ));
             }
             let segs_ok = path.split('/').all(|s| {
-                !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'*' | b'-' | b'_' | b'.' | b':'))
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'*' | b'-' | b'_' | b'.' | b':'))
             });
             if !segs_ok {
                 return Err(format!("{path:?} is not a path pattern like \"interactions/*\""));
@@ -255,7 +483,9 @@ impl Allowed {
             .iter()
             .find(|r| r.name == s)
             .map(|r| Allowed::Named(r.name))
-            .ok_or_else(|| format!("{s:?} is not a method of the route table (see the README), nor \"VERB path/pattern\""))
+            .ok_or_else(|| {
+                format!("{s:?} is not a method of the route table (see the README), nor \"VERB path/pattern\"")
+            })
     }
 }
 
@@ -278,7 +508,9 @@ impl Denial {
             Denial::NotMetered(name) => format!(
                 "This method is not available through this gateway: {name} is billable and this gateway does not meter it yet."
             ),
-            Denial::Live => "This method is not available through this gateway: the Live API (WebSocket) is not metered yet.".into(),
+            Denial::Live => {
+                "This method is not available through this gateway: the Live API (WebSocket) is not metered yet.".into()
+            }
         }
     }
 }
@@ -353,21 +585,44 @@ mod tests {
 
     #[test]
     fn table_decides() {
-        assert_eq!(d(Method::POST, "/v1beta/models/gemini-2.5-flash:generateContent", &[]).unwrap().treatment, Metered);
+        assert_eq!(
+            d(Method::POST, "/v1beta/models/gemini-2.5-flash:generateContent", &[])
+                .unwrap()
+                .treatment,
+            Metered
+        );
         assert_eq!(d(Method::GET, "/v1beta/files", &[]).unwrap().access, List(Kind::File));
         assert_eq!(d(Method::GET, "/v1/files/abc", &[]).unwrap().access, Path);
-        assert_eq!(d(Method::POST, "/upload/v1beta/files", &[]).unwrap().access, Create(Kind::File));
+        assert_eq!(
+            d(Method::POST, "/upload/v1beta/files", &[]).unwrap().access,
+            Create(Kind::File)
+        );
         assert_eq!(
             d(Method::POST, "/v1beta/models/text-embedding-004:embedContent", &[]),
             Err(Denial::NotMetered("models.embedContent"))
         );
         let allow = [Allowed::parse("models.embedContent").unwrap()];
-        assert_eq!(d(Method::POST, "/v1beta/models/x:embedContent", &allow).unwrap().name, "models.embedContent");
-        assert!(matches!(d(Method::POST, "/v1beta/interactions", &[]), Err(Denial::Unknown(_))));
-        assert!(matches!(d(Method::POST, "/v1beta/files:register", &[]), Err(Denial::Unknown(_))));
-        assert!(matches!(d(Method::GET, "/v1beta/FILES/abc", &[]), Err(Denial::Unknown(_))));
+        assert_eq!(
+            d(Method::POST, "/v1beta/models/x:embedContent", &allow).unwrap().name,
+            "models.embedContent"
+        );
+        assert!(matches!(
+            d(Method::POST, "/v1beta/interactions", &[]),
+            Err(Denial::Unknown(_))
+        ));
+        assert!(matches!(
+            d(Method::POST, "/v1beta/files:register", &[]),
+            Err(Denial::Unknown(_))
+        ));
+        assert!(matches!(
+            d(Method::GET, "/v1beta/FILES/abc", &[]),
+            Err(Denial::Unknown(_))
+        ));
         let allow = [Allowed::parse("POST interactions").unwrap()];
-        assert_eq!(d(Method::POST, "/v1beta/interactions", &allow).unwrap().name, "unlisted");
+        assert_eq!(
+            d(Method::POST, "/v1beta/interactions", &allow).unwrap().name,
+            "unlisted"
+        );
         assert!(Allowed::parse("models.nope").is_err());
         assert!(Allowed::parse("FETCH x").is_err());
         assert!(Target::of("/v2/files").is_none());

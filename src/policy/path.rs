@@ -50,11 +50,17 @@ mod tests {
     #[test]
     fn one_spelling() {
         let c = |p| canonical(p).map(Cow::into_owned);
-        assert!(matches!(canonical("/v1beta/models/gemini-2.5-flash:generateContent"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            canonical("/v1beta/models/gemini-2.5-flash:generateContent"),
+            Ok(Cow::Borrowed(_))
+        ));
         assert_eq!(c("/v1beta/files%2Fabc").unwrap(), "/v1beta/files/abc");
         assert_eq!(c("/v1beta//files///abc/").unwrap(), "/v1beta/files/abc");
         assert_eq!(c("/v1beta/%66iles/abc").unwrap(), "/v1beta/files/abc");
-        assert_eq!(c("/v1beta/models/x%3AgenerateContent").unwrap(), "/v1beta/models/x:generateContent");
+        assert_eq!(
+            c("/v1beta/models/x%3AgenerateContent").unwrap(),
+            "/v1beta/models/x:generateContent"
+        );
         assert_eq!(c("/v1beta/files/abc/../def"), Err(BadPath));
         assert_eq!(c("/v1beta/files/%2e%2e/def"), Err(BadPath));
         assert_eq!(c("/v1beta/files/./abc"), Err(BadPath));

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -18,10 +18,10 @@ use super::Proxy;
 use super::body::{CountingBody, ProxyBody, RequestTally};
 use super::client::UpstreamBody;
 use super::failure::UpstreamFailure;
-use super::headers::{caller_key, query_param, strip_hop_by_hop, strip_key_param, take_tags};
+use super::headers::{GOOG_API_KEY, caller_key, query_param, strip_hop_by_hop, take_tags, upstream_uri};
 use super::metered::MeteredCall;
 use super::route::{Answer, Route, classify};
-use super::tenancy::{self, GuardedBody, RefCheck};
+use super::tenancy::{self, RefCheck};
 use super::upload::rewrite_upload_url;
 use crate::admission::{Admitted, WorstCase, admit};
 use crate::error::{ApiError, json_response};
@@ -31,13 +31,10 @@ use crate::metering::estimate::{self, Dialect};
 use crate::metering::observer::MeteredBody;
 use crate::metering::scan::{Format, TextCounter};
 use crate::metrics::route_index;
-use crate::policy::path::canonical;
 use crate::ownership::Kind;
+use crate::policy::path::canonical;
 use crate::policy::{Access, Decision};
 use crate::runtime::Runtime;
-
-/// The header the upstream key goes in (a constant: `from_static` validates on every call).
-pub(super) const GOOG_API_KEY: header::HeaderName = header::HeaderName::from_static("x-goog-api-key");
 
 /// Forwards a proxied request; every failure becomes a Gemini error envelope.
 pub async fn forward(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -208,8 +205,8 @@ async fn request_body(
             return Ok((ProxyBody::stream(counting), None, None));
         }
         let check = RefCheck::new(call.proxy, &call.rt, call.key);
-        let guarded = GuardedBody::new(ProxyBody::stream(counting), check, call.tally.clone());
-        return Ok((ProxyBody::stream(guarded), None, None));
+        let body = tenancy::guarded(counting, check, call.tally.clone(), max).await?;
+        return Ok((body, None, None));
     }
     let bytes: Bytes = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
         .collect()
@@ -422,7 +419,11 @@ async fn owned_body(
 ) -> Result<ProxyBody, ApiError> {
     match call.decision.access {
         Access::Create(kind) | Access::PathCreate(kind) if creates_now(call, rparts) => {
-            let user = call.proxy.registry.user_of(call.key).ok_or_else(ApiError::invalid_key)?;
+            let user = call
+                .proxy
+                .registry
+                .user_of(call.key)
+                .ok_or_else(ApiError::invalid_key)?;
             tenancy::record_created(&call.proxy.owners, &user.id_arc(), kind, rparts, rbody).await
         }
         Access::Delete => {
@@ -450,7 +451,11 @@ fn creates_now(call: &Call<'_>, rparts: &http::response::Parts) -> bool {
 /// limits it like any call).
 async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
     let _admitted = admit_phase(call, None, false, None)?;
-    let user = call.proxy.registry.user_of(call.key).ok_or_else(ApiError::invalid_key)?;
+    let user = call
+        .proxy
+        .registry
+        .user_of(call.key)
+        .ok_or_else(ApiError::invalid_key)?;
     let v = tenancy::list(call.proxy, &call.rt, user.id(), kind, call.path, query).await?;
     Ok(json_response(http::StatusCode::OK, &v))
 }
@@ -519,25 +524,4 @@ fn gateway_base(public_url: &Option<String>, parts: &http::request::Parts) -> St
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_else(|| "localhost".into());
     format!("http://{host}")
-}
-
-pub(super) fn upstream_uri(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
-    let scheme = base.scheme_str().unwrap_or("https");
-    let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
-    let prefix = base.path().trim_end_matches('/');
-    let mut s = String::with_capacity(scheme.len() + authority.len() + prefix.len() + path.len() + 64);
-    s.push_str(scheme);
-    s.push_str("://");
-    s.push_str(authority);
-    s.push_str(prefix);
-    s.push_str(path);
-    if let Some(q) = query {
-        let q = strip_key_param(q);
-        if !q.is_empty() {
-            s.push('?');
-            s.push_str(&q);
-        }
-    }
-    s.parse()
-        .map_err(|_| ApiError::bad_request("The request path is not valid."))
 }

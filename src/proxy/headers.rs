@@ -181,6 +181,31 @@ pub fn take_tags(h: &mut HeaderMap) -> Option<Arc<Tags>> {
     (!tags.is_empty()).then(|| Arc::new(tags))
 }
 
+/// The header the upstream key goes in (a constant: `from_static` validates on every call).
+pub const GOOG_API_KEY: http::header::HeaderName = http::header::HeaderName::from_static("x-goog-api-key");
+
+/// The upstream URI of a canonical path and the caller's query (without its `key`).
+pub fn upstream_uri(base: &http::Uri, path: &str, query: Option<&str>) -> Result<http::Uri, crate::error::ApiError> {
+    let scheme = base.scheme_str().unwrap_or("https");
+    let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
+    let prefix = base.path().trim_end_matches('/');
+    let mut s = String::with_capacity(scheme.len() + authority.len() + prefix.len() + path.len() + 64);
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(authority);
+    s.push_str(prefix);
+    s.push_str(path);
+    if let Some(q) = query {
+        let q = strip_key_param(q);
+        if !q.is_empty() {
+            s.push('?');
+            s.push_str(&q);
+        }
+    }
+    s.parse()
+        .map_err(|_| crate::error::ApiError::bad_request("The request path is not valid."))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,7 +125,14 @@ impl RefCheck {
         if found.is_empty() {
             return None;
         }
-        let host = self.rt.config.upstream.base_url.host().unwrap_or_default().to_ascii_lowercase();
+        let host = self
+            .rt
+            .config
+            .upstream
+            .base_url
+            .host()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let user = self.registry.user_of(self.key).map(|u| u.id());
         found
             .iter()
@@ -144,27 +151,97 @@ impl RefCheck {
     }
 }
 
-/// A request body on its way upstream, scanned for references as it streams. A chunk that
-/// completes a reference to someone else's resource is not sent: the body fails there, so the
-/// upstream never receives a whole request (nor the reference), and the refusal is kept in the
+/// How much of a body that can carry references is scanned before any of it goes upstream.
+/// A body this size or smaller (nearly every call) is refused before the upstream sees a byte;
+/// a larger one (inline media) streams on once this much is clean, and is stopped at a foreign
+/// reference, so the upstream never receives a whole request nor the reference itself.
+pub const LOOKAHEAD: usize = 256 << 10;
+
+/// The body of a call that can name resources, guarded: the first [`LOOKAHEAD`] bytes are read
+/// and scanned before anything is sent; the rest is scanned as it streams ([`GuardedBody`]).
+pub async fn guarded<B>(mut body: B, check: RefCheck, tally: Arc<RequestTally>, max: u64) -> Result<ProxyBody, ApiError>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+{
+    let mut scanner = RefScanner::new();
+    let mut head: Vec<Bytes> = Vec::new();
+    let mut held = 0usize;
+    while held <= LOOKAHEAD {
+        let Some(frame) = body.frame().await else {
+            return Ok(whole(head));
+        };
+        let frame = frame.map_err(|_| {
+            if tally.too_large.load(std::sync::atomic::Ordering::Relaxed) {
+                ApiError::too_large(max)
+            } else {
+                ApiError::bad_request("The request body could not be read.")
+            }
+        })?;
+        // Trailers of a request (Gemini's have none) are not passed on.
+        let Ok(data) = frame.into_data() else { continue };
+        scanner.feed(&data);
+        if let Some((kind, name)) = check.first_foreign(&mut scanner) {
+            return Err(not_found(kind, &name));
+        }
+        held += data.len();
+        head.push(data);
+    }
+    let rest = GuardedBody {
+        inner: body,
+        scanner,
+        check,
+        tally,
+    };
+    Ok(ProxyBody::stream(Prefixed {
+        head: head.into(),
+        rest,
+    }))
+}
+
+fn whole(mut head: Vec<Bytes>) -> ProxyBody {
+    if head.len() <= 1 {
+        return head.pop().map_or_else(ProxyBody::empty, ProxyBody::full);
+    }
+    let mut all = bytes::BytesMut::with_capacity(head.iter().map(Bytes::len).sum());
+    for b in head {
+        all.extend_from_slice(&b);
+    }
+    ProxyBody::full(all.freeze())
+}
+
+/// Chunks already read, then the rest of the body.
+struct Prefixed<B> {
+    head: std::collections::VecDeque<Bytes>,
+    rest: B,
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(b) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+/// The rest of a guarded body, scanned as it streams. A chunk that completes a reference to
+/// someone else's resource is not sent: the body fails there, and the refusal is kept in the
 /// request's tally for the answer.
 pub struct GuardedBody<B> {
     inner: B,
     scanner: RefScanner,
     check: RefCheck,
     tally: Arc<RequestTally>,
-}
-
-impl<B> GuardedBody<B> {
-    /// Guards `inner`.
-    pub fn new(inner: B, check: RefCheck, tally: Arc<RequestTally>) -> Self {
-        Self {
-            inner,
-            scanner: RefScanner::new(),
-            check,
-            tally,
-        }
-    }
 }
 
 impl<B> Body for GuardedBody<B>
@@ -205,17 +282,25 @@ pub fn foreign_refusal(tally: &RequestTally) -> Option<ApiError> {
     tally.foreign_reference.get().map(|(k, n)| not_found(*k, n))
 }
 
-/// A GET of one resource upstream with the real key: its JSON, `None` when the upstream says
-/// it is gone (403/404), or the failure.
-async fn fetch(proxy: &Proxy, rt: &Runtime, version: &str, name: &str) -> Result<Option<Value>, ApiError> {
-    let uri = super::forward::upstream_uri(&rt.config.upstream.base_url, &format!("/{version}/{name}"), None)?;
+/// A call to the upstream with the real key (the gateway's own: lists, admin deletes): its
+/// status and body (bounded).
+pub async fn upstream_call(
+    proxy: &Proxy,
+    rt: &Runtime,
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(StatusCode, Bytes), ApiError> {
+    let uri = super::headers::upstream_uri(&rt.config.upstream.base_url, path, query)?;
     let key = rt
         .upstream_headers
         .key
         .clone()
         .ok_or_else(|| ApiError::internal("The upstream key is not a valid header value."))?;
-    let req = Request::get(uri)
-        .header(super::forward::GOOG_API_KEY, key)
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(super::headers::GOOG_API_KEY, key)
         .body(ProxyBody::empty())
         .map_err(|_| ApiError::internal("The upstream request could not be built."))?;
     let resp = proxy
@@ -229,12 +314,21 @@ async fn fetch(proxy: &Proxy, rt: &Runtime, version: &str, name: &str) -> Result
         .await
         .map_err(|_| ApiError::upstream_unavailable("the upstream's answer could not be read"))?
         .to_bytes();
+    Ok((status, body))
+}
+
+/// A GET of one resource upstream: its JSON, `None` when the upstream says it is gone
+/// (403/404), or the failure.
+async fn fetch(proxy: &Proxy, rt: &Runtime, version: &str, name: &str) -> Result<Option<Value>, ApiError> {
+    let (status, body) = upstream_call(proxy, rt, Method::GET, &format!("/{version}/{name}"), None).await?;
     match status {
         s if s.is_success() => serde_json::from_slice(&body)
             .map(Some)
             .map_err(|_| ApiError::upstream_unavailable("the upstream's answer is not JSON")),
         StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
-        _ => Err(ApiError::upstream_unavailable("the upstream could not list the resources")),
+        _ => Err(ApiError::upstream_unavailable(
+            "the upstream could not list the resources",
+        )),
     }
 }
 
@@ -242,7 +336,14 @@ async fn fetch(proxy: &Proxy, rt: &Runtime, version: &str, name: &str) -> Result
 /// paged with `pageSize` and `pageToken`. Answered from the ownership index, each item fetched
 /// from the upstream: filtering the upstream's own pages would read every tenant's resources to
 /// find one user's, and its pages would come out short or empty.
-pub async fn list(proxy: &Proxy, rt: &Runtime, user: &str, kind: Kind, path: &str, query: Option<&str>) -> Result<Value, ApiError> {
+pub async fn list(
+    proxy: &Proxy,
+    rt: &Runtime,
+    user: &str,
+    kind: Kind,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Value, ApiError> {
     let q = query.unwrap_or("");
     let size = match query_param(q, "pageSize").filter(|s| !s.is_empty()) {
         None => DEFAULT_PAGE,
