@@ -11,6 +11,7 @@ use super::*;
 
 mod bench;
 mod framing;
+mod resources;
 mod service;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
