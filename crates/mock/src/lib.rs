@@ -30,6 +30,31 @@
 //!   inlined responses with usage by the prompt rule over each request's compact JSON, or a
 //!   generated `responsesFile` (JSONL). `GET batches` (`operations`), `POST batches/{id}:cancel`
 //!   (`{}`, CANCELLED), `DELETE batches/{id}` (`{}`). Missing: 404 NOT_FOUND.
+//! - Operations: `POST models/{m}:predictLongRunning` (Veo) answers `{"name":
+//!   "models/{m}/operations/{id}"}`. Every operation (Veo, tuning, file search) answers its
+//!   first poll unfinished and later ones `done: true` with its `response` (Veo: a
+//!   PredictLongRunningResponse whose `parameters.sampleCount` videos, default 1, are real
+//!   generated files at `.../files/{id}:download?alt=media`). `GET {parent}/operations/{id}`,
+//!   `GET operations/{id}`, `GET operations` (`operations`). Missing: 404 NOT_FOUND.
+//! - tunedModels: `POST tunedModels[?tunedModelId=]` answers the operation
+//!   `tunedModels/{id}/operations/{op}` (CreateTunedModelMetadata, totalSteps =
+//!   ceil(examples × epochCount / batchSize), defaults 5 and 4); the model is CREATING until
+//!   the operation finishes (polling the model polls it too), then ACTIVE. `GET`/`DELETE
+//!   tunedModels/{id}`, `GET tunedModels` (`tunedModels`); `tunedModels/{id}:generateContent`
+//!   and `:streamGenerateContent` are the models' generate. Missing: 404 NOT_FOUND.
+//! - fileSearchStores: `POST fileSearchStores`, `GET fileSearchStores` (`fileSearchStores`),
+//!   `GET`/`DELETE fileSearchStores/{id}` (a store with documents needs `?force=true`);
+//!   `POST fileSearchStores/{id}:importFile` `{"fileName": "files/x"}` answers the operation
+//!   `fileSearchStores/{id}/operations/{op}`; single-shot `POST /upload/{v}/fileSearchStores/
+//!   {id}:uploadToFileSearchStore` (raw bytes) answers `fileSearchStores/{id}/upload/operations/
+//!   {op}`; each adds a document: `GET {store}/documents` (`documents`), `GET`/`DELETE
+//!   {store}/documents/{d}`. Missing: 404 NOT_FOUND.
+//!
+//! Billable methods the gateway refuses by default (stateless, deterministic, never counted as
+//! generate requests): `models/{m}:embedContent` (`{"embedding": {"values": [8 floats]}}`),
+//! `:batchEmbedContents` (one embedding per request, no usage), `:predict` (Imagen,
+//! `parameters.sampleCount` PNGs, default 4), `POST openai/embeddings` (OpenAI list with
+//! `usage.prompt_tokens` by the prompt rule), `POST openai/images/generations` (`n` images).
 //!
 //! Test routes (not logged, not counted): `GET /mock/stats`; `GET /mock/requests`, the last
 //! 10,000 other requests as `[{"method","path","query"}]` (query `""` when absent, the value
@@ -46,14 +71,18 @@
 #![forbid(unsafe_code)]
 
 mod batches;
+mod billable;
 mod body;
 mod caches;
 mod files;
 mod generate;
+mod ops;
 mod resources;
+mod search;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tuned;
 mod upload;
 mod wire;
 
@@ -336,6 +365,10 @@ fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
                     upload_id: id.to_owned(),
                 },
                 None => Route::UploadStart,
+            },
+            Some((v, rest)) if is_version(v) => match resources::parse_upload(method, rest) {
+                Some(call) => Route::Resource(call),
+                None => Route::NotFound,
             },
             _ => Route::NotFound,
         };

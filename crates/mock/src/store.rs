@@ -97,6 +97,16 @@ impl<T: Clone> Collection<T> {
         });
     }
 
+    /// Folds over every item (any order).
+    pub(crate) fn fold<A>(&self, init: A, f: impl FnMut(A, &T) -> A) -> A {
+        lock(&self.inner).items.values().map(|(_, t)| t).fold(init, f)
+    }
+
+    /// True when there is no item.
+    pub(crate) fn is_empty(&self) -> bool {
+        lock(&self.inner).items.is_empty()
+    }
+
     /// One page, newest first, starting at `from` (a sequence number from a page token).
     fn page(&self, size: usize, from: Option<u64>) -> (Vec<T>, Option<u64>) {
         let g = lock(&self.inner);
@@ -233,8 +243,9 @@ pub(crate) fn not_found() -> Response<MockBody> {
 /// The last [`LOG_CAP`] requests outside `/mock/*`, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct RequestLog {
-    // Method and Uri clones are cheap (shared bytes); rendering happens only on read.
-    entries: Mutex<VecDeque<(Method, Uri)>>,
+    // An owned copy of the target: keeping the request's own `Uri` would pin hyper's read
+    // buffer (its bytes are a slice of it) and force a fresh buffer per request.
+    entries: Mutex<VecDeque<(Method, Box<str>)>>,
 }
 
 #[derive(Serialize)]
@@ -247,11 +258,16 @@ struct LogEntry<'a> {
 impl RequestLog {
     /// Records one request.
     pub(crate) fn push(&self, method: &Method, uri: &Uri) {
-        let mut g = lock(&self.entries);
-        if g.len() >= LOG_CAP {
-            g.pop_front();
-        }
-        g.push_back((method.clone(), uri.clone()));
+        let target: Box<str> = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()).into();
+        let entry = (method.clone(), target);
+        let old = {
+            let mut g = lock(&self.entries);
+            let old = if g.len() >= LOG_CAP { g.pop_front() } else { None };
+            g.push_back(entry);
+            old
+        };
+        // Freed outside the lock.
+        drop(old);
     }
 
     /// Forgets every request.
@@ -261,13 +277,16 @@ impl RequestLog {
 
     /// `GET /mock/requests`: `[{"method","path","query"}...]`, oldest first.
     pub(crate) fn response(&self) -> Response<MockBody> {
-        let entries: Vec<(Method, Uri)> = lock(&self.entries).iter().cloned().collect();
+        let entries: Vec<(Method, Box<str>)> = lock(&self.entries).iter().cloned().collect();
         let out: Vec<LogEntry<'_>> = entries
             .iter()
-            .map(|(m, u)| LogEntry {
-                method: m.as_str(),
-                path: u.path(),
-                query: redact_key(u.query().unwrap_or("")),
+            .map(|(m, t)| {
+                let (path, query) = t.split_once('?').unwrap_or((t, ""));
+                LogEntry {
+                    method: m.as_str(),
+                    path,
+                    query: redact_key(query),
+                }
             })
             .collect();
         pretty(StatusCode::OK, &out)
@@ -315,7 +334,7 @@ mod tests {
         }
         let g = lock(&log.entries);
         assert_eq!(g.len(), LOG_CAP);
-        assert_eq!(g.front().map(|(_, u)| u.path()), Some("/v1beta/files/5"));
+        assert_eq!(g.front().map(|(_, t)| &**t), Some("/v1beta/files/5"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::*;
 
 mod bench;
 mod framing;
+mod long_running;
 mod resources;
 mod service;
 

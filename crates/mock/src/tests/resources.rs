@@ -4,20 +4,25 @@
 use super::*;
 
 /// A keyed client of one mock.
-struct Api<'a> {
+pub(super) struct Api<'a> {
     m: &'a MockServer,
     c: reqwest::Client,
 }
 
 impl<'a> Api<'a> {
-    fn new(m: &'a MockServer) -> Self {
+    pub(super) fn new(m: &'a MockServer) -> Self {
         Api {
             m,
             c: reqwest::Client::new(),
         }
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> reqwest::Result<(u16, String)> {
+    pub(super) async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> reqwest::Result<(u16, String)> {
         let mut rb = self
             .c
             .request(method, url(self.m, path))
@@ -30,19 +35,19 @@ impl<'a> Api<'a> {
         Ok((status, r.text().await?))
     }
 
-    async fn get(&self, path: &str) -> reqwest::Result<(u16, String)> {
+    pub(super) async fn get(&self, path: &str) -> reqwest::Result<(u16, String)> {
         self.send(reqwest::Method::GET, path, None).await
     }
 
-    async fn post(&self, path: &str, body: &str) -> reqwest::Result<(u16, String)> {
+    pub(super) async fn post(&self, path: &str, body: &str) -> reqwest::Result<(u16, String)> {
         self.send(reqwest::Method::POST, path, Some(body)).await
     }
 
-    async fn delete(&self, path: &str) -> reqwest::Result<(u16, String)> {
+    pub(super) async fn delete(&self, path: &str) -> reqwest::Result<(u16, String)> {
         self.send(reqwest::Method::DELETE, path, None).await
     }
 
-    async fn json(
+    pub(super) async fn json(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -54,7 +59,7 @@ impl<'a> Api<'a> {
     }
 
     /// A single-shot upload; returns the file object.
-    async fn upload(
+    pub(super) async fn upload(
         &self,
         name: &str,
         mime: &str,
@@ -78,13 +83,13 @@ impl<'a> Api<'a> {
     }
 }
 
-fn error_body(code: u16, message: &str, status: &str) -> String {
+pub(super) fn error_body(code: u16, message: &str, status: &str) -> String {
     format!(
         "{{\n  \"error\": {{\n    \"code\": {code},\n    \"message\": \"{message}\",\n    \"status\": \"{status}\"\n  }}\n}}"
     )
 }
 
-fn names(v: &Value, field: &str) -> Vec<String> {
+pub(super) fn names(v: &Value, field: &str) -> Vec<String> {
     v[field]
         .as_array()
         .map(|a| a.iter().filter_map(|x| x["name"].as_str().map(str::to_owned)).collect())
@@ -93,7 +98,7 @@ fn names(v: &Value, field: &str) -> Vec<String> {
 
 /// Walks every page of a list with `pageSize`, returning the names in order and the number
 /// of pages.
-async fn walk(
+pub(super) async fn walk(
     api: &Api<'_>,
     path: &str,
     field: &str,

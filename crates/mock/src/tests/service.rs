@@ -19,8 +19,8 @@ async fn other_routes() -> TestResult {
     assert!(v["models"].as_array().is_some_and(|a| a.len() == 3));
     let v: Value = get("/v1alpha/models/gemini-x").await?.json().await?;
     assert_eq!(v["name"], "models/gemini-x");
-    let v: Value = get("/v1beta/tunedModels/my-tune").await?.json().await?;
-    assert_eq!(v["name"], "tunedModels/my-tune");
+    // Tuned models are real now: an unknown one is 404 (more in tests/resources.rs).
+    assert_eq!(get("/v1beta/tunedModels/my-tune").await?.status(), 404);
     assert_eq!(get("/v1beta/files").await?.text().await?, "{}");
     // Files are real now: an unknown one is Google's 403 (more in tests/resources.rs).
     assert_eq!(get("/v1beta/files/abc123").await?.status(), 403);
