@@ -49,9 +49,26 @@ fn limited(shared: &Shared, body: &[u8], openai: bool, thoughts: u64, candidates
     {
         caps.push(c);
     }
+    apply_limits(cap, budget, thoughts, candidates)
+}
+
+fn apply_limits(cap: Option<u64>, budget: Option<u64>, thoughts: u64, candidates: u64) -> (u64, u64) {
     let thoughts = thoughts.min(budget.unwrap_or(u64::MAX)).min(cap.unwrap_or(u64::MAX));
     let candidates = candidates.min(cap.map_or(u64::MAX, |c| c - thoughts));
     (thoughts, candidates)
+}
+
+/// The usage a generateContent call with this body would report (batches use it per request;
+/// the cap is not recorded in the stats).
+pub(super) fn usage_for(chunks: u32, body: &[u8], model: &str) -> Tokens {
+    let (cap, budget) = output_limits(body, false);
+    let full = wire::TOKENS_PER_PIECE * u64::from(chunks);
+    let (thoughts, candidates) = apply_limits(cap, budget, thoughts_for(model), full);
+    Tokens {
+        prompt: prompt_tokens(body.len() as u64),
+        candidates,
+        thoughts,
+    }
 }
 
 fn thoughts_for(model: &str) -> u64 {

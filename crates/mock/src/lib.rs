@@ -6,8 +6,60 @@
 //! files, resumable uploads, Google's error envelopes) with deterministic usage, failure
 //! injection by model id, and counters that show what reached it.
 //!
-//! It must not: log per request, take a lock on the request path (only upload sessions use a
-//! mutex), or store API keys. It is the baseline of the gateway's load tests, so it stays cheap.
+//! It must not: log per request, take a lock on the generate path beyond one push onto the
+//! request log (resource state is locked only by resource routes), or store API keys. It is
+//! the baseline of the gateway's load tests, so it stays cheap.
+//!
+//! Stateful resources (in memory, per mock instance; under any of `v1beta`, `v1`, `v1alpha`;
+//! API key required; pretty JSON, `application/json; charset=UTF-8`; lists are newest first,
+//! `pageSize` default 10, max 100, `pageToken` / `nextPageToken`, an empty page is exactly `{}`):
+//! - Files: the final chunk of a resumable upload, or a single-shot `POST /upload/{v}/files`
+//!   (`X-Goog-Upload-Command: upload, finalize` or protocol `raw`, raw bytes as the body),
+//!   creates `files/{id}` (12 lowercase alphanumerics) and answers `{"file": {..}}`.
+//!   `GET files`, `GET files/{id}`, `DELETE files/{id}` (`{}`), `GET files/{id}:download` (the
+//!   bytes, kept up to 64 MiB per file and 1 GiB in all). Missing: 403 PERMISSION_DENIED "You do
+//!   not have permission to access the File {id} or it may not exist."
+//! - cachedContents: `POST cachedContents` (model required; `ttl` "3600s" or `expireTime`,
+//!   default 1 h; usage totalTokenCount = max(1, ceil(body bytes / 4))), `GET cachedContents`,
+//!   `GET`/`PATCH`/`DELETE cachedContents/{id}`; gone after expireTime. Missing: 403
+//!   PERMISSION_DENIED "CachedContent not found (or permission denied)".
+//! - Batches: `POST models/{m}:batchGenerateContent` / `:asyncBatchEmbedContent` (inlined
+//!   requests, or `inputConfig.fileName` naming an uploaded JSONL file of `{"key","request"}`
+//!   lines) creates `batches/{id}` in BATCH_STATE_PENDING; the first `GET batches/{id}` answers
+//!   RUNNING, later ones SUCCEEDED with `done: true` and `response` (also `metadata.output`):
+//!   inlined responses with usage by the prompt rule over each request's compact JSON, or a
+//!   generated `responsesFile` (JSONL). `GET batches` (`operations`), `POST batches/{id}:cancel`
+//!   (`{}`, CANCELLED), `DELETE batches/{id}` (`{}`). Missing: 404 NOT_FOUND.
+//! - Operations: `POST models/{m}:predictLongRunning` (Veo) answers `{"name":
+//!   "models/{m}/operations/{id}"}`. Every operation (Veo, tuning, file search) answers its
+//!   first poll unfinished and later ones `done: true` with its `response` (Veo: a
+//!   PredictLongRunningResponse whose `parameters.sampleCount` videos, default 1, are real
+//!   generated files at `.../files/{id}:download?alt=media`). `GET {parent}/operations/{id}`,
+//!   `GET operations/{id}`, `GET operations` (`operations`). Missing: 404 NOT_FOUND.
+//! - tunedModels: `POST tunedModels[?tunedModelId=]` answers the operation
+//!   `tunedModels/{id}/operations/{op}` (CreateTunedModelMetadata, totalSteps =
+//!   ceil(examples × epochCount / batchSize), defaults 5 and 4); the model is CREATING until
+//!   the operation finishes (polling the model polls it too), then ACTIVE. `GET`/`DELETE
+//!   tunedModels/{id}`, `GET tunedModels` (`tunedModels`); `tunedModels/{id}:generateContent`
+//!   and `:streamGenerateContent` are the models' generate. Missing: 404 NOT_FOUND.
+//! - fileSearchStores: `POST fileSearchStores`, `GET fileSearchStores` (`fileSearchStores`),
+//!   `GET`/`DELETE fileSearchStores/{id}` (a store with documents needs `?force=true`);
+//!   `POST fileSearchStores/{id}:importFile` `{"fileName": "files/x"}` answers the operation
+//!   `fileSearchStores/{id}/operations/{op}`; single-shot `POST /upload/{v}/fileSearchStores/
+//!   {id}:uploadToFileSearchStore` (raw bytes) answers `fileSearchStores/{id}/upload/operations/
+//!   {op}`; each adds a document: `GET {store}/documents` (`documents`), `GET`/`DELETE
+//!   {store}/documents/{d}`. Missing: 404 NOT_FOUND.
+//!
+//! Billable methods the gateway refuses by default (stateless, deterministic, never counted as
+//! generate requests): `models/{m}:embedContent` (`{"embedding": {"values": [8 floats]}}`),
+//! `:batchEmbedContents` (one embedding per request, no usage), `:predict` (Imagen,
+//! `parameters.sampleCount` PNGs, default 4), `POST openai/embeddings` (OpenAI list with
+//! `usage.prompt_tokens` by the prompt rule), `POST openai/images/generations` (`n` images).
+//!
+//! Test routes (not logged, not counted): `GET /mock/stats`; `GET /mock/requests`, the last
+//! 10,000 other requests as `[{"method","path","query"}]` (query `""` when absent, the value
+//! of `key=` replaced by `REDACTED`); `POST /mock/reset` zeroes the stats and clears the log
+//! (resources are kept).
 //!
 //! Deterministic usage: prompt = max(1, ceil(request body bytes / 4)); each of `chunks` pieces
 //! is the text `"lorem ipsum "` worth 3 output tokens; thoughts = 7 when the model id contains
@@ -18,10 +70,19 @@
 
 #![forbid(unsafe_code)]
 
+mod batches;
+mod billable;
 mod body;
+mod caches;
+mod files;
 mod generate;
+mod ops;
+mod resources;
+mod search;
+mod store;
 #[cfg(test)]
 mod tests;
+mod tuned;
 mod upload;
 mod wire;
 
@@ -204,7 +265,8 @@ pub async fn serve(listener: TcpListener, opts: MockOptions) -> io::Result<()> {
     Ok(())
 }
 
-/// State shared by all connections; read-only except for atomics and upload sessions.
+/// State shared by all connections; read-only except for atomics, upload sessions, the
+/// request log and the resources.
 struct Shared {
     opts: MockOptions,
     chunks: u32,
@@ -213,6 +275,7 @@ struct Shared {
     unary_text: String,
     models_list: Bytes,
     uploads: upload::Sessions,
+    resources: resources::Resources,
 }
 
 impl Shared {
@@ -236,6 +299,7 @@ impl Shared {
             stats: Arc::new(MockStats::default()),
             models_list: Bytes::from(models_list),
             uploads: upload::Sessions::default(),
+            resources: resources::Resources::default(),
         })
     }
 }
@@ -279,9 +343,7 @@ enum Route {
     OpenAiChat,
     ListModels,
     GetModel { name: String, id: String },
-    ListFiles,
-    GetFile { id: String },
-    DeleteFile,
+    Resource(resources::Call),
     UploadStart,
     UploadChunk { upload_id: String },
     NotFound,
@@ -304,6 +366,10 @@ fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
                 },
                 None => Route::UploadStart,
             },
+            Some((v, rest)) if is_version(v) => match resources::parse_upload(method, rest) {
+                Some(call) => Route::Resource(call),
+                None => Route::NotFound,
+            },
             _ => Route::NotFound,
         };
     }
@@ -316,15 +382,10 @@ fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
     match (method, rest) {
         (&Method::POST, "openai/chat/completions") => return Route::OpenAiChat,
         (&Method::GET, "models") => return Route::ListModels,
-        (&Method::GET, "files") => return Route::ListFiles,
         _ => {}
     }
-    if let Some(id) = rest.strip_prefix("files/").filter(|id| is_id(id)) {
-        return match *method {
-            Method::GET => Route::GetFile { id: id.to_owned() },
-            Method::DELETE => Route::DeleteFile,
-            _ => Route::NotFound,
-        };
+    if let Some(call) = resources::parse(method, rest) {
+        return Route::Resource(call);
     }
     let Some((collection, target)) = rest.split_once('/') else {
         return Route::NotFound;
@@ -365,6 +426,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         return Ok(admin_route(&shared, req.method(), admin));
     }
     shared.stats.requests.fetch_add(1, Relaxed);
+    shared.resources.log.push(req.method(), req.uri());
     if leaks_gateway_key(&req) {
         shared.stats.leaked_gateway_keys.fetch_add(1, Relaxed);
     }
@@ -384,22 +446,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             },
             Some(r) => r,
         },
-        Route::ListFiles | Route::DeleteFile => match reject_native(&shared, &req) {
-            // An empty list is `{}` on the real API, not `{"files": []}`.
-            None => json(StatusCode::OK, Bytes::from_static(b"{}")),
-            Some(r) => r,
-        },
-        Route::GetFile { id } => match reject_native(&shared, &req) {
-            None => {
-                let host = request_host(&req);
-                match upload::file_json(&host, &id, None, "application/octet-stream", 0, false) {
-                    Ok(b) => json(StatusCode::OK, b),
-                    Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
-                }
-            }
-            Some(r) => r,
-        },
+        Route::Resource(call) => resources::handle(&shared, req, call).await,
         Route::UploadStart => match reject_native(&shared, &req) {
+            None if upload::is_single_shot(req.headers()) => upload::single_shot(&shared, req).await,
             None => upload::start(&shared, req).await,
             Some(r) => r,
         },
@@ -422,8 +471,10 @@ fn admin_route(shared: &Shared, method: &Method, path: &str) -> Response<MockBod
             Ok(b) => json(StatusCode::OK, b),
             Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
         },
+        (&Method::GET, "requests") => shared.resources.log.response(),
         (&Method::POST, "reset") => {
             shared.stats.reset();
+            shared.resources.log.clear();
             json(StatusCode::OK, Bytes::from_static(b"{}"))
         }
         _ => error_json(StatusCode::NOT_FOUND, wire::ERR_NOT_FOUND),

@@ -1,18 +1,23 @@
 //! Resumable uploads (gemini-wire.md §1.1): `start` opens a session keyed by a random
 //! `upload_id`, chunks must arrive at the exact offset, `finalize` answers the file object.
-//! The only lock of the mock lives here; it is never held across an `.await`.
+//! A finished upload (or a single-shot one) becomes a real file in [`super::files`]. The
+//! session lock is never held across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Mutex, PoisonError};
 
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::body::MockBody;
-use super::{Shared, error_json, json, random_id, read_all, request_host, wire};
+use super::files::{self, NewFile};
+use super::{Shared, error_json, random_id, read_all, request_host, wire};
 
 // Unfinished sessions are never expired; this bound keeps a misbehaving client from
 // growing the map without end.
@@ -30,6 +35,9 @@ const UPLOAD_SIZE_RECEIVED: HeaderName = HeaderName::from_static("x-goog-upload-
 struct Session {
     received: u64,
     declared: Option<u64>,
+    hasher: Sha256,
+    /// The bytes so far; `None` once the file outgrew [`files::MAX_KEPT_FILE`].
+    data: Option<Vec<u8>>,
     mime: String,
     display_name: Option<String>,
 }
@@ -118,6 +126,8 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
             Session {
                 received: 0,
                 declared,
+                hasher: Sha256::new(),
+                data: Some(Vec::new()),
                 mime,
                 display_name,
             },
@@ -134,51 +144,36 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
 /// `upload_id` is the capability.
 pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &str) -> Response<MockBody> {
     let h = req.headers();
-    let command = header(h, "x-goog-upload-command").unwrap_or("").to_ascii_lowercase();
-    let mut upload = false;
-    let mut finalize = false;
-    let mut query = false;
-    let mut cancel = false;
-    for c in command.split(',').map(str::trim) {
-        match c {
-            "upload" => upload = true,
-            "finalize" => finalize = true,
-            "query" => query = true,
-            "cancel" => cancel = true,
-            _ => {}
-        }
-    }
+    let command = Command::parse(h);
     let offset: Option<u64> = header(h, "x-goog-upload-offset").and_then(|v| v.parse().ok());
     let host = request_host(&req);
 
-    let received = match shared.uploads.lock().get(upload_id) {
-        Some(s) => s.received,
+    let (received, mut hasher, keeping) = match shared.uploads.lock().get(upload_id) {
+        Some(s) => (s.received, s.hasher.clone(), s.data.is_some()),
         None => return plain(StatusCode::NOT_FOUND, "Upload session not found."),
     };
-    if cancel {
+    if command.cancel {
         shared.uploads.lock().remove(upload_id);
         return with_status(Response::new(MockBody::empty()), "cancelled");
     }
-    if query {
+    if command.query {
         let mut r = with_status(Response::new(MockBody::empty()), "active");
         r.headers_mut()
             .insert(UPLOAD_SIZE_RECEIVED, HeaderValue::from(received));
         return r;
     }
-    if !upload && !finalize {
+    if !command.upload && !command.finalize {
         return plain(StatusCode::BAD_REQUEST, "Invalid X-Goog-Upload-Command.");
     }
-    if upload && offset != Some(received) {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "Invalid request. The X-Goog-Upload-Offset value does not match the number of bytes received so far.",
-        );
+    if command.upload && offset != Some(received) {
+        return plain(StatusCode::BAD_REQUEST, OFFSET_MISMATCH);
     }
 
-    // Count the bytes as they stream in; never buffer a chunk.
+    // Hash the bytes as they stream in; keep them only while the file stays small.
+    let mut kept = keeping.then(Vec::new);
     let mut n: u64 = 0;
-    if upload {
-        match super::count_body(req.into_body()).await {
+    if command.upload {
+        match read_chunk(req.into_body(), &mut hasher, &mut kept, received).await {
             Ok(len) => n = len,
             Err(()) => return plain(StatusCode::BAD_REQUEST, "Failed to read the chunk."),
         }
@@ -190,14 +185,16 @@ pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &s
     };
     // A concurrent chunk may have moved the offset while this one was being read.
     if session.received != received {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "Invalid request. The X-Goog-Upload-Offset value does not match the number of bytes received so far.",
-        );
+        return plain(StatusCode::BAD_REQUEST, OFFSET_MISMATCH);
     }
     session.received += n;
+    session.hasher = hasher;
+    match (&mut session.data, kept) {
+        (Some(d), Some(k)) => d.extend_from_slice(&k),
+        (d, _) => *d = None,
+    }
     shared.stats.upload_bytes.fetch_add(n, Relaxed);
-    if !finalize {
+    if !command.finalize {
         return with_status(Response::new(MockBody::empty()), "active");
     }
     if session.declared.is_some_and(|d| d != session.received) {
@@ -211,53 +208,104 @@ pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &s
     };
     drop(map);
 
-    let id = random_id(12).to_ascii_lowercase();
-    let body = file_json(
-        &host,
-        &id,
-        session.display_name.as_deref(),
-        &session.mime,
-        session.received,
-        true,
-    );
-    match body {
-        Ok(b) => with_status(json(StatusCode::OK, b), "final"),
-        Err(_) => error_json(StatusCode::INTERNAL_SERVER_ERROR, wire::ERR_INTERNAL),
+    let file = shared.resources.files.create(NewFile {
+        host,
+        display_name: session.display_name,
+        mime: session.mime,
+        size: session.received,
+        sha256: session.hasher.finalize().into(),
+        data: session.data.map(Bytes::from),
+        source: "UPLOADED",
+    });
+    with_status(files::envelope(&file), "final")
+}
+
+/// The words of `X-Goog-Upload-Command` (`upload, finalize` and friends).
+#[derive(Debug, Default, Clone, Copy)]
+struct Command {
+    upload: bool,
+    finalize: bool,
+    query: bool,
+    cancel: bool,
+}
+
+impl Command {
+    fn parse(h: &HeaderMap) -> Self {
+        let mut c = Command::default();
+        let words = header(h, "x-goog-upload-command").unwrap_or("").to_ascii_lowercase();
+        for w in words.split(',').map(str::trim) {
+            match w {
+                "upload" => c.upload = true,
+                "finalize" => c.finalize = true,
+                "query" => c.query = true,
+                "cancel" => c.cancel = true,
+                _ => {}
+            }
+        }
+        c
     }
 }
 
-/// Renders a file object, wrapped in `{"file": ..}` when `wrapped` (the upload answer).
-pub(crate) fn file_json(
-    host: &str,
-    id: &str,
-    display_name: Option<&str>,
-    mime: &str,
-    size: u64,
-    wrapped: bool,
-) -> serde_json::Result<Vec<u8>> {
-    let now = wire::unix_now();
-    let created = wire::rfc3339(now, 0);
-    // Files are kept 48 h by the real API.
-    let expires = wire::rfc3339(now + 48 * 3600, 0);
-    let name = format!("files/{id}");
-    let uri = format!("http://{host}/v1beta/files/{id}");
-    let file = wire::FileObject {
-        name: &name,
-        display_name,
-        mime_type: mime,
-        size_bytes: size.to_string(),
-        create_time: &created,
-        update_time: &created,
-        expiration_time: &expires,
-        uri: &uri,
-        state: "ACTIVE",
-        source: "UPLOADED",
-    };
-    let mut out = Vec::with_capacity(512);
-    if wrapped {
-        wire::write_pretty_json(&mut out, &wire::FileEnvelope { file })?;
-    } else {
-        wire::write_pretty_json(&mut out, &file)?;
+const OFFSET_MISMATCH: &str =
+    "Invalid request. The X-Goog-Upload-Offset value does not match the number of bytes received so far.";
+
+/// Streams one chunk through the hasher, keeping its bytes in `kept` while the whole file
+/// (`before` bytes so far) stays under [`files::MAX_KEPT_FILE`].
+async fn read_chunk(
+    mut body: Incoming,
+    hasher: &mut Sha256,
+    kept: &mut Option<Vec<u8>>,
+    before: u64,
+) -> Result<u64, ()> {
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.map_err(|_| ())?.data_ref() {
+            hasher.update(d);
+            n += d.len() as u64;
+            if before + n > files::MAX_KEPT_FILE {
+                *kept = None;
+            } else if let Some(k) = kept {
+                k.extend_from_slice(d);
+            }
+        }
     }
-    Ok(out)
+    Ok(n)
+}
+
+/// `POST /upload/{v}/files` without a session (already authenticated): a single-shot upload,
+/// `X-Goog-Upload-Command: upload, finalize` (or `X-Goog-Upload-Protocol: raw`) with the raw
+/// bytes as the body; type from `X-Goog-Upload-Header-Content-Type` or `Content-Type`, name
+/// from `X-Goog-Upload-File-Name`.
+pub(crate) async fn single_shot(shared: &Shared, req: Request<Incoming>) -> Response<MockBody> {
+    let h = req.headers();
+    let mime = header(h, "x-goog-upload-header-content-type")
+        .or_else(|| header(h, CONTENT_TYPE.as_str()))
+        .filter(|m| !m.is_empty())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let display_name = header(h, "x-goog-upload-file-name").map(str::to_owned);
+    let host = request_host(&req);
+    let mut hasher = Sha256::new();
+    let mut kept = Some(Vec::new());
+    let Ok(n) = read_chunk(req.into_body(), &mut hasher, &mut kept, 0).await else {
+        return plain(StatusCode::BAD_REQUEST, "Failed to read the upload.");
+    };
+    shared.stats.upload_bytes.fetch_add(n, Relaxed);
+    let file = shared.resources.files.create(NewFile {
+        host,
+        display_name,
+        mime,
+        size: n,
+        sha256: hasher.finalize().into(),
+        data: kept.map(Bytes::from),
+        source: "UPLOADED",
+    });
+    with_status(files::envelope(&file), "final")
+}
+
+/// True when a session-less upload request is a single-shot upload rather than a `start`.
+pub(crate) fn is_single_shot(h: &HeaderMap) -> bool {
+    let c = Command::parse(h);
+    let raw = header(h, "x-goog-upload-protocol").is_some_and(|p| p.eq_ignore_ascii_case("raw"));
+    (c.upload && c.finalize) || raw
 }

@@ -345,29 +345,6 @@ pub(crate) struct Message<'a> {
     pub content: &'a str,
 }
 
-/// A Files API resource.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct FileObject<'a> {
-    pub name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub display_name: Option<&'a str>,
-    pub mime_type: &'a str,
-    pub size_bytes: String,
-    pub create_time: &'a str,
-    pub update_time: &'a str,
-    pub expiration_time: &'a str,
-    pub uri: &'a str,
-    pub state: &'static str,
-    pub source: &'static str,
-}
-
-/// The final upload answer: `{"file": {...}}`.
-#[derive(Serialize)]
-pub(crate) struct FileEnvelope<'a> {
-    pub file: FileObject<'a>,
-}
-
 /// A models.get resource.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -421,6 +398,13 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Seconds and microseconds since the Unix epoch (zero if the clock is before it).
+pub(crate) fn now_micros() -> (u64, u32) {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or((0, 0), |d| (d.as_secs(), d.subsec_micros()))
+}
+
 /// RFC 3339 UTC timestamp with microseconds, as the Files API prints them.
 pub(crate) fn rfc3339(unix_secs: u64, micros: u32) -> String {
     let days = unix_secs / 86_400;
@@ -432,6 +416,36 @@ pub(crate) fn rfc3339(unix_secs: u64, micros: u32) -> String {
         (secs / 60) % 60,
         secs % 60
     )
+}
+
+/// Days since 1970-01-01 of a date on or after it (Howard Hinnant's days_from_civil).
+pub(crate) fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Eight deterministic embedding values in [-1, 1] derived from `seed` (FNV-1a per slot).
+pub(crate) fn embedding(seed: &[u8]) -> [f64; 8] {
+    let mut out = [0.0; 8];
+    for (i, v) in out.iter_mut().enumerate() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (i as u64);
+        for b in seed {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        *v = ((h % 2001) as f64 - 1000.0) / 1000.0;
+    }
+    out
+}
+
+/// `{"values": [...]}` of an embedding.
+#[derive(Serialize)]
+pub(crate) struct Embedding {
+    pub values: [f64; 8],
 }
 
 // Howard Hinnant's days-to-civil algorithm, for dates on or after 1970-01-01.

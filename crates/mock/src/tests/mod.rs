@@ -11,6 +11,8 @@ use super::*;
 
 mod bench;
 mod framing;
+mod long_running;
+mod resources;
 mod service;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
