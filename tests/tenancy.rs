@@ -419,7 +419,7 @@ async fn batches_and_operations_belong_to_their_creator() {
         assert_eq!(ns, 404);
         for (m, suffix) in [(Method::GET, ""), (Method::POST, ":cancel"), (Method::DELETE, "")] {
             let (s, v) = call(&h, &bob, m.clone(), &format!("/v1beta/{name}{suffix}"), None).await;
-            if suffix != "" && name == &op || m == Method::DELETE && name == &op {
+            if name == &op && (!suffix.is_empty() || m == Method::DELETE) {
                 // Operations of a model can only be read: other methods are not in the table.
                 assert_eq!(s, 403, "{v}");
                 continue;
@@ -435,8 +435,47 @@ async fn batches_and_operations_belong_to_their_creator() {
     assert_eq!(v["operations"][0]["name"], batch);
     let (s, _) = call(&h, &alice, Method::GET, &format!("/v1beta/{batch}"), None).await;
     assert_eq!(s, 200);
-    let (s, _) = call(&h, &alice, Method::GET, &format!("/v1beta/{op}"), None).await;
+    // Alice polls her video operation until it is done; the video file it produced becomes
+    // hers (she can download it), not bob's.
+    let mut video = None;
+    for _ in 0..5 {
+        let (s, v) = call(&h, &alice, Method::GET, &format!("/v1beta/{op}"), None).await;
+        assert_eq!(s, 200, "{v}");
+        if v["done"] == true {
+            let uri = v
+                .pointer("/response/generateVideoResponse/generatedSamples/0/video/uri")
+                .unwrap();
+            video = Some(uri.as_str().unwrap().to_string());
+            break;
+        }
+    }
+    let uri = video.expect("the operation finishes");
+    let file = uri
+        .split("/v1beta/")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let (s, _) = call(
+        &h,
+        &alice,
+        Method::GET,
+        &format!("/v1beta/{file}:download?alt=media"),
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
+    let (s, _) = call(
+        &h,
+        &bob,
+        Method::GET,
+        &format!("/v1beta/{file}:download?alt=media"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,4 +658,121 @@ async fn ownership_survives_a_restart_and_deleted_users_resources_go_to_the_oper
     assert_eq!(r.status(), 200);
     let (s, _) = call(&h, &bob, Method::GET, &format!("/v1beta/{orphan}"), None).await;
     assert_eq!(s, 200);
+}
+
+/// One step of the property test: who calls, what, and on which of the names created so far.
+#[derive(Debug, Clone)]
+enum Step {
+    Upload(usize),
+    Cache(usize),
+    Batch(usize),
+    Get(usize, usize),
+    Delete(usize, usize),
+    List(usize, usize),
+    Refer(usize, usize),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let who = 0usize..2;
+    prop_oneof![
+        who.clone().prop_map(Step::Upload),
+        who.clone().prop_map(Step::Cache),
+        who.clone().prop_map(Step::Batch),
+        (who.clone(), 0usize..16).prop_map(|(w, i)| Step::Get(w, i)),
+        (who.clone(), 0usize..16).prop_map(|(w, i)| Step::Delete(w, i)),
+        (who.clone(), 0usize..3).prop_map(|(w, k)| Step::List(w, k)),
+        (who, 0usize..16).prop_map(|(w, i)| Step::Refer(w, i)),
+    ]
+}
+
+/// Runs `steps` by two users; every answer to one user is checked for the other's names (those
+/// the caller did not name in the request itself).
+async fn run_steps(steps: Vec<Step>) {
+    let h = Harness::start(ALLOW).await;
+    let keys = [
+        h.user_with_key("alice", "free").await,
+        h.user_with_key("bob", "free").await,
+    ];
+    let mut created: Vec<(usize, String)> = Vec::new();
+    for st in steps {
+        let pick = |i: usize| created.get(i % created.len().max(1)).cloned();
+        let (who, asked, answer): (usize, String, String) = match st {
+            Step::Upload(w) => {
+                let n = upload(&h, &keys[w], b"data").await;
+                created.push((w, n.clone()));
+                (w, n.clone(), n)
+            }
+            Step::Cache(w) => {
+                let n = create_cache(&h, &keys[w], "ctx").await;
+                created.push((w, n.clone()));
+                (w, n.clone(), n)
+            }
+            Step::Batch(w) => {
+                let n = create_batch(&h, &keys[w]).await;
+                created.push((w, n.clone()));
+                (w, n.clone(), n)
+            }
+            Step::Get(w, i) | Step::Delete(w, i) => {
+                let Some((owner, n)) = pick(i) else { continue };
+                let m = if matches!(st, Step::Get(..)) {
+                    Method::GET
+                } else {
+                    Method::DELETE
+                };
+                let (s, v) = call(&h, &keys[w], m, &format!("/v1beta/{n}"), None).await;
+                assert!(s == 200 || s == 403 || s == 404, "{s} {v}");
+                assert!(owner == w || s != 200, "user {w} reached {n} of user {owner}: {v}");
+                (w, n, v.to_string())
+            }
+            Step::List(w, k) => {
+                let coll = ["files", "cachedContents", "batches"][k];
+                let (s, v) = call(&h, &keys[w], Method::GET, &format!("/v1beta/{coll}"), None).await;
+                assert_eq!(s, 200, "{v}");
+                (w, String::new(), v.to_string())
+            }
+            Step::Refer(w, i) => {
+                let Some((owner, n)) = pick(i) else { continue };
+                if n.starts_with("batches/") {
+                    continue;
+                }
+                let body = if n.starts_with("cachedContents/") {
+                    json!({"cachedContent": n, "contents": [{"parts": [{"text": "q"}]}]})
+                } else {
+                    json!({"contents": [{"parts": [{"fileData": {"mimeType": "text/plain", "fileUri": n}}]}]})
+                };
+                let (s, v) = call(
+                    &h,
+                    &keys[w],
+                    Method::POST,
+                    "/v1beta/models/gemini-2.5-flash:generateContent",
+                    Some(body),
+                )
+                .await;
+                assert!(s == 200 || s == 403, "{s} {v}");
+                assert!(owner == w || s != 200, "user {w} used {n} of user {owner}: {v}");
+                (w, n, v.to_string())
+            }
+        };
+        for (owner, name) in &created {
+            if *owner != who && *name != asked {
+                let id = name.rsplit('/').next().unwrap();
+                assert!(
+                    !answer.contains(id),
+                    "user {who} was shown {name} of user {owner}: {answer}"
+                );
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 6, ..Default::default() })]
+
+    /// No sequence of calls by one user ever shows them a name the other created.
+    #[test]
+    fn no_sequence_of_calls_shows_one_user_the_others_names(steps in proptest::collection::vec(step(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_steps(steps));
+    }
 }

@@ -343,7 +343,11 @@ fn file_uri(v: &str, upstream_host: &str) -> Option<(Kind, String)> {
     let Ok(path) = percent_decode(path) else {
         return bad();
     };
-    match path.split_once("/files/") {
+    // A generated file's download link names the file too.
+    match path
+        .split_once("/files/")
+        .map(|(_, id)| (id, id.strip_suffix(":download").unwrap_or(id)))
+    {
         Some((_, id)) if !id.contains(['/', ':']) => match resource_of(&format!("files/{id}")) {
             Some((Kind::File, name)) => Some((Kind::File, name)),
             _ => bad(),

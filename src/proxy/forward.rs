@@ -61,6 +61,8 @@ struct Call<'p> {
     decision: Decision,
     /// The canonical path (what the policy judged and the upstream is sent).
     path: &'p str,
+    /// A read of an owned operation or batch, whose result may name files it produced.
+    adopts: bool,
     key: KeyEntry,
     tags: Option<Arc<Tags>>,
     tally: Arc<RequestTally>,
@@ -107,7 +109,8 @@ async fn forward_inner(
         let user = proxy.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
         tenancy::check_path(&proxy.owners, user.id(), &decision, path)?;
     }
-    if matches!(decision.access, Access::Create(_) | Access::PathCreate(_)) {
+    let adopts = decision.access == Access::Path && tenancy::may_adopt(&parts.method, path);
+    if adopts || matches!(decision.access, Access::Create(_) | Access::PathCreate(_)) {
         // The answer is read for the new resource's name: plain JSON, not compressed.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
@@ -121,6 +124,7 @@ async fn forward_inner(
         route,
         decision,
         path,
+        adopts,
         key,
         tags,
         tally: Arc::new(RequestTally::default()),
@@ -429,6 +433,22 @@ async fn owned_body(
         Access::Delete => {
             tenancy::deleted(&call.proxy.owners, rparts.status, call.path);
             Ok(ProxyBody::stream(rbody))
+        }
+        Access::Path if call.adopts => {
+            let user = call
+                .proxy
+                .registry
+                .user_of(call.key)
+                .ok_or_else(ApiError::invalid_key)?;
+            let host = call
+                .rt
+                .config
+                .upstream
+                .base_url
+                .host()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            tenancy::adopt_produced(&call.proxy.owners, &user.id_arc(), &host, rparts, rbody).await
         }
         _ => Ok(ProxyBody::stream(rbody)),
     }

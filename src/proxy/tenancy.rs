@@ -450,6 +450,68 @@ pub async fn record_created(
     Ok(ProxyBody::full(bytes))
 }
 
+/// Whether an answer can hand the caller new files: a read of their own operation or batch,
+/// whose result names the files it produced (a Veo video, a batch's results file).
+pub fn may_adopt(method: &Method, path: &str) -> bool {
+    method == Method::GET && matches!(resource_of(rest_of(path)), Some((Kind::Operation | Kind::Batch, _)))
+}
+
+/// Files an operation's or batch's result names (`uri`, `responsesFile`, `fileName`).
+fn produced_files(v: &Value, host: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if let (Some(s), true) = (v.as_str(), matches!(k.as_str(), "uri" | "responsesFile" | "fileName")) {
+                    let r = crate::ownership::references::Reference {
+                        key: crate::ownership::references::RefKey::FileUri,
+                        value: s.to_string(),
+                    };
+                    if let Some((Kind::File, name)) = required(&r, host) {
+                        out.push(name);
+                    }
+                } else {
+                    produced_files(v, host, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| produced_files(v, host, out)),
+        _ => {}
+    }
+}
+
+/// The answer of a read of the caller's own operation or batch: files its result names that
+/// no one owns yet become the caller's (so the caller can download what their call made).
+pub async fn adopt_produced(
+    owners: &Owners,
+    user: &Arc<str>,
+    upstream_host: &str,
+    rparts: &mut http::response::Parts,
+    body: UpstreamBody,
+) -> Result<ProxyBody, ApiError> {
+    let bytes = Limited::new(body, MAX_CREATED_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::upstream_unavailable("the upstream's answer could not be read"))?
+        .to_bytes();
+    if rparts.status.is_success()
+        && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+    {
+        let mut files = Vec::new();
+        produced_files(&v, upstream_host, &mut files);
+        for name in files.iter().filter(|n| !n.starts_with('\u{fffd}')) {
+            if owners.owner(name).is_none() {
+                owners
+                    .record(user, Kind::File, name)
+                    .await
+                    .map_err(|_| ApiError::internal("The produced file's owner could not be recorded."))?;
+            }
+        }
+    }
+    rparts.headers.remove(header::CONTENT_LENGTH);
+    rparts.headers.remove(header::TRANSFER_ENCODING);
+    Ok(ProxyBody::full(bytes))
+}
+
 /// After a delete the upstream agreed to, the resource is forgotten.
 pub fn deleted(owners: &Owners, status: StatusCode, path: &str) {
     if !status.is_success() {
