@@ -629,6 +629,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_holds_the_table() {
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&markdown_table()),
+            "README.md's route table differs from RULES:\n{}",
+            markdown_table()
+        );
+    }
+
+    #[test]
     fn every_name_is_unique() {
         let mut names: Vec<_> = RULES.iter().map(|r| r.name).collect();
         names.sort_unstable();

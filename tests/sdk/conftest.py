@@ -75,6 +75,11 @@ cached_input_per_million = "{PRICES['cached']}"
 [tiers.free]
 messages = 1000
 
+[routes]
+# Creating a cache is billable (storage per hour) and not metered yet: let it through unbilled
+# for the tenancy test.
+allow_unmetered = ["cachedContents.create"]
+
 [tiers.tight]
 messages = 2
 """
