@@ -48,8 +48,8 @@
 //!   `fileSearchStores/{id}/operations/{op}`; `POST /upload/{v}/fileSearchStores/
 //!   {id}:uploadToFileSearchStore` (single shot with raw bytes, or a resumable `start` whose
 //!   session URL takes the chunks) answers `fileSearchStores/{id}/upload/operations/{op}`
-//!   (from the final chunk when resumable); each adds a document: `GET {store}/documents` (`documents`), `GET`/`DELETE
-//!   {store}/documents/{d}`. Missing: 404 NOT_FOUND.
+//!   (from the final chunk when resumable); each adds a document: `GET {store}/documents`
+//!   (`documents`), `GET`/`DELETE {store}/documents/{d}`. Missing: 404 NOT_FOUND.
 //!
 //! Billable methods the gateway refuses by default (stateless, deterministic, never counted as
 //! generate requests): `models/{m}:embedContent` (`{"embedding": {"values": [8 floats]}}`),
