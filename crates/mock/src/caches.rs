@@ -165,7 +165,11 @@ fn expiry(
             ));
         };
         let total = u64::from(now.1) + u64::from(micros);
-        return Ok(Some((now.0 + secs + total / 1_000_000, (total % 1_000_000) as u32)));
+        let secs = now.0.saturating_add(secs).saturating_add(total / 1_000_000);
+        if secs > MAX_TIME {
+            return Err(invalid("Invalid value at 'ttl': too far in the future."));
+        }
+        return Ok(Some((secs, (total % 1_000_000) as u32)));
     }
     match expire_time {
         None => Ok(None),
@@ -177,6 +181,9 @@ fn expiry(
         },
     }
 }
+
+/// 9999-12-31T23:59:59Z, the last instant protobuf timestamps allow.
+const MAX_TIME: u64 = 253_402_300_799;
 
 /// A protobuf-JSON duration: `"3600s"` or `"1.5s"`.
 pub(crate) fn parse_duration(s: &str) -> Option<(u64, u32)> {
@@ -202,7 +209,13 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<(u64, u32)> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.splitn(3, ':').map(str::parse::<u64>);
     let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 || y < 1970 {
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+        || !(1970..=9999).contains(&y)
+    {
         return None;
     }
     if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
@@ -226,6 +239,9 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-11-27T17:20:00Z"), Some((1_795_800_000, 0)));
         assert_eq!(parse_rfc3339("2000-02-29T00:00:00.000005Z"), Some((951_782_400, 5)));
         assert_eq!(parse_rfc3339("2026-11-27T17:20:00+01:00"), None);
+        assert_eq!(parse_rfc3339("99999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z"), Some((MAX_TIME, 0)));
+        assert!(expiry((1, 0), Some("18446744073709551615s"), None).is_err());
         let (s, us) = (1_795_800_000, 123_456);
         assert_eq!(parse_rfc3339(&wire::rfc3339(s, us)), Some((s, us)));
     }

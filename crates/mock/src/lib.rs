@@ -45,10 +45,11 @@
 //! - fileSearchStores: `POST fileSearchStores`, `GET fileSearchStores` (`fileSearchStores`),
 //!   `GET`/`DELETE fileSearchStores/{id}` (a store with documents needs `?force=true`);
 //!   `POST fileSearchStores/{id}:importFile` `{"fileName": "files/x"}` answers the operation
-//!   `fileSearchStores/{id}/operations/{op}`; single-shot `POST /upload/{v}/fileSearchStores/
-//!   {id}:uploadToFileSearchStore` (raw bytes) answers `fileSearchStores/{id}/upload/operations/
-//!   {op}`; each adds a document: `GET {store}/documents` (`documents`), `GET`/`DELETE
-//!   {store}/documents/{d}`. Missing: 404 NOT_FOUND.
+//!   `fileSearchStores/{id}/operations/{op}`; `POST /upload/{v}/fileSearchStores/
+//!   {id}:uploadToFileSearchStore` (single shot with raw bytes, or a resumable `start` whose
+//!   session URL takes the chunks) answers `fileSearchStores/{id}/upload/operations/{op}`
+//!   (from the final chunk when resumable); each adds a document: `GET {store}/documents`
+//!   (`documents`), `GET`/`DELETE {store}/documents/{d}`. Missing: 404 NOT_FOUND.
 //!
 //! Billable methods the gateway refuses by default (stateless, deterministic, never counted as
 //! generate requests): `models/{m}:embedContent` (`{"embedding": {"values": [8 floats]}}`),
@@ -360,12 +361,13 @@ fn is_id(s: &str) -> bool {
 fn parse_route(method: &Method, path: &str, query: Option<&str>) -> Route {
     if let Some(rest) = path.strip_prefix("/upload/") {
         return match rest.split_once('/') {
-            Some((v, "files")) if is_version(v) && method == Method::POST => match query_param(query, "upload_id") {
-                Some(id) => Route::UploadChunk {
-                    upload_id: id.to_owned(),
-                },
-                None => Route::UploadStart,
-            },
+            // The session URL of a files or a file search store upload.
+            Some((v, _)) if is_version(v) && method == Method::POST && query_param(query, "upload_id").is_some() => {
+                Route::UploadChunk {
+                    upload_id: query_param(query, "upload_id").unwrap_or_default().to_owned(),
+                }
+            }
+            Some((v, "files")) if is_version(v) && method == Method::POST => Route::UploadStart,
             Some((v, rest)) if is_version(v) => match resources::parse_upload(method, rest) {
                 Some(call) => Route::Resource(call),
                 None => Route::NotFound,
@@ -449,7 +451,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Route::Resource(call) => resources::handle(&shared, req, call).await,
         Route::UploadStart => match reject_native(&shared, &req) {
             None if upload::is_single_shot(req.headers()) => upload::single_shot(&shared, req).await,
-            None => upload::start(&shared, req).await,
+            None => upload::start(&shared, req, upload::Target::File).await,
             Some(r) => r,
         },
         Route::UploadChunk { upload_id } => upload::chunk(&shared, req, &upload_id).await,

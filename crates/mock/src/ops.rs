@@ -108,7 +108,7 @@ impl Operations {
                 if full.is_some_and(|f| f != op.name) {
                     return None;
                 }
-                op.polls += 1;
+                op.polls = op.polls.saturating_add(1);
                 if op.polls >= 2 && op.response.is_none() {
                     op.response = Some(finish(files, &op.outcome));
                 }

@@ -17,7 +17,7 @@ use super::search::{SearchStores, Upload};
 use super::store::{RequestLog, not_found};
 use super::tuned::TunedModels;
 use super::{
-    MAX_JSON_BODY, Shared, billable, count_body, generate, read_all, reject_native, reject_openai, request_host,
+    MAX_JSON_BODY, Shared, billable, count_body, generate, read_all, reject_native, reject_openai, request_host, upload,
 };
 
 /// The per-mock state of every resource kind, and the request log.
@@ -316,12 +316,19 @@ async fn with_body(shared: &Shared, req: Request<Incoming>, call: Call) -> Respo
     }
 }
 
-/// `POST /upload/{v}/fileSearchStores/{id}:uploadToFileSearchStore`, single shot: the raw
-/// bytes are the document (type from `X-Goog-Upload-Header-Content-Type` or `Content-Type`,
-/// name from `X-Goog-Upload-File-Name`).
+/// `POST /upload/{v}/fileSearchStores/{id}:uploadToFileSearchStore`: a resumable `start`
+/// (chunks then go to the session URL), or a single shot whose raw bytes are the document
+/// (type from `X-Goog-Upload-Header-Content-Type` or `Content-Type`, name from
+/// `X-Goog-Upload-File-Name`).
 async fn upload_to_store(shared: &Shared, req: Request<Incoming>, id: &str) -> Response<MockBody> {
     let h = req.headers();
     let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if text("x-goog-upload-command").is_some_and(|c| c.eq_ignore_ascii_case("start")) {
+        if !shared.resources.stores.exists(id) {
+            return not_found();
+        }
+        return upload::start(shared, req, upload::Target::Store(id.to_owned())).await;
+    }
     let mime = text("x-goog-upload-header-content-type")
         .or_else(|| text(CONTENT_TYPE.as_str()))
         .filter(|m| !m.is_empty())

@@ -132,6 +132,11 @@ impl SearchStores {
         self.items.list_with("fileSearchStores", query, Listed)
     }
 
+    /// True when `fileSearchStores/{id}` exists.
+    pub(crate) fn exists(&self, id: &str) -> bool {
+        self.items.get(id).is_some()
+    }
+
     /// `GET fileSearchStores/{id}`.
     pub(crate) fn get(&self, id: &str) -> Response<MockBody> {
         match self.items.get(id) {

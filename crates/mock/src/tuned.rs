@@ -103,7 +103,10 @@ impl TunedModels {
             .and_then(|d| d.pointer("/examples/examples"))
             .and_then(Value::as_array)
             .map_or(0, Vec::len) as u64;
-        let total_steps = (examples * hyper.epoch_count).div_ceil(hyper.batch_size).max(1);
+        let total_steps = examples
+            .saturating_mul(hyper.epoch_count)
+            .div_ceil(hyper.batch_size)
+            .max(1);
         let id = match query_param(query, "tunedModelId").filter(|s| !s.is_empty()) {
             Some(id) if self.items.get(id).is_some() => {
                 return super::store::error_status(

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::body::MockBody;
 use super::files::{self, NewFile};
+use super::search::Upload;
 use super::{Shared, error_json, random_id, read_all, request_host, wire};
 
 // Unfinished sessions are never expired; this bound keeps a misbehaving client from
@@ -30,9 +31,19 @@ const UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url");
 const UPLOAD_GRANULARITY: HeaderName = HeaderName::from_static("x-goog-upload-chunk-granularity");
 const UPLOAD_SIZE_RECEIVED: HeaderName = HeaderName::from_static("x-goog-upload-size-received");
 
+/// What a finished upload becomes.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A Files API file (`/upload/{v}/files`).
+    File,
+    /// A document of file search store `{id}` (`uploadToFileSearchStore`).
+    Store(String),
+}
+
 /// One open upload session.
 #[derive(Debug)]
 struct Session {
+    target: Target,
     received: u64,
     declared: Option<u64>,
     hasher: Sha256,
@@ -57,9 +68,13 @@ impl Sessions {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 struct StartBody {
     #[serde(default)]
     file: Option<StartFile>,
+    // uploadToFileSearchStore sends its metadata at the top level.
+    display_name: Option<String>,
+    mime_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -86,8 +101,9 @@ fn with_status(mut r: Response<MockBody>, status: &'static str) -> Response<Mock
     r
 }
 
-/// `POST /upload/{v}/files` with `X-Goog-Upload-Command: start` (already authenticated).
-pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<MockBody> {
+/// `POST /upload/{v}/files` (or `.../{store}:uploadToFileSearchStore`) with
+/// `X-Goog-Upload-Command: start` (already authenticated).
+pub(crate) async fn start(shared: &Shared, req: Request<Incoming>, target: Target) -> Response<MockBody> {
     let h = req.headers();
     let command = header(h, "x-goog-upload-command").unwrap_or("");
     let protocol = header(h, "x-goog-upload-protocol").unwrap_or("");
@@ -103,16 +119,20 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
         Err(e) => return e.response(),
     };
     // Lenient: an empty or unparsable body just means no metadata.
-    let meta = serde_json::from_slice::<StartBody>(&body).unwrap_or_default().file;
-    let (display_name, body_mime) = match meta {
+    let meta = serde_json::from_slice::<StartBody>(&body).unwrap_or_default();
+    let (display_name, body_mime) = match meta.file {
         Some(f) => (f.display_name, f.mime_type),
-        None => (None, None),
+        None => (meta.display_name, meta.mime_type),
     };
     let mime = header_mime
         .or(body_mime)
         .unwrap_or_else(|| "application/octet-stream".to_owned());
     let upload_id = random_id(32);
-    let url = format!("http://{host}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable");
+    let path = match &target {
+        Target::File => "files".to_owned(),
+        Target::Store(id) => format!("fileSearchStores/{id}:uploadToFileSearchStore"),
+    };
+    let url = format!("http://{host}/upload/v1beta/{path}?upload_id={upload_id}&upload_protocol=resumable");
     let Ok(url) = HeaderValue::from_str(&url) else {
         return error_json(StatusCode::BAD_REQUEST, wire::ERR_BAD_REQUEST);
     };
@@ -124,6 +144,7 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
         map.insert(
             upload_id,
             Session {
+                target,
                 received: 0,
                 declared,
                 hasher: Sha256::new(),
@@ -140,7 +161,7 @@ pub(crate) async fn start(shared: &Shared, req: Request<Incoming>) -> Response<M
     r
 }
 
-/// `POST /upload/{v}/files?upload_id=..`: a chunk, `query` or `cancel`. Needs no API key: the
+/// `POST /upload/{v}/...?upload_id=..`: a chunk, `query` or `cancel`. Needs no API key: the
 /// `upload_id` is the capability.
 pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &str) -> Response<MockBody> {
     let h = req.headers();
@@ -208,6 +229,14 @@ pub(crate) async fn chunk(shared: &Shared, req: Request<Incoming>, upload_id: &s
     };
     drop(map);
 
+    if let Target::Store(id) = &session.target {
+        let up = Upload {
+            display_name: session.display_name,
+            mime: session.mime,
+            size: session.received,
+        };
+        return with_status(shared.resources.stores.upload(&shared.resources.ops, id, up), "final");
+    }
     let file = shared.resources.files.create(NewFile {
         host,
         display_name: session.display_name,

@@ -1,4 +1,4 @@
-//! Raw speed of the mock, ignored by default:
+//! Raw speed of the mock (and of the request log), ignored by default:
 //! `cargo test -p gemini-meter-mock --release -- --ignored --nocapture bench_unary`.
 
 use super::*;
@@ -102,5 +102,25 @@ async fn bench_unary_raw() -> TestResult {
         n as f64 / secs
     );
     assert_eq!(stat(&m, |s| &s.generate_requests), n as u64);
+    Ok(())
+}
+
+/// Cost of one request-log push (the only resource work on the generate path):
+/// `cargo test --release -- --ignored --nocapture bench_request_log`.
+#[test]
+#[ignore]
+fn bench_request_log() -> TestResult {
+    const N: usize = 1_000_000;
+    let log = store::RequestLog::default();
+    let uri: http::Uri = format!("{FLASH}:generateContent?alt=sse").parse()?;
+    let t0 = Instant::now();
+    for _ in 0..N {
+        log.push(&Method::POST, &uri);
+    }
+    let ns = t0.elapsed().as_nanos() as f64 / N as f64;
+    println!(
+        "bench_request_log: {ns:.0} ns per push (log full after {})",
+        store::LOG_CAP
+    );
     Ok(())
 }

@@ -237,12 +237,49 @@ async fn file_search_stores() -> TestResult {
         "type.googleapis.com/google.ai.generativelanguage.v1beta.UploadToFileSearchStoreResponse"
     );
 
+    // The SDKs' resumable form: start on the store, chunks to the session URL.
+    let c = reqwest::Client::new();
+    let start = c
+        .post(url(&m, &format!("/upload/v1beta/{store}:uploadToFileSearchStore")))
+        .header("x-goog-api-key", "k")
+        .header("x-goog-upload-protocol", "resumable")
+        .header("x-goog-upload-command", "start")
+        .header("x-goog-upload-header-content-type", "text/plain")
+        .body(r#"{"displayName": "notes"}"#)
+        .send()
+        .await?;
+    assert_eq!(start.status(), 200);
+    let session = start.headers()["x-goog-upload-url"].to_str()?.to_owned();
+    let prefix = format!(
+        "http://{}/upload/v1beta/{store}:uploadToFileSearchStore?upload_id=",
+        m.addr
+    );
+    assert!(session.starts_with(&prefix), "{session}");
+    let r = c
+        .post(&session)
+        .header("x-goog-upload-command", "upload, finalize")
+        .header("x-goog-upload-offset", "0")
+        .body("abc")
+        .send()
+        .await?;
+    assert_eq!(r.headers()["x-goog-upload-status"], "final");
+    let op: Value = r.json().await?;
+    assert!(name_of(&op).starts_with(&format!("{store}/upload/operations/")), "{op}");
+    let (status, _) = api
+        .send(
+            M::POST,
+            "/upload/v1beta/fileSearchStores/nope:uploadToFileSearchStore",
+            None,
+        )
+        .await?;
+    assert_eq!(status, 404);
+
     let (docs, _) = walk(&api, &format!("/v1beta/{store}/documents"), "documents", 1).await?;
-    assert_eq!(docs.len(), 2);
+    assert_eq!(docs.len(), 3);
     assert_eq!(docs.last(), Some(&doc));
     let s = api.json(M::GET, &format!("/v1beta/{store}"), None).await?;
-    assert_eq!(s["activeDocumentsCount"], "2");
-    assert_eq!(s["sizeBytes"], "13");
+    assert_eq!(s["activeDocumentsCount"], "3");
+    assert_eq!(s["sizeBytes"], "16");
 
     // Stores page like the rest; a non-empty store needs force to go.
     api.post("/v1beta/fileSearchStores", "").await?;
