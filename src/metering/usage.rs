@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 
 use super::observer::{End, Ending};
-use super::pricing::{Tokens, response_cost};
+use super::pricing::{Mode, Tokens, price_tokens};
 use super::scan::Format;
 use crate::config::Pricing;
 use crate::ledger::{AiResponse, ErrorInfo, ResponseFormat, Status, Tags, TokenSource};
@@ -56,7 +56,7 @@ pub fn response_usage(x: Exchange, end: &End<'_>, pricing: &Pricing) -> Response
             Ending::ClientClosed => Status::ClientClosed,
         }
     };
-    let (tokens, source) = if s.usage_seen {
+    let (mut tokens, source) = if s.usage_seen {
         let t = if openai {
             Tokens::from_openai(&s.usage)
         } else {
@@ -68,12 +68,14 @@ pub fn response_usage(x: Exchange, end: &End<'_>, pricing: &Pricing) -> Response
     } else {
         (Tokens::estimated(x.prompt_chars, s.text_chars), TokenSource::Estimated)
     };
+    // Google bills a grounded answer per request; a failed one is not billed at all.
+    tokens.grounded = s.grounded && !failed_status;
     // A model the config does not price may be priced under the version the upstream named.
     let price_model = match (&s.model_version, pricing.model(&x.model)) {
         (Some(v), None) if pricing.model(v).is_some() => v.as_str(),
         _ => &*x.model,
     };
-    let cost = response_cost(pricing, price_model, &tokens);
+    let priced = price_tokens(pricing, price_model, &tokens, Mode::Interactive);
     let format = response_format(x.format);
     let details = AiResponse {
         cached_tokens: tokens.cached,
@@ -87,6 +89,7 @@ pub fn response_usage(x: Exchange, end: &End<'_>, pricing: &Pricing) -> Response
         model: x.model,
         model_version: s.model_version.as_deref().map(Into::into),
         output_tokens: tokens.output,
+        price: Some(priced.price),
         prompt_tokens: tokens.prompt,
         response_bytes: end.response_bytes,
         status,
@@ -100,7 +103,7 @@ pub fn response_usage(x: Exchange, end: &End<'_>, pricing: &Pricing) -> Response
     ResponseUsage {
         details,
         tokens: tokens.total,
-        cost,
+        cost: priced.cost,
     }
 }
 
