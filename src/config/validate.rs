@@ -235,14 +235,18 @@ impl Validator {
         let output_per_million = base(self, "output_per_million", raw.output_per_million);
         let opt = |v: &mut Self, key: &str, m: Option<Money>| m.map(|m| v.money(&format!("{path}.{key}"), m));
         let cached_input_per_million = opt(self, "cached_input_per_million", raw.cached_input_per_million);
-        let input_by_modality = self.modality_rates(path, "input_per_million_by_modality", raw.input_per_million_by_modality);
+        let input_by_modality =
+            self.modality_rates(path, "input_per_million_by_modality", raw.input_per_million_by_modality);
         let cached_input_by_modality = self.modality_rates(
             path,
             "cached_input_per_million_by_modality",
             raw.cached_input_per_million_by_modality,
         );
-        let output_by_modality =
-            self.modality_rates(path, "output_per_million_by_modality", raw.output_per_million_by_modality);
+        let output_by_modality = self.modality_rates(
+            path,
+            "output_per_million_by_modality",
+            raw.output_per_million_by_modality,
+        );
         let long = RawLong {
             input: raw.long_input_per_million,
             output: raw.long_output_per_million,
@@ -256,7 +260,13 @@ impl Validator {
             ("cached_input_per_million_by_modality", &cached_input_by_modality),
             ("output_per_million_by_modality", &output_by_modality),
         ];
-        let long_context = self.long_context(path, raw.long_context_threshold, long, cached_input_per_million.is_some(), standard);
+        let long_context = self.long_context(
+            path,
+            raw.long_context_threshold,
+            long,
+            cached_input_per_million.is_some(),
+            standard,
+        );
         let max_output_tokens = raw.max_output_tokens.filter(|&n| {
             if n == 0 {
                 self.problem(format!("{path}.max_output_tokens"), "must be at least 1");
@@ -301,7 +311,10 @@ impl Validator {
                 ("long_output_per_million", raw.output.is_some()),
                 ("long_cached_input_per_million", raw.cached.is_some()),
                 ("long_input_per_million_by_modality", raw.input_by_modality.is_some()),
-                ("long_cached_input_per_million_by_modality", raw.cached_by_modality.is_some()),
+                (
+                    "long_cached_input_per_million_by_modality",
+                    raw.cached_by_modality.is_some(),
+                ),
                 ("long_output_per_million_by_modality", raw.output_by_modality.is_some()),
             ];
             for (key, set) in keys {

@@ -157,13 +157,13 @@ pub struct AiResponse {
     /// Visible output tokens.
     #[serde(default)]
     pub output_tokens: u64,
-    /// Prompt tokens, cached ones included.
-    #[serde(default)]
-    pub prompt_tokens: u64,
     /// How the cost was made: the price entry, tier and rates applied (absent in records
     /// written before prices were explained).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<Price>,
+    /// Prompt tokens, cached ones included.
+    #[serde(default)]
+    pub prompt_tokens: u64,
     /// Bytes of response body passed to the client.
     #[serde(default)]
     pub response_bytes: u64,

@@ -11,8 +11,8 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use rust_decimal::Decimal;
 
 use super::super::details::{
-    AiResponse, CacheAction, CacheStorage, ContextTier, Details, ErrorInfo, FileUpload, MessageSent, Price,
-    PriceLine, ResponseFormat, Status, Tags, TokenSource,
+    AiResponse, CacheAction, CacheStorage, ContextTier, Details, ErrorInfo, FileUpload, MessageSent, Price, PriceLine,
+    ResponseFormat, Status, Tags, TokenSource,
 };
 use super::Record;
 
@@ -384,8 +384,9 @@ mod tests {
             ),
             (text(), text(), proptest::option::of(text()), any::<[u64; 5]>()),
             (status(), any::<bool>(), tags(), any::<bool>(), any::<u16>(), 0..5u8),
+            proptest::option::of(price()),
         )
-            .prop_map(|((c, d, e), (k, m, mv, n), (s, st, t, est, u, f))| {
+            .prop_map(|((c, d, e), (k, m, mv, n), (s, st, t, est, u, f), price)| {
                 Details::AiResponse(AiResponse {
                     cached_tokens: c,
                     duration_ms: d,
@@ -401,6 +402,7 @@ mod tests {
                     model: Arc::from(m),
                     model_version: mv.map(Into::into),
                     output_tokens: n[0],
+                    price,
                     prompt_tokens: n[1],
                     response_bytes: n[2],
                     status: s,
@@ -443,7 +445,79 @@ mod tests {
                 .cloned()
                 .unwrap_or_default(),
         ));
-        prop_oneof![msg, ai, up, untyped]
+        let cache = (
+            any::<bool>(),
+            proptest::option::of(text()),
+            text(),
+            text(),
+            price(),
+            tags(),
+            any::<[u64; 2]>(),
+        )
+            .prop_map(|(extend, cache, k, m, price, t, n)| {
+                Details::CacheStorage(CacheStorage {
+                    action: if extend {
+                        CacheAction::Extend
+                    } else {
+                        CacheAction::Create
+                    },
+                    cache: cache.map(Into::into),
+                    key_id: k.into(),
+                    model: Arc::from(m),
+                    price,
+                    tags: t,
+                    token_count: n[0],
+                    ttl_seconds: n[1],
+                })
+            });
+        prop_oneof![msg, ai, up, untyped, cache]
+    }
+
+    fn decimal() -> impl Strategy<Value = Decimal> {
+        (any::<i64>(), 0u32..20).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    fn price() -> impl Strategy<Value = Price> {
+        use crate::config::Modality;
+        use crate::ledger::details::PricePart;
+        const PARTS: [PricePart; 10] = [
+            PricePart::Input,
+            PricePart::CachedInput,
+            PricePart::ToolUse,
+            PricePart::Output,
+            PricePart::Thoughts,
+            PricePart::Tokens,
+            PricePart::Grounding,
+            PricePart::Image,
+            PricePart::VideoSecond,
+            PricePart::CacheStorage,
+        ];
+        let line = (
+            decimal(),
+            proptest::option::of(0..5usize),
+            0..10usize,
+            any::<u64>(),
+            decimal(),
+        )
+            .prop_map(|(cost, m, part, quantity, rate)| PriceLine {
+                cost,
+                modality: m.map(|i| Modality::ALL[i]),
+                part: PARTS[part],
+                quantity,
+                rate,
+            });
+        (
+            proptest::option::of(decimal()),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(text()),
+            proptest::collection::vec(line, 0..4),
+        )
+            .prop_map(|(batch_discount, long, entry, lines)| Price {
+                batch_discount,
+                context: long.map(|l| if l { ContextTier::Long } else { ContextTier::Standard }),
+                entry: entry.map(Into::into),
+                lines,
+            })
     }
 
     proptest! {
