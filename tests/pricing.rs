@@ -285,3 +285,38 @@ async fn every_price_rule_is_exact_in_ledger_api_export_and_analytics() {
     let current = h.current(&key).await;
     assert_eq!(dec(current["current_month"]["cost"].as_str().unwrap()), ledger_cost);
 }
+
+/// `gemini-meter prices` with the shipped config: the table, and the README's two examples.
+#[test]
+fn the_prices_command_prices_the_readme_examples_with_the_shipped_config() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemini-meter"))
+            .args(["prices", "--config", "config/gemini-meter.toml"])
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = run(&[]);
+    assert!(table.contains("long (prompt > 200000 tokens), per 1M tokens:"), "{table}");
+    assert!(table.contains("input 0.30; AUDIO 1.00"), "{table}");
+    assert!(table.contains("cache storage 4.50 per 1M tokens per hour"), "{table}");
+    // (200 x 0.30 + 800 x 1.00 + (50 + 120) x 2.50) / 1e6
+    let audio = run(&["--request", "tests/fixtures/pricing/audio-prompt.json"]);
+    assert!(audio.ends_with("cost 0.001285\n"), "{audio}");
+    // (150000 x 2.50 + 100000 x 0.25 + (1000 + 2000) x 15.00) / 1e6, and half that in a batch.
+    let long = run(&["--request", "tests/fixtures/pricing/long-context.json"]);
+    assert!(long.ends_with("cost 0.445\n"), "{long}");
+    let batch = run(&["--request", "tests/fixtures/pricing/long-context.json", "--batch"]);
+    assert!(batch.ends_with("cost 0.2225\n"), "{batch}");
+    // Not a usage report: exit 1 with the reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemini-meter"))
+        .args(["prices", "--request", "Cargo.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no usageMetadata"));
+}
