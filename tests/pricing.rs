@@ -4,6 +4,8 @@
 //! computed by hand, in the ledger, the record's `metadata.price`, the usage API (history and
 //! breakdown by model and modality), the CSV export and the admin analytics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::convert::Infallible;
@@ -300,7 +302,10 @@ fn the_prices_command_prices_the_readme_examples_with_the_shipped_config() {
         String::from_utf8(out.stdout).unwrap()
     };
     let table = run(&[]);
-    assert!(table.contains("long (prompt > 200000 tokens), per 1M tokens:"), "{table}");
+    assert!(
+        table.contains("long (prompt > 200000 tokens), per 1M tokens:"),
+        "{table}"
+    );
     assert!(table.contains("input 0.30; AUDIO 1.00"), "{table}");
     assert!(table.contains("cache storage 4.50 per 1M tokens per hour"), "{table}");
     // (200 x 0.30 + 800 x 1.00 + (50 + 120) x 2.50) / 1e6
