@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use rust_decimal::Decimal;
 
 use super::pricing::{Mode, Priced, Tokens, price_tokens};
-use super::scan::{Format, Scanner};
+use super::usage::{ReportError, tokens_of_response};
 use crate::config::{ModalityRates, ModelPrice, Pricing, TierRates};
 use crate::ledger::PricePart;
 
@@ -102,53 +102,9 @@ fn modality_list(rates: &ModalityRates) -> String {
     })
 }
 
-/// Why a file is not a usage report.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// Neither `usageMetadata` nor an OpenAI `usage` object was found.
-    #[error("no usageMetadata (or OpenAI usage) found in the response")]
-    NoUsage,
-    /// No model given and none in the response.
-    #[error("the response names no model (modelVersion); give one with --model")]
-    NoModel,
-}
-
-/// The model and tokens of one response body: a Gemini response JSON with `usageMetadata` (a
-/// unary answer, or a stream's body in either framing), or an OpenAI-compatible one with
-/// `usage`. Read by the gateway's own scanner, so it bills exactly what the gateway would.
-pub fn report_tokens(body: &[u8], model: Option<&str>) -> Result<(String, Tokens), ReportError> {
-    let trimmed = body.trim_ascii_start();
-    let sse = trimmed.starts_with(b"data:");
-    let formats = if sse {
-        [Format::Sse, Format::OpenAiSse]
-    } else {
-        [Format::UnaryJson, Format::OpenAiJson]
-    };
-    for (i, format) in formats.into_iter().enumerate() {
-        let mut s = Scanner::new(format);
-        s.feed(body);
-        let sum = s.summary();
-        if !sum.usage_seen {
-            continue;
-        }
-        let mut t = if i == 0 {
-            Tokens::from_native(&sum.usage)
-        } else {
-            Tokens::from_openai(&sum.usage)
-        };
-        t.grounded = sum.grounded;
-        let model = model
-            .map(str::to_owned)
-            .or(sum.model_version)
-            .ok_or(ReportError::NoModel)?;
-        return Ok((model, t));
-    }
-    Err(ReportError::NoUsage)
-}
-
-/// Prices one response body (see [`report_tokens`]) and explains the cost line by line.
+/// Prices one response body (see [`tokens_of_response`]) and explains the cost line by line.
 pub fn explain_report(pricing: &Pricing, body: &[u8], model: Option<&str>, mode: Mode) -> Result<String, ReportError> {
-    let (model, t) = report_tokens(body, model)?;
+    let (model, t) = tokens_of_response(body, model)?;
     let p = price_tokens(pricing, &model, &t, mode);
     Ok(explain(&model, &t, &p))
 }
