@@ -115,6 +115,22 @@ enum Command {
         #[arg(long, default_value = "config/gemini-meter.toml")]
         config: PathBuf,
     },
+    /// Prints the effective price table of a config; with --request, the cost of one usage
+    /// report (a Gemini response JSON with usageMetadata) line by line.
+    Prices {
+        /// Config file.
+        #[arg(long, default_value = "config/gemini-meter.toml")]
+        config: PathBuf,
+        /// A response body to price (unary JSON, a stream's body, or OpenAI-compatible JSON).
+        #[arg(long)]
+        request: Option<PathBuf>,
+        /// The model to price it as (default: the response's modelVersion).
+        #[arg(long)]
+        model: Option<String>,
+        /// Price it as Batch API work (the batch discount applies).
+        #[arg(long)]
+        batch: bool,
+    },
 }
 
 /// `loadtest --mode` values.
@@ -136,6 +152,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::CheckConfig { config } = &cli.command {
         return check_config(config);
+    }
+    if let Command::Prices {
+        config,
+        request,
+        model,
+        batch,
+    } = &cli.command
+    {
+        return prices(config, request.as_deref(), model.as_deref(), *batch);
     }
     // rustls needs exactly one process-wide provider; ignore "already installed".
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -250,7 +275,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::CheckConfig { .. } => Ok(()),
+            Command::CheckConfig { .. } | Command::Prices { .. } => Ok(()),
         }
     });
     match result {
@@ -277,6 +302,44 @@ fn check_config(path: &Path) -> ExitCode {
             for line in e.lines() {
                 eprintln!("{line}");
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gemini-meter prices`: the table, or one report's cost.
+fn prices(config: &Path, request: Option<&Path>, model: Option<&str>, batch: bool) -> ExitCode {
+    use gemini_meter::metering::pricing::Mode;
+    use gemini_meter::metering::table::{explain_report, price_table};
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(path) = request else {
+        println!("Prices of {} (USD)\n", config.display());
+        print!("{}", price_table(&cfg.pricing));
+        return ExitCode::SUCCESS;
+    };
+    let body = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mode = if batch { Mode::Batch } else { Mode::Interactive };
+    match explain_report(&cfg.pricing, &body, model, mode) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
             ExitCode::FAILURE
         }
     }

@@ -31,12 +31,12 @@ impl WorstCase {
         let million = Decimal::from(1_000_000u32);
         let p = Decimal::from(prompt);
         let (base, per_output) = match pricing.model(model) {
-            Some(m) => {
-                let input = m
-                    .cached_input_per_million
-                    .map_or(m.input_per_million, |c| c.max(m.input_per_million));
-                (p * input / million, m.output_per_million / million)
-            }
+            // The dearest rate of any tier and modality: the prompt's size and media are only
+            // estimated here (a long-context or audio prompt must not be under-reserved).
+            Some(m) => (
+                p * m.dearest_input_per_million() / million,
+                m.dearest_output_per_million() / million,
+            ),
             None => (p * pricing.ai_response_per_token, pricing.ai_response_per_token),
         };
         WorstCase {

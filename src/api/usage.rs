@@ -14,10 +14,11 @@ use crate::app::App;
 use crate::clock::Month;
 use crate::error::{ApiError, json_response};
 use crate::identity::{KeyEntry, User};
-use crate::ledger::Totals;
 use crate::ledger::store::{RecordFilter, format_cursor, parse_cursor};
+use crate::ledger::{Record, Totals};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::headers::caller_key;
+use rust_decimal::Decimal;
 
 /// Routes `/api/usage/*`.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
@@ -154,8 +155,55 @@ fn totals_row(label: &str, name: Value, t: &Totals) -> Value {
     json!({label: name, "records": t.records, "messages": t.messages, "tokens": t.tokens, "bytes": t.bytes, "cost": t.cost.normalize().to_string()})
 }
 
+/// Cost by modality and part, from the records' `metadata.price` lines: one row per (modality,
+/// part) such as `("AUDIO", "input")`, with the quantity billed (tokens, images, seconds,
+/// grounded requests) and the cost, batch discounts applied. A record without price lines (a
+/// message, an upload, a response recorded before prices were explained) is one row under its
+/// record type with no modality, so the rows add up to the same cost as `by_model`.
+#[derive(Default)]
+struct ModalityRows(HashMap<(Option<&'static str>, &'static str), (u64, u64, Decimal)>);
+
+impl ModalityRows {
+    fn add(&mut self, r: &Record) {
+        match r.details.price().filter(|p| !p.lines.is_empty()) {
+            Some(p) => {
+                let keep = p
+                    .batch_discount
+                    .map_or(Decimal::ONE, |d| Decimal::ONE.checked_sub(d).unwrap_or(Decimal::ONE));
+                for l in &p.lines {
+                    let row = self
+                        .0
+                        .entry((l.modality.map(|m| m.as_str()), l.part.as_str()))
+                        .or_default();
+                    row.0 += 1;
+                    row.1 = row.1.saturating_add(l.quantity);
+                    // Exact: (a + b) * k == a * k + b * k in decimal arithmetic.
+                    row.2 += l.cost.checked_mul(keep).unwrap_or(l.cost);
+                }
+            }
+            None => {
+                let row = self.0.entry((None, r.kind().as_str())).or_default();
+                row.0 += 1;
+                row.2 += r.cost;
+            }
+        }
+    }
+
+    /// Rows by cost, most first: `{"modality", "part", "lines", "quantity", "cost"}`.
+    fn rows(&self) -> Vec<Value> {
+        let mut rows: Vec<_> = self.0.iter().collect();
+        rows.sort_by(|a, b| b.1.2.cmp(&a.1.2).then(a.0.cmp(b.0)));
+        rows.into_iter()
+            .map(|((m, part), (lines, q, cost))| {
+                json!({"modality": m, "part": part, "lines": lines, "quantity": q, "cost": cost.normalize().to_string()})
+            })
+            .collect()
+    }
+}
+
 /// The body of `GET /api/usage/breakdown`: `{"month", "total", "by_type": [...], "by_model":
-/// [...], "models_complete", "records_scanned"}`. Rows carry records, messages, tokens, bytes
+/// [...], "by_modality": [...], "models_complete", "records_scanned"}` (`by_modality`: see
+/// [`ModalityRows`]; it covers the records scanned, as `by_model` does). Rows carry records, messages, tokens, bytes
 /// and cost (exact decimal string); `by_model` is sorted by cost, then tokens, most first, and
 /// groups records without a model (uploads) under `"model": null`. Reads at most `scan_limit`
 /// records (newest first) for the model rows.
@@ -176,6 +224,7 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
     by_type.values().for_each(|t| total.add(t));
 
     let mut by_model: HashMap<Option<String>, Totals> = HashMap::new();
+    let mut by_modality = ModalityRows::default();
     let mut scanned = 0usize;
     let mut complete = true;
     let mut f = RecordFilter {
@@ -196,6 +245,7 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
                 .entry(r.model().map(str::to_string))
                 .or_default()
                 .add(&Totals::of(r));
+            by_modality.add(r);
         }
         scanned += page.len().min(want);
         match page.get(want) {
@@ -215,6 +265,7 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
         "total": totals_row("type", Value::Null, &total),
         "by_type": by_type.iter().map(|(k, t)| totals_row("type", json!(k), t)).collect::<Vec<_>>(),
         "by_model": models.iter().map(|(m, t)| totals_row("model", json!(m), t)).collect::<Vec<_>>(),
+        "by_modality": by_modality.rows(),
         "models_complete": complete,
         "records_scanned": scanned,
     }))

@@ -20,10 +20,12 @@ use std::time::Duration;
 use http::Uri;
 use rust_decimal::Decimal;
 
+mod price;
 mod raw;
 mod tier_id;
 mod validate;
 
+pub use price::{ContextTier, LongContext, MODALITIES, Modality, ModalityRates, TierRates};
 pub use tier_id::TierId;
 
 #[cfg(test)]
@@ -121,22 +123,49 @@ pub struct Pricing {
     pub ai_response_per_token: Decimal,
     /// Charged per uploaded byte (default 0.00000001).
     pub file_upload_per_byte: Decimal,
+    /// Fraction of the price taken off Batch API work (`batch_discount`, 0..=1, default 0: batch
+    /// work costs what interactive calls cost); a model's own `batch_discount` overrides it.
+    pub batch_discount: Decimal,
+    /// Charged per response grounded with Google Search when the model has no price of its own
+    /// (`grounding_per_request`, default 0).
+    pub grounding_per_request: Decimal,
     /// Per-model token prices, keyed by model id without the `models/` prefix.
     pub models: BTreeMap<String, ModelPrice>,
 }
 
-/// `[pricing.models."<model>"]`: USD per million tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[pricing.models."<model>"]`: USD per million tokens, plus the rest of the price model
+/// (see `price.rs` and the README's "Prices" section).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ModelPrice {
-    /// Price of a million prompt tokens.
+    /// Price of a million prompt tokens (0 for a per-unit model that gives none).
     pub input_per_million: Decimal,
-    /// Price of a million output tokens (thinking tokens included).
+    /// Price of a million output tokens (thinking tokens included; 0 for a per-unit model that
+    /// gives none).
     pub output_per_million: Decimal,
     /// Price of a million cached prompt tokens; when absent they cost `input_per_million`.
     pub cached_input_per_million: Option<Decimal>,
     /// The output cap (thinking included) assumed for a request that sets none; required for a
     /// model under a hard token or cost limit.
     pub max_output_tokens: Option<u64>,
+    /// Rates by modality for fresh prompt tokens (`input_per_million_by_modality`).
+    pub input_by_modality: ModalityRates,
+    /// Rates by modality for cached prompt tokens (`cached_input_per_million_by_modality`).
+    pub cached_input_by_modality: ModalityRates,
+    /// Rates by modality for output tokens (`output_per_million_by_modality`).
+    pub output_by_modality: ModalityRates,
+    /// The long-context tier (`long_context_threshold` and the `long_*` rates).
+    pub long_context: Option<LongContext>,
+    /// Storage of cached content, per million tokens per hour.
+    pub cache_storage_per_million_per_hour: Option<Decimal>,
+    /// Price of one generated image (Imagen `predict`).
+    pub per_image: Option<Decimal>,
+    /// Price of one second of generated video (Veo `predictLongRunning`).
+    pub per_second: Option<Decimal>,
+    /// Fraction taken off Batch API work for this model (overrides `[pricing] batch_discount`).
+    pub batch_discount: Option<Decimal>,
+    /// Price of one response grounded with Google Search (overrides `[pricing]
+    /// grounding_per_request`).
+    pub grounding_per_request: Option<Decimal>,
 }
 
 /// `[tiers.<name>]`: every limit is optional; an absent limit is unlimited.
@@ -407,6 +436,8 @@ impl Default for Pricing {
             message_sent: Decimal::ZERO,
             ai_response_per_token: Decimal::new(1, 4),
             file_upload_per_byte: Decimal::new(1, 8),
+            batch_discount: Decimal::ZERO,
+            grounding_per_request: Decimal::ZERO,
             models: BTreeMap::new(),
         }
     }

@@ -75,18 +75,36 @@ pub(super) struct RawPricing {
     pub message_sent: Option<Money>,
     pub ai_response_per_token: Option<Money>,
     pub file_upload_per_byte: Option<Money>,
+    pub batch_discount: Option<Money>,
+    pub grounding_per_request: Option<Money>,
     #[serde(default)]
     pub models: BTreeMap<String, RawModelPrice>,
 }
 
-/// `[pricing.models."<model>"]`
-#[derive(Debug, Deserialize)]
+/// `[pricing.models."<model>"]`. The two base rates are optional here only so that `validate`
+/// can say which is missing (they may be left out of a per-unit model's entry).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawModelPrice {
-    pub input_per_million: Money,
-    pub output_per_million: Money,
+    pub input_per_million: Option<Money>,
+    pub output_per_million: Option<Money>,
     pub cached_input_per_million: Option<Money>,
     pub max_output_tokens: Option<u64>,
+    pub input_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub cached_input_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub output_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub long_context_threshold: Option<u64>,
+    pub long_input_per_million: Option<Money>,
+    pub long_output_per_million: Option<Money>,
+    pub long_cached_input_per_million: Option<Money>,
+    pub long_input_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub long_cached_input_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub long_output_per_million_by_modality: Option<BTreeMap<String, Money>>,
+    pub cache_storage_per_million_per_hour: Option<Money>,
+    pub per_image: Option<Money>,
+    pub per_second: Option<Money>,
+    pub batch_discount: Option<Money>,
+    pub grounding_per_request: Option<Money>,
 }
 
 /// `[tiers.<name>]`

@@ -402,8 +402,154 @@ fn negative_money_is_rejected() {
 fn missing_model_price_field() {
     assert_problem(
         "[pricing.models.m]\ninput_per_million = \"1\"\n",
-        "pricing.models.m",
-        "missing field `output_per_million`",
+        "pricing.models.m.output_per_million",
+        "required (only a model priced per_image or per_second may leave it out)",
+    );
+    // A per-unit model needs no token rates.
+    let c = parse("[pricing.models.imagen]\nper_image = \"0.04\"\n").unwrap();
+    let m = &c.pricing.models["imagen"];
+    assert_eq!((m.per_image, m.input_per_million), (Some(dec("0.04")), Decimal::ZERO));
+}
+
+const PRO_LONG: &str = r#"
+[pricing]
+batch_discount = "0.5"
+grounding_per_request = "0.035"
+
+[pricing.models."gemini-2.5-pro"]
+input_per_million = "1.25"
+output_per_million = "10.00"
+cached_input_per_million = "0.125"
+long_context_threshold = 200000
+long_input_per_million = "2.50"
+long_output_per_million = "15.00"
+long_cached_input_per_million = "0.25"
+cache_storage_per_million_per_hour = "4.50"
+input_per_million_by_modality = { AUDIO = "2.00" }
+long_input_per_million_by_modality = { AUDIO = "4.00" }
+output_per_million_by_modality = { IMAGE = "30.00" }
+long_output_per_million_by_modality = { IMAGE = "45.00", AUDIO = "20.00" }
+per_second = "0.40"
+batch_discount = "0.25"
+grounding_per_request = "0.014"
+"#;
+
+#[test]
+fn the_full_price_model_parses() {
+    let c = parse(PRO_LONG).unwrap();
+    assert_eq!(c.pricing.batch_discount, dec("0.5"));
+    assert_eq!(c.pricing.grounding_per_request, dec("0.035"));
+    let m = &c.pricing.models["gemini-2.5-pro"];
+    let l = m.long_context.as_ref().unwrap();
+    assert_eq!(l.threshold, 200_000);
+    assert_eq!(
+        (l.input_per_million, l.output_per_million, l.cached_input_per_million),
+        (dec("2.50"), dec("15.00"), Some(dec("0.25")))
+    );
+    assert_eq!(m.input_by_modality.get(Modality::Audio), Some(dec("2.00")));
+    assert_eq!(m.input_by_modality.get(Modality::Text), None);
+    assert_eq!(l.input_by_modality.get(Modality::Audio), Some(dec("4.00")));
+    assert_eq!(l.output_by_modality.get(Modality::Audio), Some(dec("20.00")));
+    assert_eq!(m.cache_storage_per_million_per_hour, Some(dec("4.50")));
+    assert_eq!((m.per_second, m.per_image), (Some(dec("0.40")), None));
+    assert_eq!(m.batch_discount, Some(dec("0.25")));
+    assert_eq!(m.grounding_per_request, Some(dec("0.014")));
+    // The tier is judged on the prompt: above the threshold only.
+    assert_eq!(m.tier_for(200_000).input, dec("1.25"));
+    assert_eq!(m.tier_for(200_001).input, dec("2.50"));
+    assert_eq!(m.tier_for(200_001).input_rate(Some(Modality::Audio)), dec("4.00"));
+    // No cached audio rate: the cached base rate of the tier.
+    assert_eq!(m.tier_for(1).cached_rate(Some(Modality::Audio)), dec("0.125"));
+    // What a worst-case reservation assumes: the dearest rate anywhere.
+    assert_eq!(m.dearest_input_per_million(), dec("4.00"));
+    assert_eq!(m.dearest_output_per_million(), dec("45.00"));
+}
+
+#[test]
+fn old_model_entries_mean_the_same() {
+    let c = parse("[pricing.models.m]\ninput_per_million = \"0.30\"\noutput_per_million = \"2.50\"\n").unwrap();
+    let m = &c.pricing.models["m"];
+    assert_eq!(m.long_context, None);
+    assert!(m.input_by_modality.is_empty() && m.output_by_modality.is_empty());
+    assert_eq!(
+        (m.dearest_input_per_million(), m.dearest_output_per_million()),
+        (dec("0.30"), dec("2.50"))
+    );
+    assert_eq!(c.pricing.batch_discount, Decimal::ZERO);
+    assert_eq!(c.pricing.grounding_per_request, Decimal::ZERO);
+}
+
+#[test]
+fn price_model_problems_name_their_keys() {
+    let base = "[pricing.models.m]\ninput_per_million = \"1\"\noutput_per_million = \"1\"\n";
+    assert_problem(
+        &format!("{base}long_input_per_million = \"2\"\n"),
+        "pricing.models.m.long_input_per_million",
+        "has no effect without long_context_threshold",
+    );
+    assert_problem(
+        &format!("{base}long_context_threshold = 10\nlong_input_per_million = \"2\"\n"),
+        "pricing.models.m.long_output_per_million",
+        "required with long_context_threshold",
+    );
+    assert_problem(
+        &format!(
+            "{base}cached_input_per_million = \"0.1\"\nlong_context_threshold = 10\nlong_input_per_million = \"2\"\nlong_output_per_million = \"2\"\n"
+        ),
+        "pricing.models.m.long_cached_input_per_million",
+        "required with long_context_threshold when cached_input_per_million is set",
+    );
+    assert_problem(
+        &format!("{base}long_context_threshold = 0\nlong_input_per_million = \"2\"\nlong_output_per_million = \"2\"\n"),
+        "pricing.models.m.long_context_threshold",
+        "must be at least 1",
+    );
+    assert_problem(
+        &format!(
+            "{base}input_per_million_by_modality = {{ AUDIO = \"1\" }}\nlong_context_threshold = 10\nlong_input_per_million = \"2\"\nlong_output_per_million = \"2\"\n"
+        ),
+        "pricing.models.m.long_input_per_million_by_modality.AUDIO",
+        "a long-context rate is never guessed",
+    );
+    assert_problem(
+        &format!("{base}input_per_million_by_modality = {{ audio = \"1\" }}\n"),
+        "pricing.models.m.input_per_million_by_modality.audio",
+        "\"audio\" is not a modality: expected TEXT, IMAGE, AUDIO, VIDEO or DOCUMENT",
+    );
+    assert_problem(
+        &format!("{base}output_per_million_by_modality = {{ IMAGE = 30.0 }}\n"),
+        "pricing.models.m.output_per_million_by_modality.IMAGE",
+        "not a float",
+    );
+    assert_problem(
+        &format!("{base}cached_input_per_million_by_modality = {{ AUDIO = \"-1\" }}\n"),
+        "pricing.models.m.cached_input_per_million_by_modality.AUDIO",
+        "must not be negative",
+    );
+    assert_problem(
+        &format!("{base}batch_discount = \"1.5\"\n"),
+        "pricing.models.m.batch_discount",
+        "must be between \"0\" and \"1\"",
+    );
+    assert_problem(
+        "[pricing]\nbatch_discount = \"-0.5\"\n",
+        "pricing.batch_discount",
+        "the fraction taken off",
+    );
+    assert_problem(
+        &format!("{base}per_image = \"0.04x\"\n"),
+        "pricing.models.m.per_image",
+        "invalid money",
+    );
+    assert_problem(
+        &format!("{base}cache_storage_per_million_per_hour = 4.5\n"),
+        "pricing.models.m.cache_storage_per_million_per_hour",
+        "not a float",
+    );
+    assert_problem(
+        &format!("{base}per_token = \"1\"\n"),
+        "pricing.models.m.per_token",
+        "unknown field `per_token`",
     );
 }
 

@@ -10,11 +10,23 @@ use std::time::Duration;
 use http::Uri;
 use rust_decimal::Decimal;
 
-use super::raw::{Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream};
-use super::{
-    AlertsConfig, Config, DEFAULT_MIN_OUTPUT_TOKENS, Enforcement, ModelPrice, Pricing, Problem, ServerConfig,
-    SmtpConfig, StorageConfig, Tier, UpstreamConfig, model_id, toml_key,
+use super::raw::{
+    Money, RawAlerts, RawConfig, RawModelPrice, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream,
 };
+use super::{
+    AlertsConfig, Config, DEFAULT_MIN_OUTPUT_TOKENS, Enforcement, LongContext, Modality, ModalityRates, ModelPrice,
+    Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig, Tier, UpstreamConfig, model_id, toml_key,
+};
+
+/// The `long_*` keys of a model entry, gathered for [`Validator::long_context`].
+struct RawLong {
+    input: Option<Money>,
+    output: Option<Money>,
+    cached: Option<Money>,
+    input_by_modality: Option<BTreeMap<String, Money>>,
+    cached_by_modality: Option<BTreeMap<String, Money>>,
+    output_by_modality: Option<BTreeMap<String, Money>>,
+}
 
 /// hyper refuses (panics on) a header buffer smaller than this.
 const MIN_HEADER_BYTES: usize = 8192;
@@ -184,19 +196,7 @@ impl Validator {
             let Some(id) = self.model_name(&path, &name) else {
                 continue;
             };
-            let entry = ModelPrice {
-                input_per_million: self.money(&format!("{path}.input_per_million"), price.input_per_million),
-                output_per_million: self.money(&format!("{path}.output_per_million"), price.output_per_million),
-                cached_input_per_million: price
-                    .cached_input_per_million
-                    .map(|m| self.money(&format!("{path}.cached_input_per_million"), m)),
-                max_output_tokens: price.max_output_tokens.filter(|&n| {
-                    if n == 0 {
-                        self.problem(format!("{path}.max_output_tokens"), "must be at least 1");
-                    }
-                    n > 0
-                }),
-            };
+            let entry = self.model_price(&path, price);
             // "x" and "models/x" name the same model; two prices for it would be ambiguous.
             if models.insert(id.to_owned(), entry).is_some() {
                 self.problem(path, format!("duplicate price for model `{id}`"));
@@ -214,8 +214,201 @@ impl Validator {
                 raw.file_upload_per_byte,
                 d.file_upload_per_byte,
             ),
+            batch_discount: raw
+                .batch_discount
+                .map_or(d.batch_discount, |m| self.fraction("pricing.batch_discount", m)),
+            grounding_per_request: self.opt_money(
+                "pricing.grounding_per_request",
+                raw.grounding_per_request,
+                d.grounding_per_request,
+            ),
             models,
         }
+    }
+
+    /// One `[pricing.models."<model>"]` entry. Rules: the two base rates are required unless the
+    /// model is priced per unit (`per_image` / `per_second`); `long_*` keys need
+    /// `long_context_threshold` and the threshold needs the long input and output rates (and a
+    /// long cached rate when there is a cached rate); every modality with a rate of its own in a
+    /// standard map needs one in the matching `long_*` map, so no long-context price is guessed.
+    fn model_price(&mut self, path: &str, raw: RawModelPrice) -> ModelPrice {
+        let per_unit = raw.per_image.is_some() || raw.per_second.is_some();
+        let base = |v: &mut Self, key: &str, m: Option<Money>| match m {
+            Some(m) => v.money(&format!("{path}.{key}"), m),
+            None => {
+                if !per_unit {
+                    v.problem(
+                        format!("{path}.{key}"),
+                        "required (only a model priced per_image or per_second may leave it out)",
+                    );
+                }
+                Decimal::ZERO
+            }
+        };
+        let input_per_million = base(self, "input_per_million", raw.input_per_million);
+        let output_per_million = base(self, "output_per_million", raw.output_per_million);
+        let opt = |v: &mut Self, key: &str, m: Option<Money>| m.map(|m| v.money(&format!("{path}.{key}"), m));
+        let cached_input_per_million = opt(self, "cached_input_per_million", raw.cached_input_per_million);
+        let input_by_modality =
+            self.modality_rates(path, "input_per_million_by_modality", raw.input_per_million_by_modality);
+        let cached_input_by_modality = self.modality_rates(
+            path,
+            "cached_input_per_million_by_modality",
+            raw.cached_input_per_million_by_modality,
+        );
+        let output_by_modality = self.modality_rates(
+            path,
+            "output_per_million_by_modality",
+            raw.output_per_million_by_modality,
+        );
+        let long = RawLong {
+            input: raw.long_input_per_million,
+            output: raw.long_output_per_million,
+            cached: raw.long_cached_input_per_million,
+            input_by_modality: raw.long_input_per_million_by_modality,
+            cached_by_modality: raw.long_cached_input_per_million_by_modality,
+            output_by_modality: raw.long_output_per_million_by_modality,
+        };
+        let standard = [
+            ("input_per_million_by_modality", &input_by_modality),
+            ("cached_input_per_million_by_modality", &cached_input_by_modality),
+            ("output_per_million_by_modality", &output_by_modality),
+        ];
+        let long_context = self.long_context(
+            path,
+            raw.long_context_threshold,
+            long,
+            cached_input_per_million.is_some(),
+            standard,
+        );
+        let max_output_tokens = raw.max_output_tokens.filter(|&n| {
+            if n == 0 {
+                self.problem(format!("{path}.max_output_tokens"), "must be at least 1");
+            }
+            n > 0
+        });
+        ModelPrice {
+            input_per_million,
+            output_per_million,
+            cached_input_per_million,
+            max_output_tokens,
+            input_by_modality,
+            cached_input_by_modality,
+            output_by_modality,
+            long_context,
+            cache_storage_per_million_per_hour: opt(
+                self,
+                "cache_storage_per_million_per_hour",
+                raw.cache_storage_per_million_per_hour,
+            ),
+            per_image: opt(self, "per_image", raw.per_image),
+            per_second: opt(self, "per_second", raw.per_second),
+            batch_discount: raw
+                .batch_discount
+                .map(|m| self.fraction(&format!("{path}.batch_discount"), m)),
+            grounding_per_request: opt(self, "grounding_per_request", raw.grounding_per_request),
+        }
+    }
+
+    /// The long-context tier of a model entry, if it has one (see [`Validator::model_price`]).
+    fn long_context(
+        &mut self,
+        path: &str,
+        threshold: Option<u64>,
+        raw: RawLong,
+        has_cached: bool,
+        standard: [(&str, &ModalityRates); 3],
+    ) -> Option<LongContext> {
+        let Some(threshold) = threshold else {
+            let keys = [
+                ("long_input_per_million", raw.input.is_some()),
+                ("long_output_per_million", raw.output.is_some()),
+                ("long_cached_input_per_million", raw.cached.is_some()),
+                ("long_input_per_million_by_modality", raw.input_by_modality.is_some()),
+                (
+                    "long_cached_input_per_million_by_modality",
+                    raw.cached_by_modality.is_some(),
+                ),
+                ("long_output_per_million_by_modality", raw.output_by_modality.is_some()),
+            ];
+            for (key, set) in keys {
+                if set {
+                    self.problem(format!("{path}.{key}"), "has no effect without long_context_threshold");
+                }
+            }
+            return None;
+        };
+        if threshold == 0 {
+            self.problem(format!("{path}.long_context_threshold"), "must be at least 1");
+        }
+        let required = |v: &mut Self, key: &str, m: Option<Money>| match m {
+            Some(m) => v.money(&format!("{path}.{key}"), m),
+            None => {
+                v.problem(format!("{path}.{key}"), "required with long_context_threshold");
+                Decimal::ZERO
+            }
+        };
+        let input_per_million = required(self, "long_input_per_million", raw.input);
+        let output_per_million = required(self, "long_output_per_million", raw.output);
+        let cached_input_per_million = match raw.cached {
+            Some(m) => Some(self.money(&format!("{path}.long_cached_input_per_million"), m)),
+            None => {
+                if has_cached {
+                    self.problem(
+                        format!("{path}.long_cached_input_per_million"),
+                        "required with long_context_threshold when cached_input_per_million is set",
+                    );
+                }
+                None
+            }
+        };
+        let maps = [raw.input_by_modality, raw.cached_by_modality, raw.output_by_modality];
+        let mut long_maps = [ModalityRates::default(); 3];
+        for ((raw_map, long), (std_key, std_rates)) in maps.into_iter().zip(long_maps.iter_mut()).zip(standard) {
+            let key = format!("long_{std_key}");
+            *long = self.modality_rates(path, &key, raw_map);
+            for (m, _) in std_rates.iter() {
+                if long.get(m).is_none() {
+                    self.problem(
+                        format!("{path}.{key}.{}", m.as_str()),
+                        format!(
+                            "required with long_context_threshold: {std_key} prices {} (a long-context rate is never guessed)",
+                            m.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        let [input_by_modality, cached_input_by_modality, output_by_modality] = long_maps;
+        Some(LongContext {
+            threshold,
+            input_per_million,
+            output_per_million,
+            cached_input_per_million,
+            input_by_modality,
+            cached_input_by_modality,
+            output_by_modality,
+        })
+    }
+
+    /// A `*_by_modality` table: keys are modality names as Gemini writes them.
+    fn modality_rates(&mut self, path: &str, key: &str, raw: Option<BTreeMap<String, Money>>) -> ModalityRates {
+        let mut rates = ModalityRates::default();
+        for (name, money) in raw.into_iter().flatten() {
+            let at = format!("{path}.{key}.{}", toml_key(&name));
+            match Modality::parse(&name) {
+                Some(m) => {
+                    if let Some(slot) = rates.0.get_mut(m.index()) {
+                        *slot = Some(self.money(&at, money));
+                    }
+                }
+                None => self.problem(
+                    at,
+                    format!("{name:?} is not a modality: expected TEXT, IMAGE, AUDIO, VIDEO or DOCUMENT"),
+                ),
+            }
+        }
+        rates
     }
 
     fn tiers(&mut self, raw: BTreeMap<String, RawTier>) -> BTreeMap<String, Tier> {
@@ -464,6 +657,20 @@ impl Validator {
 
     fn opt_money(&mut self, path: &str, money: Option<Money>, default: Decimal) -> Decimal {
         money.map_or(default, |m| self.money(path, m))
+    }
+
+    /// A discount: the fraction of a price taken off, 0..=1.
+    fn fraction(&mut self, path: &str, money: Money) -> Decimal {
+        if money.0 < Decimal::ZERO || money.0 > Decimal::ONE {
+            self.problem(
+                path,
+                format!(
+                    "must be between \"0\" and \"1\" (the fraction taken off: \"0.5\" is half price), got \"{}\"",
+                    money.0
+                ),
+            );
+        }
+        money.0
     }
 }
 

@@ -6,8 +6,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+
+pub use crate::config::{ContextTier, Modality};
 
 /// What a record bills for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,6 +21,8 @@ pub enum RecordKind {
     AiResponse,
     /// File bytes sent upstream.
     FileUpload,
+    /// Storage of a cached content for its TTL (messages = 0).
+    CacheStorage,
 }
 
 impl RecordKind {
@@ -27,6 +32,7 @@ impl RecordKind {
             RecordKind::MessageSent => "message_sent",
             RecordKind::AiResponse => "ai_response",
             RecordKind::FileUpload => "file_upload",
+            RecordKind::CacheStorage => "cache_storage",
         }
     }
 
@@ -36,6 +42,7 @@ impl RecordKind {
             "message_sent" => Some(RecordKind::MessageSent),
             "ai_response" => Some(RecordKind::AiResponse),
             "file_upload" => Some(RecordKind::FileUpload),
+            "cache_storage" => Some(RecordKind::CacheStorage),
             _ => None,
         }
     }
@@ -150,6 +157,10 @@ pub struct AiResponse {
     /// Visible output tokens.
     #[serde(default)]
     pub output_tokens: u64,
+    /// How the cost was made: the price entry, tier and rates applied (absent in records
+    /// written before prices were explained).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
     /// Prompt tokens, cached ones included.
     #[serde(default)]
     pub prompt_tokens: u64,
@@ -174,6 +185,121 @@ pub struct AiResponse {
     pub tool_use_prompt_tokens: u64,
     /// The upstream's HTTP status.
     pub upstream_status: u16,
+}
+
+/// How a record's cost was made, so an invoice line can be explained: the record's `cost` is
+/// the sum of the lines' costs, times `1 - batch_discount` when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    /// The fraction taken off for Batch API work; absent for interactive calls.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_decimal_str")]
+    pub batch_discount: Option<Decimal>,
+    /// Which tier of token rates applied (`standard`, or `long` above the model's
+    /// `long_context_threshold`); absent for per-unit and default prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextTier>,
+    /// The `[pricing.models]` entry used; absent: the `[pricing]` defaults (an unlisted model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Box<str>>,
+    /// What was billed, line by line.
+    pub lines: Vec<PriceLine>,
+}
+
+/// One billed quantity at one rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceLine {
+    /// `quantity * rate` (per million for token parts; per hour of the TTL for cache storage).
+    #[serde(with = "decimal_str")]
+    pub cost: Decimal,
+    /// The modality the tokens are of, when the usage details placed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modality: Option<Modality>,
+    /// What is billed.
+    pub part: PricePart,
+    /// How many: tokens, images, seconds or grounded requests.
+    pub quantity: u64,
+    /// The rate applied: USD per million tokens for token parts (per token for `tokens`), per
+    /// image, per second, per grounded request, per million tokens per hour for cache storage.
+    #[serde(with = "decimal_str")]
+    pub rate: Decimal,
+}
+
+/// What a price line bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PricePart {
+    /// Fresh (uncached) prompt tokens.
+    Input,
+    /// Cached prompt tokens.
+    CachedInput,
+    /// Tool-use prompt tokens (`toolUsePromptTokenCount`), at the input rate.
+    ToolUse,
+    /// Visible output tokens.
+    Output,
+    /// Thinking tokens, at the output rate.
+    Thoughts,
+    /// All tokens of a model without a price entry, at `ai_response_per_token`.
+    Tokens,
+    /// A response grounded with Google Search.
+    Grounding,
+    /// Generated images.
+    Image,
+    /// Seconds of generated video.
+    VideoSecond,
+    /// Cached content stored for its TTL.
+    CacheStorage,
+}
+
+impl PricePart {
+    /// The wire name (`input`, `cached_input`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PricePart::Input => "input",
+            PricePart::CachedInput => "cached_input",
+            PricePart::ToolUse => "tool_use",
+            PricePart::Output => "output",
+            PricePart::Thoughts => "thoughts",
+            PricePart::Tokens => "tokens",
+            PricePart::Grounding => "grounding",
+            PricePart::Image => "image",
+            PricePart::VideoSecond => "video_second",
+            PricePart::CacheStorage => "cache_storage",
+        }
+    }
+}
+
+/// Why a cache storage record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheAction {
+    /// A `cachedContents` resource was created.
+    Create,
+    /// Its TTL (or expire time) was extended; billed for the added time only.
+    Extend,
+}
+
+/// Storage of one cached content (`cachedContents`) for a TTL: messages = 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheStorage {
+    /// Created or extended.
+    pub action: CacheAction,
+    /// The resource name (`cachedContents/...`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Box<str>>,
+    /// The caller's key id.
+    pub key_id: Box<str>,
+    /// The model the cache is for.
+    #[serde(serialize_with = "ser_arc", deserialize_with = "de_arc")]
+    pub model: Arc<str>,
+    /// How the cost was made.
+    pub price: Price,
+    /// The caller's tags.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "tags_serde")]
+    pub tags: Option<Arc<Tags>>,
+    /// The cache's `usageMetadata.totalTokenCount`.
+    pub token_count: u64,
+    /// Seconds of storage billed.
+    pub ttl_seconds: u64,
 }
 
 /// File bytes one upload request sent upstream.
@@ -207,6 +333,8 @@ pub enum Details {
     AiResponse(AiResponse),
     /// Of a `file_upload` record.
     FileUpload(FileUpload),
+    /// Of a `cache_storage` record.
+    CacheStorage(CacheStorage),
     /// Stored metadata that fits none of the shapes (kept as it was, never lost).
     Untyped(RecordKind, Map<String, Value>),
 }
@@ -218,6 +346,7 @@ impl Details {
             Details::MessageSent(_) => RecordKind::MessageSent,
             Details::AiResponse(_) => RecordKind::AiResponse,
             Details::FileUpload(_) => RecordKind::FileUpload,
+            Details::CacheStorage(_) => RecordKind::CacheStorage,
             Details::Untyped(k, _) => *k,
         }
     }
@@ -228,6 +357,7 @@ impl Details {
             Details::MessageSent(m) => Some(&m.model),
             Details::AiResponse(a) => Some(&a.model),
             Details::FileUpload(_) => None,
+            Details::CacheStorage(c) => Some(&c.model),
             Details::Untyped(_, m) => m.get("model").and_then(Value::as_str),
         }
     }
@@ -238,6 +368,7 @@ impl Details {
             Details::MessageSent(m) => Some(&m.key_id),
             Details::AiResponse(a) => Some(&a.key_id),
             Details::FileUpload(f) => Some(&f.key_id),
+            Details::CacheStorage(c) => Some(&c.key_id),
             Details::Untyped(_, m) => m.get("key_id").and_then(Value::as_str),
         }
     }
@@ -251,12 +382,22 @@ impl Details {
         }
     }
 
+    /// How the cost was made, for records that say.
+    pub fn price(&self) -> Option<&Price> {
+        match self {
+            Details::AiResponse(a) => a.price.as_ref(),
+            Details::CacheStorage(c) => Some(&c.price),
+            _ => None,
+        }
+    }
+
     /// The tags, as (name, value) pairs (no allocation when there are none).
     pub fn tags(&self) -> Vec<(&str, &str)> {
         let typed = match self {
             Details::MessageSent(m) => m.tags.as_deref(),
             Details::AiResponse(a) => a.tags.as_deref(),
             Details::FileUpload(f) => f.tags.as_deref(),
+            Details::CacheStorage(c) => c.tags.as_deref(),
             Details::Untyped(_, m) => {
                 let Some(t) = m.get("tags").and_then(Value::as_object) else {
                     return Vec::new();
@@ -275,6 +416,7 @@ impl Details {
             RecordKind::MessageSent => MessageSent::deserialize(v).ok().map(Details::MessageSent),
             RecordKind::AiResponse => AiResponse::deserialize(v).ok().map(Details::AiResponse),
             RecordKind::FileUpload => FileUpload::deserialize(v).ok().map(Details::FileUpload),
+            RecordKind::CacheStorage => CacheStorage::deserialize(v).ok().map(Details::CacheStorage),
         };
         typed.or_else(|| Some(Details::Untyped(kind, v.as_object()?.clone())))
     }
@@ -291,6 +433,7 @@ impl Serialize for Details {
             Details::MessageSent(m) => m.serialize(s),
             Details::AiResponse(a) => a.serialize(s),
             Details::FileUpload(f) => f.serialize(s),
+            Details::CacheStorage(c) => c.serialize(s),
             Details::Untyped(_, m) => m.serialize(s),
         }
     }
@@ -310,6 +453,40 @@ mod tags_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<Tags>>, D::Error> {
         Ok(Option::<Tags>::deserialize(d)?.map(Arc::new))
+    }
+}
+
+/// A decimal as a JSON string, written as `Display` writes it (what the records' hand-written
+/// JSON writes too).
+mod decimal_str {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(d)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(D::Error::custom)
+    }
+}
+
+/// `Option<Decimal>` as [`decimal_str`] writes it.
+mod opt_decimal_str {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(d),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| t.parse().map_err(D::Error::custom)).transpose()
     }
 }
 

@@ -14,7 +14,10 @@ pub mod window;
 
 pub use alerts::Quota;
 pub use counters::{Held, Reserved, UserUsage};
-pub use details::{AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource};
+pub use details::{
+    AiResponse, CacheAction, CacheStorage, Details, ErrorInfo, FileUpload, MessageSent, Price, PriceLine, PricePart,
+    ResponseFormat, Status, Tags, TokenSource,
+};
 pub use record::{Record, RecordIds, RecordKind};
 pub use recorder::{Recorder, RecorderHandle};
 pub use store::{SledStore, StoreError};

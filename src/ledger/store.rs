@@ -17,7 +17,7 @@
 //! | prefix | key | value |
 //! | --- | --- | --- |
 //! | `P` | | log position up to which aggregates are applied (u64) |
-//! | `h` | user | log positions of the user's newest record, overall and per type (4 x u64) |
+//! | `h` | user | log positions of the user's newest record, overall and per type (4 x u64, or 5 once the user has a `cache_storage` record) |
 //! | `L` | segment start (u64) | oldest and newest record time in that segment (2 x i64 ms) |
 //! | `a` | `YYYY-MM` `/` user | [`Totals`] of the user's month |
 //! | `g` | `YYYY-MM-DD` `/` type | [`Totals`] of a day, all users |
@@ -99,7 +99,7 @@ pub struct SledStore {
 /// does in groups; the next append must still link to them.
 #[derive(Debug, Default)]
 struct Unapplied {
-    heads: HashMap<Arc<str>, [u64; 4]>,
+    heads: HashMap<Arc<str>, Heads>,
     days: HashMap<(Arc<str>, usize), DayRun>,
     /// The end of the last append.
     end: u64,
@@ -173,8 +173,19 @@ fn kind_slot(k: RecordKind) -> usize {
         RecordKind::MessageSent => 1,
         RecordKind::AiResponse => 2,
         RecordKind::FileUpload => 3,
+        RecordKind::CacheStorage => 4,
     }
 }
+
+/// Chain heads per user: overall, then one per record type (see [`kind_slot`]).
+pub(super) const HEAD_SLOTS: usize = 5;
+
+/// A user's chain heads.
+pub(super) type Heads = [u64; HEAD_SLOTS];
+
+/// Stored length of heads without a `cache_storage` chain: written as before that type
+/// existed, so a store without such records stays readable by older builds.
+const HEADS_LEN_OLD: usize = 32;
 
 fn month_key(prefix: u8, m: Month) -> Vec<u8> {
     let mut k = Vec::with_capacity(8);
@@ -279,7 +290,7 @@ impl SledStore {
     /// failed append can be retried as a whole: nothing refers to positions of a batch that was
     /// never applied.
     pub fn append(&self, items: &[(Record, Vec<Alert>)]) -> Result<Appended, StoreError> {
-        let mut heads: HashMap<Arc<str>, [u64; 4]> = HashMap::default();
+        let mut heads: HashMap<Arc<str>, Heads> = HashMap::default();
         // Per user and type: the day of the newest run, its running totals, and its link.
         let mut days: HashMap<(Arc<str>, usize), DayRun> = HashMap::default();
         // Held to the end: one writer at a time, and this batch links to unapplied ones.
@@ -367,13 +378,13 @@ impl SledStore {
     }
 
     /// The log positions of a user's newest record, overall and per type.
-    fn heads(&self, user: &str) -> Result<[u64; 4], StoreError> {
-        let mut h = [NONE; 4];
+    fn heads(&self, user: &str) -> Result<Heads, StoreError> {
+        let mut h = [NONE; HEAD_SLOTS];
         if let Some(v) = self.ledger.get(join(HEADS, &[user.as_bytes()]))? {
-            if v.len() != 32 {
+            if v.len() != HEADS_LEN_OLD && v.len() != 8 * HEAD_SLOTS {
                 return Err(StoreError::Corrupt(format!("heads of {user}")));
             }
-            for (i, slot) in h.iter_mut().enumerate() {
+            for (i, slot) in h.iter_mut().enumerate().take(v.len() / 8) {
                 *slot = u64::from_be_bytes(
                     v[i * 8..i * 8 + 8]
                         .try_into()
@@ -392,7 +403,7 @@ impl SledStore {
         &self,
         items: impl IntoIterator<Item = (u64, &'a Record, &'a [Alert])>,
         end: u64,
-        known_heads: Option<&HashMap<Arc<str>, [u64; 4]>>,
+        known_heads: Option<&HashMap<Arc<str>, Heads>>,
     ) -> Result<(), StoreError> {
         // Deltas grouped by what they add to, keyed by borrowed parts: one key built per group.
         let mut user_month: HashMap<(&str, Month), Totals> = HashMap::default();
@@ -400,7 +411,7 @@ impl SledStore {
         let mut month: HashMap<Month, Totals> = HashMap::default();
         let mut model: HashMap<(Month, &str), Totals> = HashMap::default();
         let mut tag: HashMap<(Month, &str, &str), Totals> = HashMap::default();
-        let mut heads: HashMap<&str, [u64; 4]> = HashMap::default();
+        let mut heads: HashMap<&str, Heads> = HashMap::default();
         let mut spans: HashMap<u64, (i64, i64)> = HashMap::default();
         let mut alerts: Vec<Alert> = Vec::new();
         let segments = self.log.segment_ranges();
@@ -481,11 +492,16 @@ impl SledStore {
         }
         let known = known_heads.into_iter().flatten().map(|(u, h)| (&**u, h));
         for (user, h) in heads.iter().map(|(u, h)| (*u, h)).chain(known) {
-            let mut v = [0u8; 32];
+            let mut v = [0u8; 8 * HEAD_SLOTS];
             for (i, p) in h.iter().enumerate() {
                 v[i * 8..i * 8 + 8].copy_from_slice(&p.to_be_bytes());
             }
-            batch.insert(join(HEADS, &[user.as_bytes()]), &v[..]);
+            let len = if h[kind_slot(RecordKind::CacheStorage)] == NONE {
+                HEADS_LEN_OLD
+            } else {
+                v.len()
+            };
+            batch.insert(join(HEADS, &[user.as_bytes()]), &v[..len]);
         }
         for (seg, (lo, hi)) in spans {
             let k = span_key(seg);

@@ -10,4 +10,5 @@ pub mod estimate;
 pub mod observer;
 pub mod pricing;
 pub mod scan;
+pub mod table;
 pub mod usage;

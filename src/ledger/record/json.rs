@@ -8,8 +8,11 @@ use std::io::Write as _;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
+use rust_decimal::Decimal;
+
 use super::super::details::{
-    AiResponse, Details, ErrorInfo, FileUpload, MessageSent, ResponseFormat, Status, Tags, TokenSource,
+    AiResponse, CacheAction, CacheStorage, ContextTier, Details, ErrorInfo, FileUpload, MessageSent, Price, PriceLine,
+    ResponseFormat, Status, Tags, TokenSource,
 };
 use super::Record;
 
@@ -41,6 +44,7 @@ fn details(out: &mut Vec<u8>, d: &Details) -> Result<(), serde_json::Error> {
         Details::MessageSent(m) => message_sent(out, m),
         Details::AiResponse(a) => ai_response(out, a),
         Details::FileUpload(f) => file_upload(out, f),
+        Details::CacheStorage(c) => cache_storage(out, c),
         Details::Untyped(_, m) => return serde_json::to_writer(out, m),
     }
     Ok(())
@@ -73,6 +77,10 @@ fn ai_response(out: &mut Vec<u8>, a: &AiResponse) {
         o.str("model_version", v);
     }
     o.u64("output_tokens", a.output_tokens);
+    if let Some(p) = &a.price {
+        o.key("price");
+        price(o.out, p);
+    }
     o.u64("prompt_tokens", a.prompt_tokens);
     o.u64("response_bytes", a.response_bytes);
     o.str("status", status(a.status));
@@ -105,6 +113,69 @@ fn file_upload(out: &mut Vec<u8>, f: &FileUpload) {
         o.str("upload_status", s);
     }
     o.u64("upstream_status", u64::from(f.upstream_status));
+    o.end();
+}
+
+fn cache_storage(out: &mut Vec<u8>, c: &CacheStorage) {
+    let mut o = Obj::new(out);
+    o.str(
+        "action",
+        match c.action {
+            CacheAction::Create => "create",
+            CacheAction::Extend => "extend",
+        },
+    );
+    if let Some(name) = &c.cache {
+        o.str("cache", name);
+    }
+    o.str("key_id", &c.key_id);
+    o.str("model", &c.model);
+    o.key("price");
+    price(o.out, &c.price);
+    o.tags(c.tags.as_deref());
+    o.u64("token_count", c.token_count);
+    o.u64("ttl_seconds", c.ttl_seconds);
+    o.end();
+}
+
+fn price(out: &mut Vec<u8>, p: &Price) {
+    let mut o = Obj::new(out);
+    if let Some(d) = p.batch_discount {
+        o.decimal("batch_discount", d);
+    }
+    if let Some(c) = p.context {
+        o.str(
+            "context",
+            match c {
+                ContextTier::Standard => "standard",
+                ContextTier::Long => "long",
+            },
+        );
+    }
+    if let Some(e) = &p.entry {
+        o.str("entry", e);
+    }
+    o.key("lines");
+    o.out.push(b'[');
+    for (i, line) in p.lines.iter().enumerate() {
+        if i > 0 {
+            o.out.push(b',');
+        }
+        price_line(o.out, line);
+    }
+    o.out.push(b']');
+    o.end();
+}
+
+fn price_line(out: &mut Vec<u8>, l: &PriceLine) {
+    let mut o = Obj::new(out);
+    o.decimal("cost", l.cost);
+    if let Some(m) = l.modality {
+        o.str("modality", m.as_str());
+    }
+    o.str("part", l.part.as_str());
+    o.u64("quantity", l.quantity);
+    o.decimal("rate", l.rate);
     o.end();
 }
 
@@ -169,6 +240,14 @@ impl<'a> Obj<'a> {
     fn str(&mut self, k: &str, v: &str) {
         self.key(k);
         string(self.out, v);
+    }
+
+    /// A decimal as a string, as `Display` writes it (digits, a point and a sign only).
+    fn decimal(&mut self, k: &str, v: Decimal) {
+        self.key(k);
+        self.out.push(b'"');
+        let _ = write!(self.out, "{v}");
+        self.out.push(b'"');
     }
 
     fn tags(&mut self, tags: Option<&Tags>) {
@@ -305,8 +384,9 @@ mod tests {
             ),
             (text(), text(), proptest::option::of(text()), any::<[u64; 5]>()),
             (status(), any::<bool>(), tags(), any::<bool>(), any::<u16>(), 0..5u8),
+            proptest::option::of(price()),
         )
-            .prop_map(|((c, d, e), (k, m, mv, n), (s, st, t, est, u, f))| {
+            .prop_map(|((c, d, e), (k, m, mv, n), (s, st, t, est, u, f), price)| {
                 Details::AiResponse(AiResponse {
                     cached_tokens: c,
                     duration_ms: d,
@@ -322,6 +402,7 @@ mod tests {
                     model: Arc::from(m),
                     model_version: mv.map(Into::into),
                     output_tokens: n[0],
+                    price,
                     prompt_tokens: n[1],
                     response_bytes: n[2],
                     status: s,
@@ -364,7 +445,79 @@ mod tests {
                 .cloned()
                 .unwrap_or_default(),
         ));
-        prop_oneof![msg, ai, up, untyped]
+        let cache = (
+            any::<bool>(),
+            proptest::option::of(text()),
+            text(),
+            text(),
+            price(),
+            tags(),
+            any::<[u64; 2]>(),
+        )
+            .prop_map(|(extend, cache, k, m, price, t, n)| {
+                Details::CacheStorage(CacheStorage {
+                    action: if extend {
+                        CacheAction::Extend
+                    } else {
+                        CacheAction::Create
+                    },
+                    cache: cache.map(Into::into),
+                    key_id: k.into(),
+                    model: Arc::from(m),
+                    price,
+                    tags: t,
+                    token_count: n[0],
+                    ttl_seconds: n[1],
+                })
+            });
+        prop_oneof![msg, ai, up, untyped, cache]
+    }
+
+    fn decimal() -> impl Strategy<Value = Decimal> {
+        (any::<i64>(), 0u32..20).prop_map(|(m, s)| Decimal::new(m, s))
+    }
+
+    fn price() -> impl Strategy<Value = Price> {
+        use crate::config::Modality;
+        use crate::ledger::details::PricePart;
+        const PARTS: [PricePart; 10] = [
+            PricePart::Input,
+            PricePart::CachedInput,
+            PricePart::ToolUse,
+            PricePart::Output,
+            PricePart::Thoughts,
+            PricePart::Tokens,
+            PricePart::Grounding,
+            PricePart::Image,
+            PricePart::VideoSecond,
+            PricePart::CacheStorage,
+        ];
+        let line = (
+            decimal(),
+            proptest::option::of(0..5usize),
+            0..10usize,
+            any::<u64>(),
+            decimal(),
+        )
+            .prop_map(|(cost, m, part, quantity, rate)| PriceLine {
+                cost,
+                modality: m.map(|i| Modality::ALL[i]),
+                part: PARTS[part],
+                quantity,
+                rate,
+            });
+        (
+            proptest::option::of(decimal()),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(text()),
+            proptest::collection::vec(line, 0..4),
+        )
+            .prop_map(|(batch_discount, long, entry, lines)| Price {
+                batch_discount,
+                context: long.map(|l| if l { ContextTier::Long } else { ContextTier::Standard }),
+                entry: entry.map(Into::into),
+                lines,
+            })
     }
 
     proptest! {

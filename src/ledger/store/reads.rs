@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use chrono::{Datelike, NaiveDate};
 
-use super::{DayRow, DayRun, RecordFilter, SPAN, SledStore, StoreError, decode_record, join, kind_slot, month_key};
+use super::{
+    DayRow, DayRun, Heads, RecordFilter, SPAN, SledStore, StoreError, decode_record, join, kind_slot, month_key,
+};
 use crate::clock::Month;
 use crate::ledger::log::NONE;
 use crate::ledger::record::{Record, RecordKind};
@@ -14,7 +16,7 @@ impl SledStore {
     /// A user's chain heads as the writer left them: their records written to the log and not
     /// yet applied included. One user's reads (records, days) start here, so they show every
     /// record the recorder wrote, while aggregates and everyone's reads wait for the apply.
-    fn written_heads(&self, user: &str) -> Result<[u64; 4], StoreError> {
+    fn written_heads(&self, user: &str) -> Result<Heads, StoreError> {
         if let Some(h) = self.unapplied.lock().heads.get(user) {
             return Ok(*h);
         }
@@ -95,7 +97,12 @@ impl SledStore {
         let since_day = since.num_days_from_ce();
         let heads = self.written_heads(user)?;
         let mut sums: std::collections::BTreeMap<(i32, &'static str), Totals> = std::collections::BTreeMap::new();
-        for kind in [RecordKind::MessageSent, RecordKind::AiResponse, RecordKind::FileUpload] {
+        for kind in [
+            RecordKind::MessageSent,
+            RecordKind::AiResponse,
+            RecordKind::FileUpload,
+            RecordKind::CacheStorage,
+        ] {
             let mut pos = heads[kind_slot(kind)];
             while let Some(run) = self.written_day_run(pos)? {
                 if run.day < since_day {

@@ -10,6 +10,8 @@ use std::marker::PhantomData;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use crate::config::{MODALITIES, Modality};
+
 #[derive(Default)]
 pub(super) struct Event<'a> {
     pub(super) candidates: SumSeq<Candidate>,
@@ -29,6 +31,16 @@ pub(super) struct NativeUsage {
     pub(super) cached_content_token_count: Num,
     pub(super) tool_use_prompt_token_count: Num,
     pub(super) total_token_count: Num,
+    pub(super) prompt_tokens_details: ByModality,
+    pub(super) cache_tokens_details: ByModality,
+    pub(super) candidates_tokens_details: ByModality,
+}
+
+/// One `{"modality", "tokenCount"}` entry of a details list.
+#[derive(Default)]
+struct ModalityCount {
+    modality: ModalityName,
+    token_count: Num,
 }
 
 #[derive(Default)]
@@ -53,6 +65,14 @@ pub(super) struct CompletionDetails {
 #[derive(Default)]
 pub(super) struct Candidate {
     content: Obj<Content>,
+    grounding_metadata: Obj<Grounding>,
+}
+
+/// What of `groundingMetadata` shows that Search was used: its queries and the sources found.
+#[derive(Default)]
+struct Grounding {
+    web_search_queries: Count,
+    grounding_chunks: Count,
 }
 
 #[derive(Default)]
@@ -120,6 +140,9 @@ record!(NativeUsage,
     b"cachedContentTokenCount" => cached_content_token_count,
     b"toolUsePromptTokenCount" => tool_use_prompt_token_count,
     b"totalTokenCount" => total_token_count,
+    b"promptTokensDetails" => prompt_tokens_details,
+    b"cacheTokensDetails" => cache_tokens_details,
+    b"candidatesTokensDetails" => candidates_tokens_details,
 );
 record!(OpenAiUsage,
     b"prompt_tokens" => prompt_tokens,
@@ -130,7 +153,9 @@ record!(OpenAiUsage,
 );
 record!(PromptDetails, b"cached_tokens" => cached_tokens);
 record!(CompletionDetails, b"reasoning_tokens" => reasoning_tokens);
-record!(Candidate, b"content" => content);
+record!(Candidate, b"content" => content, b"groundingMetadata" => grounding_metadata);
+record!(Grounding, b"webSearchQueries" => web_search_queries, b"groundingChunks" => grounding_chunks);
+record!(ModalityCount, b"modality" => modality, b"tokenCount" => token_count);
 record!(Content, b"parts" => parts);
 record!(Part, b"text" => text);
 record!(Choice, b"delta" => delta, b"message" => message);
@@ -166,6 +191,14 @@ const KNOWN_KEYS: &[&[u8]] = &[
     b"message",
     b"code",
     b"status",
+    b"promptTokensDetails",
+    b"cacheTokensDetails",
+    b"candidatesTokensDetails",
+    b"modality",
+    b"tokenCount",
+    b"groundingMetadata",
+    b"webSearchQueries",
+    b"groundingChunks",
 ];
 
 fn known_key(k: &[u8]) -> &'static [u8] {
@@ -205,11 +238,21 @@ impl<'de> Visitor<'de> for KeySeed {
 
 trait TextChars {
     fn text_chars(&self) -> u64;
+    /// Whether the item shows a Google Search grounding (candidates only).
+    fn grounded(&self) -> bool {
+        false
+    }
 }
 
 impl TextChars for Candidate {
     fn text_chars(&self) -> u64 {
         self.content.0.as_ref().map_or(0, |c| c.parts.0)
+    }
+    fn grounded(&self) -> bool {
+        self.grounding_metadata
+            .0
+            .as_ref()
+            .is_some_and(|g| g.web_search_queries.0 > 0 || g.grounding_chunks.0 > 0)
     }
 }
 
@@ -311,7 +354,7 @@ macro_rules! lenient_deserialize {
     )+};
 }
 
-lenient_deserialize!(Num, Chars, Str<'a>, ErrField<'a>);
+lenient_deserialize!(Num, Chars, Str<'a>, ErrField<'a>, ByModality, ModalityName, Count);
 
 /// A token count; accepts numbers and numeric strings.
 #[derive(Default, Clone, Copy)]
@@ -380,24 +423,74 @@ impl<'de, T: Record<'de>> Deserialize<'de> for Obj<T> {
     }
 }
 
-/// The summed text chars of an array of objects.
-pub(super) struct SumSeq<T>(pub(super) u64, PhantomData<T>);
+/// The summed text chars of an array of objects, and whether any of them was grounded.
+pub(super) struct SumSeq<T>(pub(super) u64, pub(super) bool, PhantomData<T>);
 
 impl<T> Default for SumSeq<T> {
     fn default() -> Self {
-        SumSeq(0, PhantomData)
+        SumSeq(0, false, PhantomData)
     }
 }
 
 impl<'de, T: Record<'de> + TextChars> Lenient<'de> for SumSeq<T> {
     fn of_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
         let mut n = 0u64;
+        let mut grounded = false;
         while let Some(item) = seq.next_element::<Obj<T>>()? {
             if let Some(item) = item.0 {
                 n = n.saturating_add(item.text_chars());
+                grounded |= item.grounded();
             }
         }
-        Ok(SumSeq(n, PhantomData))
+        Ok(SumSeq(n, grounded, PhantomData))
+    }
+}
+
+/// A usage details list (`promptTokensDetails` ...): token counts summed by modality. `None`
+/// when absent or not a list, so a chunk without the list keeps what an earlier one said.
+#[derive(Default)]
+pub(super) struct ByModality(pub(super) Option<[u64; MODALITIES]>);
+
+impl<'de> Lenient<'de> for ByModality {
+    fn of_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut counts = [0u64; MODALITIES];
+        while let Some(item) = seq.next_element::<Obj<ModalityCount>>()? {
+            // Entries of an unknown modality (MODALITY_UNSPECIFIED) stay unplaced: they are
+            // billed at the base rate with the rest of the count.
+            if let Some(ModalityCount {
+                modality: ModalityName(Some(m)),
+                token_count: Num(Some(n)),
+            }) = item.0
+                && let Some(slot) = counts.get_mut(m.index())
+            {
+                *slot = slot.saturating_add(n);
+            }
+        }
+        Ok(ByModality(Some(counts)))
+    }
+}
+
+/// A modality name; unknown names are absent.
+#[derive(Default)]
+struct ModalityName(Option<Modality>);
+
+impl Lenient<'_> for ModalityName {
+    fn of_str(v: &str) -> Self {
+        ModalityName(Modality::parse(v))
+    }
+}
+
+/// The length of an array.
+#[derive(Default)]
+struct Count(u64);
+
+impl<'de> Lenient<'de> for Count {
+    fn of_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut n = 0u64;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            n = n.saturating_add(1);
+        }
+        Ok(Count(n))
     }
 }
 

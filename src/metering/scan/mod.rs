@@ -24,7 +24,8 @@ use std::borrow::Cow;
 use memchr::memmem;
 use serde::Deserialize;
 
-use fields::{Event, NativeUsage, Num, Obj, OpenAiUsage, Str};
+use crate::config::MODALITIES;
+use fields::{ByModality, Event, NativeUsage, Num, Obj, OpenAiUsage, Str};
 use json::Splitter;
 use sse::SseParser;
 pub use text::TextCounter;
@@ -76,7 +77,16 @@ pub struct UsageReport {
     pub tool_use_prompt: Option<u64>,
     /// `totalTokenCount` / `total_tokens`.
     pub total: Option<u64>,
+    /// `promptTokensDetails`, tokens by modality (index [`crate::config::Modality::index`]), native only.
+    pub prompt_details: Option<ModalityCounts>,
+    /// `cacheTokensDetails`: the cached part by modality.
+    pub cache_details: Option<ModalityCounts>,
+    /// `candidatesTokensDetails`: visible output by modality.
+    pub candidates_details: Option<ModalityCounts>,
 }
+
+/// Token counts by modality, indexed by [`crate::config::Modality::index`].
+pub type ModalityCounts = [u64; MODALITIES];
 
 /// An error object the upstream put inside the body (e.g. a mid-stream `{"error":{...}}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +116,9 @@ pub struct ScanSummary {
     pub done_marker: bool,
     /// Number of complete JSON events parsed (oversized, dropped events included).
     pub events: u64,
+    /// Whether a candidate carried `groundingMetadata` with search queries or sources: the
+    /// response was grounded with Google Search (billed per request).
+    pub grounded: bool,
 }
 
 /// Incremental usage scanner for one response body.
@@ -210,6 +223,7 @@ impl State {
             set_model(&mut self.sum.model_version, ev.model.0);
         } else {
             self.sum.text_chars = self.sum.text_chars.saturating_add(ev.candidates.0);
+            self.sum.grounded |= ev.candidates.1;
             if let Some(u) = ev.usage_metadata.0 {
                 self.apply_native_usage(u);
             }
@@ -232,6 +246,9 @@ impl State {
         keep(&mut r.cached, u.cached_content_token_count);
         keep(&mut r.tool_use_prompt, u.tool_use_prompt_token_count);
         keep(&mut r.total, u.total_token_count);
+        keep_details(&mut r.prompt_details, u.prompt_tokens_details);
+        keep_details(&mut r.cache_details, u.cache_tokens_details);
+        keep_details(&mut r.candidates_details, u.candidates_tokens_details);
         self.sum.usage_seen = true;
     }
 
@@ -276,6 +293,14 @@ impl State {
 }
 
 fn keep(slot: &mut Option<u64>, v: Num) {
+    if v.0.is_some() {
+        *slot = v.0;
+    }
+}
+
+/// A details list replaces the last one whole (counts are cumulative in streams, like the
+/// totals); a chunk without it keeps the last.
+fn keep_details(slot: &mut Option<ModalityCounts>, v: ByModality) {
     if v.0.is_some() {
         *slot = v.0;
     }

@@ -33,6 +33,9 @@ fn full_usage() -> UsageReport {
         cached: Some(1000),
         tool_use_prompt: None,
         total: Some(1644),
+        prompt_details: Some([1204, 0, 0, 0, 0]),
+        cache_details: Some([1000, 0, 0, 0, 0]),
+        candidates_details: None,
     }
 }
 
@@ -78,6 +81,7 @@ fn sse_lf_final_usage_fixture() {
         candidates: Some(52),
         tool_use_prompt: Some(40),
         total: Some(180),
+        prompt_details: Some([88, 0, 0, 0, 0]),
         ..UsageReport::default()
     };
     assert_eq!(s.usage, want);
@@ -206,6 +210,7 @@ data: [DONE]\r\n\r\n";
         cached: Some(2),
         tool_use_prompt: None,
         total: Some(7),
+        ..UsageReport::default()
     };
     assert_eq!(s.usage, want);
     assert_eq!(s.text_chars, 2);
@@ -556,4 +561,30 @@ proptest! {
         let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
         prop_assert_eq!(scan_pieces(format, &refs), scan(format, body));
     }
+}
+
+#[test]
+fn modality_details_and_grounding_are_read() {
+    // Cumulative details on every chunk: the last list wins, whole; a chunk without a list
+    // keeps the last. Unknown modalities stay unplaced; non-numeric counts are skipped.
+    let body = b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]}}],\"usageMetadata\":{\"promptTokenCount\":10,\"promptTokensDetails\":[{\"modality\":\"TEXT\",\"tokenCount\":4},{\"modality\":\"AUDIO\",\"tokenCount\":6}],\"candidatesTokensDetails\":[{\"modality\":\"IMAGE\",\"tokenCount\":1}]}}\r\n\r\n\
+data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"b\"}]},\"groundingMetadata\":{\"webSearchQueries\":[\"q\"]}}],\"usageMetadata\":{\"promptTokenCount\":10,\"cachedContentTokenCount\":3,\"cacheTokensDetails\":[{\"modality\":\"AUDIO\",\"tokenCount\":3},{\"modality\":\"MODALITY_UNSPECIFIED\",\"tokenCount\":9},{\"modality\":\"TEXT\",\"tokenCount\":\"x\"}],\"candidatesTokensDetails\":[{\"modality\":\"IMAGE\",\"tokenCount\":1290},{\"modality\":\"TEXT\",\"tokenCount\":5}],\"toolUsePromptTokenCount\":12}}\r\n\r\n";
+    let s = scan(Format::Sse, body);
+    assert_eq!(s.usage.prompt_details, Some([4, 0, 6, 0, 0]));
+    assert_eq!(s.usage.cache_details, Some([0, 0, 3, 0, 0]));
+    assert_eq!(s.usage.candidates_details, Some([5, 1290, 0, 0, 0]));
+    assert_eq!(s.usage.tool_use_prompt, Some(12));
+    assert!(s.grounded);
+    // Every split gives the same.
+    for at in 0..body.len() {
+        let mut sc = Scanner::new(Format::Sse);
+        sc.feed(&body[..at]);
+        sc.feed(&body[at..]);
+        assert_eq!(sc.summary(), s, "split at {at}");
+    }
+    // An empty groundingMetadata is no search.
+    let plain = b"{\"candidates\":[{\"groundingMetadata\":{}}],\"usageMetadata\":{\"promptTokenCount\":1}}";
+    assert!(!scan(Format::UnaryJson, plain).grounded);
+    let chunks = b"{\"candidates\":[{\"groundingMetadata\":{\"groundingChunks\":[{\"web\":{}}]}}]}";
+    assert!(scan(Format::UnaryJson, chunks).grounded);
 }
