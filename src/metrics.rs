@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::ledger::recorder::RecorderStats;
 
 /// Route classes of proxied requests.
-pub const ROUTES: [&str; 6] = ["generate", "stream", "openai", "upload", "other", "api"];
+pub const ROUTES: [&str; 7] = ["generate", "stream", "openai", "embed", "upload", "other", "api"];
 /// Status classes.
 pub const CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "other"];
 /// Reasons a request is refused before it goes upstream.

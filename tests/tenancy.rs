@@ -487,16 +487,6 @@ async fn methods_outside_the_table_and_unmetered_billable_ones_never_reach_the_u
     let cases: Vec<(Method, String, &str)> = vec![
         (
             Method::POST,
-            format!("{m}/text-embedding-004:embedContent"),
-            "models.embedContent",
-        ),
-        (
-            Method::POST,
-            format!("{m}/text-embedding-004:batchEmbedContents"),
-            "models.batchEmbedContents",
-        ),
-        (
-            Method::POST,
             format!("{m}/gemini-2.5-flash:batchGenerateContent"),
             "models.batchGenerateContent",
         ),
@@ -516,7 +506,6 @@ async fn methods_outside_the_table_and_unmetered_billable_ones_never_reach_the_u
             "models.predictLongRunning",
         ),
         (Method::POST, "/v1beta/cachedContents".into(), "cachedContents.create"),
-        (Method::POST, "/v1beta/openai/embeddings".into(), "openai.embeddings"),
         (
             Method::POST,
             "/v1beta/openai/images/generations".into(),

@@ -137,6 +137,7 @@ async fn forward_inner(
     let worst = hard.as_ref().and_then(|h| worst_case(&call, bm, h));
     let mut admitted = admit_phase(&call, bm, continued, worst)?;
     if let (Some(h), Some(w), Some(cap)) = (hard, worst, admitted.output_cap)
+        && call.route.has_output()
         && estimate::requested_cap(&h.value, h.dialect) != Some(cap)
     {
         upstream_body = with_cap(&call, h, cap, &mut parts.headers)?;
@@ -260,8 +261,12 @@ fn hard_budget(call: &Call<'_>) -> bool {
 fn worst_case(call: &Call<'_>, body_model: Option<&str>, h: &HardBody) -> Option<WorstCase> {
     let model = call.route.metered_model(body_model)?;
     let pricing = &call.rt.config.pricing;
-    let cap =
-        estimate::requested_cap(&h.value, h.dialect).or_else(|| pricing.model(model).and_then(|m| m.max_output_tokens));
+    // Embeddings have no output: their worst case is their prompt.
+    let cap = if call.route.has_output() {
+        estimate::requested_cap(&h.value, h.dialect).or_else(|| pricing.model(model).and_then(|m| m.max_output_tokens))
+    } else {
+        Some(0)
+    };
     let prompt = estimate::prompt_tokens(&h.value, h.len);
     let n = estimate::candidates(&h.value, h.dialect);
     Some(WorstCase::new(pricing, model, prompt, cap, n))

@@ -18,6 +18,14 @@ pub enum Route {
     },
     /// `POST /v1beta/openai/chat/completions` (model and stream flag are in the body).
     OpenAiChat,
+    /// `models/{model}:embedContent` or `:batchEmbedContents`: metered like a model call, with
+    /// prompt tokens estimated from the text (Gemini reports no usage for embeddings).
+    Embed {
+        /// Model id, e.g. `gemini-embedding-001`.
+        model: String,
+    },
+    /// `POST /v1beta/openai/embeddings` (model in the body; the answer's `usage` is read).
+    OpenAiEmbed,
     /// Start of a resumable upload.
     UploadStart {
         /// Declared size (`X-Goog-Upload-Header-Content-Length`).
@@ -63,6 +71,7 @@ impl Route {
             Route::Generate { stream: false, .. } => "generate",
             Route::Generate { stream: true, .. } => "stream",
             Route::OpenAiChat => "openai",
+            Route::Embed { .. } | Route::OpenAiEmbed => "embed",
             Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
             Route::Other { .. } => "other",
         }
@@ -78,12 +87,17 @@ impl Route {
 
     /// Whether the model is named in the body (read whole before admission).
     pub fn model_in_body(&self) -> bool {
-        *self == Route::OpenAiChat
+        matches!(self, Route::OpenAiChat | Route::OpenAiEmbed)
+    }
+
+    /// Whether the call has output whose cap a hard budget may lower (embeddings have none).
+    pub fn has_output(&self) -> bool {
+        matches!(self, Route::Generate { .. } | Route::OpenAiChat)
     }
 
     /// Whether the request body's prompt text is counted as it streams (for estimates).
     pub fn counts_prompt_text(&self) -> bool {
-        matches!(self, Route::Generate { .. })
+        matches!(self, Route::Generate { .. } | Route::Embed { .. })
     }
 
     /// Whether the caller's URL for the gateway is needed (to rewrite an upload's URL).
@@ -94,8 +108,8 @@ impl Route {
     /// The model a metered call is for: the path's, or `body_model` for the OpenAI route.
     pub fn metered_model<'a>(&'a self, body_model: Option<&'a str>) -> Option<&'a str> {
         match self {
-            Route::Generate { model, .. } => Some(model),
-            Route::OpenAiChat => body_model,
+            Route::Generate { model, .. } | Route::Embed { model } => Some(model),
+            Route::OpenAiChat | Route::OpenAiEmbed => body_model,
             _ => None,
         }
     }
@@ -103,8 +117,8 @@ impl Route {
     /// What admission is asked for this request.
     pub fn ask<'a>(&'a self, body_model: Option<&'a str>) -> Ask<'a> {
         match self {
-            Route::Generate { model, .. } => Ask::Generate { model, worst: None },
-            Route::OpenAiChat => Ask::Generate {
+            Route::Generate { model, .. } | Route::Embed { model } => Ask::Generate { model, worst: None },
+            Route::OpenAiChat | Route::OpenAiEmbed => Ask::Generate {
                 model: body_model.unwrap_or_default(),
                 worst: None,
             },
@@ -119,7 +133,7 @@ impl Route {
     /// What to do with the upstream's answer.
     pub fn answer(&self) -> Answer<'_> {
         match self {
-            Route::Generate { .. } | Route::OpenAiChat => Answer::Metered,
+            Route::Generate { .. } | Route::OpenAiChat | Route::Embed { .. } | Route::OpenAiEmbed => Answer::Metered,
             Route::UploadStart { declared } => Answer::UploadStart { declared: *declared },
             Route::UploadChunk { upload_id } => Answer::UploadBytes {
                 upload_id: Some(upload_id),
@@ -132,7 +146,7 @@ impl Route {
     /// The framing of a metered response: `status` and whether the upstream answered with
     /// Server-Sent Events (`sse`); `body_stream` is the OpenAI body's `stream` flag.
     pub fn response_format(&self, status: http::StatusCode, sse: bool, body_stream: bool) -> Format {
-        let openai = *self == Route::OpenAiChat;
+        let openai = matches!(self, Route::OpenAiChat | Route::OpenAiEmbed);
         let stream = matches!(self, Route::Generate { stream: true, .. }) || (openai && body_stream);
         match (openai, status.is_success() && (stream || sse), sse) {
             (true, true, _) => Format::OpenAiSse,
@@ -207,12 +221,18 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
     if method == Method::POST && path.ends_with("/openai/chat/completions") {
         return Route::OpenAiChat;
     }
+    if method == Method::POST && path.ends_with("/openai/embeddings") {
+        return Route::OpenAiEmbed;
+    }
     match model_and_method(path) {
         Some((model, m)) if method == Method::POST && m == "generateContent" => {
             Route::Generate { model, stream: false }
         }
         Some((model, m)) if method == Method::POST && m == "streamGenerateContent" => {
             Route::Generate { model, stream: true }
+        }
+        Some((model, m)) if method == Method::POST && (m == "embedContent" || m == "batchEmbedContents") => {
+            Route::Embed { model }
         }
         Some((model, _)) => Route::Other { model: Some(model) },
         None => Route::Other { model: None },

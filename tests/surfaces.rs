@@ -1,0 +1,106 @@
+//! Billable surfaces beyond generateContent (issue 15, part 2): embeddings are metered (Gemini
+//! reports no usage for them: the prompt is estimated from its text and flagged
+//! `token_source: estimated`; the OpenAI-compatible endpoint's own `usage` is used when present).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Harness;
+use gemini_meter::ledger::Record;
+use serde_json::{Value, json};
+
+fn of_kind<'a>(records: &'a [Record], kind: &str) -> Vec<&'a Record> {
+    records.iter().filter(|r| r.kind().as_str() == kind).collect()
+}
+
+async fn post(h: &Harness, key: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = h
+        .http
+        .post(h.url(path))
+        .header("x-goog-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_metered_with_estimated_prompt_tokens() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("emb", "unlimited").await;
+    // 40 characters of text: an estimate of ceil(40 / 4) = 10 tokens.
+    let text = "abcdefghij".repeat(4);
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/gemini-embedding-001:embedContent",
+        json!({"content": {"parts": [{"text": text}]}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["embedding"]["values"].is_array());
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/gemini-embedding-001:batchEmbedContents",
+        json!({"requests": [
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]}},
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]}}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 2);
+    let recs = h.records("emb").await;
+    let ai = of_kind(&recs, "ai_response");
+    assert_eq!(ai.len(), 2, "{recs:?}");
+    let mut tokens: Vec<u64> = ai.iter().map(|r| r.tokens).collect();
+    tokens.sort_unstable();
+    assert_eq!(tokens, [10, 20]);
+    for r in &ai {
+        let md = r.metadata();
+        assert_eq!(md["token_source"], "estimated", "{md}");
+        assert_eq!(md["model"], "gemini-embedding-001");
+        assert_eq!(md["output_tokens"], 0);
+        assert!(r.cost > rust_decimal::Decimal::ZERO);
+    }
+    assert_eq!(of_kind(&recs, "message_sent").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_embeddings_use_the_upstreams_usage() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("oemb", "unlimited").await;
+    let r = h
+        .http
+        .post(h.url("/v1beta/openai/embeddings"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gemini-embedding-001", "input": ["one two three", "four five"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let upstream_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let recs = h.records("oemb").await;
+    let ai = of_kind(&recs, "ai_response");
+    assert_eq!(ai.len(), 1, "{recs:?}");
+    assert_eq!(ai[0].tokens, upstream_tokens);
+    assert_eq!(ai[0].metadata()["token_source"], "upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_count_against_quotas_before_forwarding() {
+    let h = Harness::start("[tiers.one]\nmessages = 1\n").await;
+    let key = h.user_with_key("quota", "one").await;
+    let body = json!({"content": {"parts": [{"text": "hello"}]}});
+    let path = "/v1beta/models/gemini-embedding-001:embedContent";
+    assert_eq!(post(&h, &key, path, body.clone()).await.0, 200);
+    let before = h.mock_stats()["requests"].as_u64().unwrap();
+    let (s, v) = post(&h, &key, path, body).await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["error"]["details"][0]["reason"], "MONTHLY_QUOTA_EXCEEDED");
+    assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
+}
