@@ -104,3 +104,41 @@ async fn embeddings_count_against_quotas_before_forwarding() {
     assert_eq!(v["error"]["details"][0]["reason"], "MONTHLY_QUOTA_EXCEEDED");
     assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_is_billed_for_its_storage_when_created() {
+    let h = Harness::start("").await;
+    let key = h.user_with_key("cache", "unlimited").await;
+    let body = json!({"model": "models/gemini-2.5-flash", "ttl": "3600s",
+        "contents": [{"role": "user", "parts": [{"text": "a long document ".repeat(100)}]}]});
+    let (s, v) = post(&h, &key, "/v1beta/cachedContents", body).await;
+    assert_eq!(s, 200, "{v}");
+    let tokens = v["usageMetadata"]["totalTokenCount"].as_u64().unwrap();
+    let recs = h.records("cache").await;
+    let cs = of_kind(&recs, "cache_storage");
+    assert_eq!(cs.len(), 1, "{recs:?}");
+    let md = cs[0].metadata();
+    assert_eq!(md["token_count"], tokens);
+    assert_eq!(md["ttl_seconds"], 3600);
+    assert_eq!(md["cache"], v["name"]);
+    assert_eq!((cs[0].messages, cs[0].tokens), (0, 0));
+    // tokens x 1.00 USD per million per hour x 1 hour.
+    let want = rust_decimal::Decimal::from(tokens) / rust_decimal::Decimal::from(1_000_000u64);
+    assert_eq!(cs[0].cost.normalize(), want.normalize());
+    // The current month's cost counts it.
+    let cur = h.current(&key).await;
+    let cost: rust_decimal::Decimal = cur["current_month"]["cost"].as_str().unwrap().parse().unwrap();
+    assert_eq!(cost.normalize(), want.normalize());
+
+    // A model without a storage price: refused before the upstream.
+    let before = h.mock_stats()["requests"].as_u64().unwrap();
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/cachedContents",
+        json!({"model": "models/gemini-2.5-pro"}),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
+}

@@ -43,6 +43,11 @@ pub enum Ask<'a> {
     },
     /// Upload bytes (a chunk).
     UploadBytes,
+    /// Storage billed by cost only (a cached content): refused once the cost limit is used up.
+    Storage {
+        /// The model the stored content is for.
+        model: &'a str,
+    },
     /// Anything else: authenticated and rate limited, not metered.
     Other {
         /// The model id, when the path names one.
@@ -118,7 +123,7 @@ pub fn admit(
 
     // 1. Model allow-list.
     let model = match ask {
-        Ask::Generate { model, .. } => Some(*model),
+        Ask::Generate { model, .. } | Ask::Storage { model } => Some(*model),
         Ask::Other { model } => *model,
         _ => None,
     };
@@ -190,6 +195,13 @@ pub fn admit(
             let (t, r) = user.usage.snapshot_reserved(month);
             if tier.bytes.is_some_and(|l| t.bytes >= l) {
                 return Err(refuse(Quota::Bytes, &t));
+            }
+            (t, r, None)
+        }
+        Ask::Storage { .. } => {
+            let (t, r) = user.usage.snapshot_reserved(month);
+            if tier.cost.is_some_and(|l| t.cost.saturating_add(r.cost) >= l) {
+                return Err(refuse(Quota::Cost, &t));
             }
             (t, r, None)
         }

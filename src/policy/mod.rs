@@ -111,7 +111,7 @@ pub static RULES: &[Rule] = &[
     rule("files.get", "GET", "files/*", Owned, Path, false),
     rule("files.download", "GET", "files/*:download", Owned, Path, false),
     rule("files.delete", "DELETE", "files/*", Owned, Delete, false),
-    rule("cachedContents.create", "POST", "cachedContents", Refused, Create(Kind::CachedContent), true),
+    rule("cachedContents.create", "POST", "cachedContents", Metered, Create(Kind::CachedContent), true),
     rule("cachedContents.list", "GET", "cachedContents", Owned, List(Kind::CachedContent), false),
     rule("cachedContents.get", "GET", "cachedContents/*", Owned, Path, false),
     rule("cachedContents.patch", "PATCH", "cachedContents/*", Refused, Path, true),

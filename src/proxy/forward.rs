@@ -21,6 +21,7 @@ use super::failure::UpstreamFailure;
 use super::headers::{GOOG_API_KEY, caller_key, query_param, strip_hop_by_hop, take_tags, upstream_uri};
 use super::metered::MeteredCall;
 use super::route::{Answer, Route, classify};
+use super::surfaces;
 use super::tenancy::{self, RefCheck};
 use super::upload::rewrite_upload_url;
 use crate::admission::{Admitted, WorstCase, admit};
@@ -156,7 +157,7 @@ async fn forward_inner(
             call.rt.config.pricing.message_sent,
         )
     });
-    let up_req = upstream_request(&call.rt, parts, path, query, upstream_body, body_model.is_some())?;
+    let up_req = upstream_request(&call.rt, parts, path, query, upstream_body, call.route.is_openai())?;
     let (resp, metered) = send(&call, up_req, metered).await?;
     let body_stream = body_model.is_some_and(|b| b.stream);
     answer(call, resp, admitted, metered, gateway_base, body_stream).await
@@ -296,6 +297,25 @@ fn admit_phase(
     if continued {
         return Ok(Admitted::continued(now));
     }
+    if call.route == Route::CacheCreate {
+        let model = body_model.unwrap_or_default();
+        let priced = call
+            .rt
+            .config
+            .pricing
+            .model(model)
+            .and_then(|m| m.cache_storage_per_million_per_hour);
+        if priced.is_none() {
+            return Err(ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "not_priced",
+                format!(
+                    "Cached contents for {model} are not available through this gateway: their storage has no price."
+                ),
+            ));
+        }
+    }
     let mut ask = call.route.ask(body_model);
     if let crate::admission::Ask::Generate { worst: w, .. } = &mut ask {
         *w = worst;
@@ -433,7 +453,12 @@ async fn owned_body(
                 .registry
                 .user_of(call.key)
                 .ok_or_else(ApiError::invalid_key)?;
-            tenancy::record_created(&call.proxy.owners, &user.id_arc(), kind, rparts, rbody).await
+            let (body, created) =
+                tenancy::record_created(&call.proxy.owners, &user.id_arc(), kind, rparts, rbody).await?;
+            if let (Route::CacheCreate, Some(v)) = (&call.route, created) {
+                surfaces::bill_cache_created(call.proxy, call.key, call.tags.clone(), &v).await;
+            }
+            Ok(body)
         }
         Access::Delete => {
             tenancy::deleted(&call.proxy.owners, rparts.status, call.path);

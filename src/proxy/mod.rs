@@ -10,6 +10,7 @@ pub mod headers;
 mod metered;
 pub mod passthrough;
 pub mod route;
+mod surfaces;
 pub mod tenancy;
 pub mod upload;
 

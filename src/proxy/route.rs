@@ -26,6 +26,8 @@ pub enum Route {
     },
     /// `POST /v1beta/openai/embeddings` (model in the body; the answer's `usage` is read).
     OpenAiEmbed,
+    /// `POST cachedContents`: billed for storage once created (model in the body).
+    CacheCreate,
     /// Start of a resumable upload.
     UploadStart {
         /// Declared size (`X-Goog-Upload-Header-Content-Length`).
@@ -73,7 +75,7 @@ impl Route {
             Route::OpenAiChat => "openai",
             Route::Embed { .. } | Route::OpenAiEmbed => "embed",
             Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
-            Route::Other { .. } => "other",
+            Route::Other { .. } | Route::CacheCreate => "other",
         }
     }
 
@@ -87,6 +89,11 @@ impl Route {
 
     /// Whether the model is named in the body (read whole before admission).
     pub fn model_in_body(&self) -> bool {
+        matches!(self, Route::OpenAiChat | Route::OpenAiEmbed | Route::CacheCreate)
+    }
+
+    /// Whether the call speaks the OpenAI-compatible dialect (the upstream key goes as Bearer).
+    pub fn is_openai(&self) -> bool {
         matches!(self, Route::OpenAiChat | Route::OpenAiEmbed)
     }
 
@@ -124,6 +131,9 @@ impl Route {
             },
             Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
             Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,
+            Route::CacheCreate => Ask::Storage {
+                model: body_model.unwrap_or_default(),
+            },
             Route::Other { model } => Ask::Other {
                 model: model.as_deref(),
             },
@@ -139,7 +149,7 @@ impl Route {
                 upload_id: Some(upload_id),
             },
             Route::UploadOther => Answer::UploadBytes { upload_id: None },
-            Route::Other { .. } => Answer::Plain,
+            Route::Other { .. } | Route::CacheCreate => Answer::Plain,
         }
     }
 
@@ -223,6 +233,9 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
     }
     if method == Method::POST && path.ends_with("/openai/embeddings") {
         return Route::OpenAiEmbed;
+    }
+    if method == Method::POST && path.ends_with("/cachedContents") {
+        return Route::CacheCreate;
     }
     match model_and_method(path) {
         Some((model, m)) if method == Method::POST && m == "generateContent" => {

@@ -419,19 +419,21 @@ pub fn created_names(v: &Value, kind: Kind) -> Vec<String> {
 }
 
 /// The answer of a create call: read (bounded), the new resources recorded as `user`'s and on
-/// disk, then passed on whole. A name the caller could read is always one the index knows.
+/// disk, then passed on whole (with the answer's JSON, for billing). A name the caller could
+/// read is always one the index knows.
 pub async fn record_created(
     owners: &Owners,
     user: &Arc<str>,
     kind: Kind,
     rparts: &mut http::response::Parts,
     body: UpstreamBody,
-) -> Result<ProxyBody, ApiError> {
+) -> Result<(ProxyBody, Option<Value>), ApiError> {
     let bytes = Limited::new(body, MAX_CREATED_BODY)
         .collect()
         .await
         .map_err(|_| ApiError::upstream_unavailable("the upstream's answer could not be read"))?
         .to_bytes();
+    let mut created = None;
     if rparts.status.is_success() {
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(v) => {
@@ -441,13 +443,14 @@ pub async fn record_created(
                         ApiError::internal("The new resource's owner could not be recorded; an operator can assign it.")
                     })?;
                 }
+                created = Some(v);
             }
             Err(_) => tracing::warn!("a create call's answer is not JSON: the resource has no owner"),
         }
     }
     rparts.headers.remove(header::CONTENT_LENGTH);
     rparts.headers.remove(header::TRANSFER_ENCODING);
-    Ok(ProxyBody::full(bytes))
+    Ok((ProxyBody::full(bytes), created))
 }
 
 /// Whether an answer can hand the caller new files: a read of their own operation or batch,

@@ -51,6 +51,7 @@ file_upload_per_byte = "0.00000001"
 input_per_million = "0.30"
 output_per_million = "2.50"
 cached_input_per_million = "0.03"
+cache_storage_per_million_per_hour = "1.00"
 max_output_tokens = 8192
 
 [tiers.free]

@@ -71,14 +71,10 @@ file_upload_per_byte = "{PRICES['per_byte']}"
 input_per_million = "{PRICES['input']}"
 output_per_million = "{PRICES['output']}"
 cached_input_per_million = "{PRICES['cached']}"
+cache_storage_per_million_per_hour = "1.00"
 
 [tiers.free]
 messages = 1000
-
-[routes]
-# Creating a cache is billable (storage per hour) and not metered yet: let it through unbilled
-# for the tenancy test.
-allow_unmetered = ["cachedContents.create"]
 
 [tiers.tight]
 messages = 2
