@@ -142,3 +142,80 @@ async fn a_cache_is_billed_for_its_storage_when_created() {
     assert_eq!(s, 403, "{v}");
     assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
 }
+
+const LITE: &str = r#"
+[pricing.models."gemini-2.5-flash-lite"]
+input_per_million = "0.10"
+output_per_million = "0.40"
+batch_discount = "0.5"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_billed_once_when_its_owner_reads_it_finished() {
+    let h = Harness::start(LITE).await;
+    let key = h.user_with_key("batcher", "unlimited").await;
+    let reqs: Vec<Value> = (0..3)
+        .map(|i| json!({"request": {"contents": [{"parts": [{"text": format!("question {i}")}]}]}, "metadata": {"key": format!("r{i}")}}))
+        .collect();
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/gemini-2.5-flash-lite:batchGenerateContent",
+        json!({"batch": {"displayName": "three", "inputConfig": {"requests": {"requests": reqs}}}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let name = v["name"].as_str().unwrap().to_string();
+    assert!(h.records("batcher").await.is_empty(), "nothing is billed at submission");
+    let mut last = Value::Null;
+    for _ in 0..5 {
+        let r = h
+            .http
+            .get(h.url(&format!("/v1beta/{name}")))
+            .header("x-goog-api-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        last = r.json().await.unwrap();
+    }
+    assert_eq!(last["done"], true, "{last}");
+    let inlined = last
+        .pointer("/response/inlinedResponses/inlinedResponses")
+        .and_then(Value::as_array)
+        .unwrap()
+        .clone();
+    assert_eq!(inlined.len(), 3);
+    let recs = h.records("batcher").await;
+    let ai = of_kind(&recs, "ai_response");
+    assert_eq!(ai.len(), 3, "billed exactly once per inlined response: {recs:?}");
+    // Hand-computed from each response's own usage: (prompt x 0.10 + output x 0.40) / 1e6, halved.
+    let d = |n: u64| rust_decimal::Decimal::from(n);
+    let mut want = rust_decimal::Decimal::ZERO;
+    let mut want_tokens = 0;
+    for r in &inlined {
+        let u = &r["response"]["usageMetadata"];
+        let p = u["promptTokenCount"].as_u64().unwrap();
+        let o = u["candidatesTokenCount"].as_u64().unwrap() + u["thoughtsTokenCount"].as_u64().unwrap_or(0);
+        want += (d(p) * rust_decimal::Decimal::new(10, 2) + d(o) * rust_decimal::Decimal::new(40, 2)) / d(1_000_000)
+            * rust_decimal::Decimal::new(5, 1);
+        want_tokens += u["totalTokenCount"].as_u64().unwrap();
+    }
+    let got: rust_decimal::Decimal = ai.iter().map(|r| r.cost).sum();
+    assert_eq!(got.normalize(), want.normalize());
+    assert_eq!(ai.iter().map(|r| r.tokens).sum::<u64>(), want_tokens);
+    for r in &ai {
+        assert_eq!(r.metadata()["price"]["batch_discount"], "0.5", "{}", r.metadata());
+    }
+    // A restart does not bill it again.
+    let h = h.reopen(&[]).await;
+    let r = h
+        .http
+        .get(h.url(&format!("/v1beta/{name}")))
+        .header("x-goog-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(of_kind(&h.records("batcher").await, "ai_response").len(), 3);
+}

@@ -43,9 +43,10 @@ pub enum Ask<'a> {
     },
     /// Upload bytes (a chunk).
     UploadBytes,
-    /// Storage billed by cost only (a cached content): refused once the cost limit is used up.
-    Storage {
-        /// The model the stored content is for.
+    /// Work billed later by cost only (a cached content's storage, a batch's results): refused
+    /// once the cost limit is used up.
+    Billed {
+        /// The model the work is for.
         model: &'a str,
     },
     /// Anything else: authenticated and rate limited, not metered.
@@ -123,7 +124,7 @@ pub fn admit(
 
     // 1. Model allow-list.
     let model = match ask {
-        Ask::Generate { model, .. } | Ask::Storage { model } => Some(*model),
+        Ask::Generate { model, .. } | Ask::Billed { model } => Some(*model),
         Ask::Other { model } => *model,
         _ => None,
     };
@@ -198,7 +199,7 @@ pub fn admit(
             }
             (t, r, None)
         }
-        Ask::Storage { .. } => {
+        Ask::Billed { .. } => {
             let (t, r) = user.usage.snapshot_reserved(month);
             if tier.cost.is_some_and(|l| t.cost.saturating_add(r.cost) >= l) {
                 return Err(refuse(Quota::Cost, &t));

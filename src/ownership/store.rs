@@ -52,12 +52,21 @@ pub struct Owners {
     /// Each user's names by creation order, for lists.
     by_user: DashMap<Arc<str>, BTreeMap<u64, String>>,
     next_seq: AtomicU64,
+    /// Settlements claimed in this process (finished batches being billed).
+    settling: dashmap::DashSet<String>,
     tree: sled::Tree,
 }
 
 fn stored_key(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 2);
     k.extend_from_slice(b"n/");
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn settled_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 2);
+    k.extend_from_slice(b"s/");
     k.extend_from_slice(name.as_bytes());
     k
 }
@@ -76,6 +85,7 @@ impl Owners {
             by_name: DashMap::new(),
             by_user: DashMap::new(),
             next_seq: AtomicU64::new(1),
+            settling: dashmap::DashSet::new(),
             tree,
         };
         let mut max_seq = 0;
@@ -157,6 +167,27 @@ impl Owners {
     pub async fn assign(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
         self.forget(name)?;
         self.record(user, kind, name).await
+    }
+
+    /// Claims the one-time settlement of a resource (a finished batch): true for the first
+    /// caller only, in this process and across restarts once [`Owners::settled`] recorded it.
+    pub fn claim_settlement(&self, name: &str) -> Result<bool, OwnershipError> {
+        if self.tree.contains_key(settled_key(name))? {
+            return Ok(false);
+        }
+        Ok(self.settling.insert(name.to_string()))
+    }
+
+    /// Records on disk that a claimed settlement is done (its records are durable).
+    pub async fn settled(&self, name: &str) -> Result<(), OwnershipError> {
+        self.tree.insert(settled_key(name), &b"1"[..])?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Gives back a claim whose settlement failed, so a later read can try again.
+    pub fn unclaim(&self, name: &str) {
+        self.settling.remove(name);
     }
 
     /// Forgets a resource (deleted upstream, or gone).

@@ -116,7 +116,7 @@ pub static RULES: &[Rule] = &[
     rule("cachedContents.get", "GET", "cachedContents/*", Owned, Path, false),
     rule("cachedContents.patch", "PATCH", "cachedContents/*", Refused, Path, true),
     rule("cachedContents.delete", "DELETE", "cachedContents/*", Owned, Delete, false),
-    rule("models.batchGenerateContent", "POST", "models/*:batchGenerateContent", Refused, Create(Kind::Batch), true),
+    rule("models.batchGenerateContent", "POST", "models/*:batchGenerateContent", Metered, Create(Kind::Batch), true),
     rule("models.asyncBatchEmbedContent", "POST", "models/*:asyncBatchEmbedContent", Refused, Create(Kind::Batch), true),
     rule("batches.list", "GET", "batches", Owned, List(Kind::Batch), false),
     rule("batches.get", "GET", "batches/*", Owned, Path, false),

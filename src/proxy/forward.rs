@@ -478,7 +478,13 @@ async fn owned_body(
                 .host()
                 .unwrap_or_default()
                 .to_ascii_lowercase();
-            tenancy::adopt_produced(&call.proxy.owners, &user.id_arc(), &host, rparts, rbody).await
+            let (body, read) =
+                tenancy::adopt_produced(&call.proxy.owners, &user.id_arc(), &host, rparts, rbody).await?;
+            let batch = crate::ownership::resource_of(tenancy::rest_of(call.path));
+            if let (Some(v), Some((Kind::Batch, name))) = (read, batch) {
+                surfaces::bill_batch_read(call.proxy, call.key, call.tags.clone(), &name, &v).await;
+            }
+            Ok(body)
         }
         _ => Ok(ProxyBody::stream(rbody)),
     }

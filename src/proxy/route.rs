@@ -28,6 +28,11 @@ pub enum Route {
     OpenAiEmbed,
     /// `POST cachedContents`: billed for storage once created (model in the body).
     CacheCreate,
+    /// `models/{model}:batchGenerateContent`: billed when its owner reads it finished.
+    BatchCreate {
+        /// Model id.
+        model: String,
+    },
     /// Start of a resumable upload.
     UploadStart {
         /// Declared size (`X-Goog-Upload-Header-Content-Length`).
@@ -75,7 +80,7 @@ impl Route {
             Route::OpenAiChat => "openai",
             Route::Embed { .. } | Route::OpenAiEmbed => "embed",
             Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
-            Route::Other { .. } | Route::CacheCreate => "other",
+            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } => "other",
         }
     }
 
@@ -131,9 +136,10 @@ impl Route {
             },
             Route::UploadStart { declared } => Ask::UploadStart { declared: *declared },
             Route::UploadChunk { .. } | Route::UploadOther => Ask::UploadBytes,
-            Route::CacheCreate => Ask::Storage {
+            Route::CacheCreate => Ask::Billed {
                 model: body_model.unwrap_or_default(),
             },
+            Route::BatchCreate { model } => Ask::Billed { model },
             Route::Other { model } => Ask::Other {
                 model: model.as_deref(),
             },
@@ -149,7 +155,7 @@ impl Route {
                 upload_id: Some(upload_id),
             },
             Route::UploadOther => Answer::UploadBytes { upload_id: None },
-            Route::Other { .. } | Route::CacheCreate => Answer::Plain,
+            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } => Answer::Plain,
         }
     }
 
@@ -247,6 +253,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
         Some((model, m)) if method == Method::POST && (m == "embedContent" || m == "batchEmbedContents") => {
             Route::Embed { model }
         }
+        Some((model, m)) if method == Method::POST && m == "batchGenerateContent" => Route::BatchCreate { model },
         Some((model, _)) => Route::Other { model: Some(model) },
         None => Route::Other { model: None },
     }

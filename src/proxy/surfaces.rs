@@ -1,6 +1,11 @@
-//! Billable surfaces that are not model calls: a cached content is billed for its storage when
-//! it is created, for its `usageMetadata.totalTokenCount` and the TTL Gemini gave it (its
-//! `expireTime` minus its `createTime`), as a `cache_storage` record.
+//! Billable surfaces that are not model calls answered at once:
+//! - a cached content is billed for its storage when it is created, for its
+//!   `usageMetadata.totalTokenCount` and the TTL Gemini gave it (its `expireTime` minus its
+//!   `createTime`), as a `cache_storage` record;
+//! - a batch is billed when its owner reads it finished: one `ai_response` record per inlined
+//!   response, from that response's own `usageMetadata`, at the batch price, exactly once however
+//!   often it is read (a settlement claimed in the ownership store, marked done on disk once its
+//!   records are).
 
 use std::sync::Arc;
 
@@ -9,8 +14,9 @@ use serde_json::Value;
 
 use super::Proxy;
 use crate::identity::KeyEntry;
-use crate::ledger::{CacheAction, Details, Record, Tags};
-use crate::metering::usage::{CacheStored, cache_storage_usage};
+use crate::ledger::{AiResponse, CacheAction, Details, Record, ResponseFormat, Status, Tags, TokenSource};
+use crate::metering::pricing::{Mode, price_tokens};
+use crate::metering::usage::{CacheStored, cache_storage_usage, tokens_of_response};
 use crate::settle::Against;
 
 /// Seconds between two RFC 3339 times of a resource (0 when either is missing or unreadable).
@@ -69,6 +75,101 @@ pub async fn bill_cache_created(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<T
     };
     if let Some(wait) = s.settle(key, rec, Against::Nothing) {
         wait.await;
+    }
+}
+
+/// The inlined responses of a finished batch (`None` while it runs or when its results are in a
+/// file).
+fn finished_responses(v: &Value) -> Option<&Vec<Value>> {
+    let done = v.get("done").and_then(Value::as_bool) == Some(true)
+        || v.pointer("/metadata/state").and_then(Value::as_str) == Some("BATCH_STATE_SUCCEEDED");
+    if !done {
+        return None;
+    }
+    [
+        "/response/inlinedResponses/inlinedResponses",
+        "/metadata/output/inlinedResponses/inlinedResponses",
+    ]
+    .iter()
+    .find_map(|p| v.pointer(p))
+    .and_then(Value::as_array)
+}
+
+/// Bills a batch its owner just read (`v`), once it is finished: one record per inlined
+/// response at the batch price. Exactly once: the first read that sees it finished claims it.
+pub async fn bill_batch_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags>>, name: &str, v: &Value) {
+    let Some(responses) = finished_responses(v) else {
+        return;
+    };
+    let owners = &proxy.owners;
+    match owners.claim_settlement(name) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "batch settlement not claimed; billed on a later read");
+            return;
+        }
+    }
+    let Some(user) = proxy.registry.user_of(key) else {
+        owners.unclaim(name);
+        return;
+    };
+    let model = v.pointer("/metadata/model").and_then(Value::as_str).unwrap_or_default();
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    let rt = proxy.live.load();
+    let s = &proxy.settler;
+    let key_id: Box<str> = proxy.registry.key_id(key).into();
+    for item in responses {
+        let Some(resp) = item.get("response") else { continue };
+        let Ok(bytes) = serde_json::to_vec(resp) else { continue };
+        let Ok((_, t)) = tokens_of_response(&bytes, Some(model)) else {
+            continue;
+        };
+        let priced = price_tokens(&rt.config.pricing, model, &t, Mode::Batch);
+        let details = AiResponse {
+            cached_tokens: t.cached,
+            duration_ms: 0,
+            error: None,
+            format: ResponseFormat::Json,
+            key_id: key_id.clone(),
+            model: Arc::from(model),
+            model_version: resp.get("modelVersion").and_then(Value::as_str).map(Into::into),
+            output_tokens: t.output,
+            price: Some(priced.price),
+            prompt_tokens: t.prompt,
+            response_bytes: bytes.len() as u64,
+            status: Status::Ok,
+            stream: false,
+            tags: tags.clone(),
+            thoughts_tokens: t.thoughts,
+            token_source: TokenSource::Upstream,
+            tool_use_prompt_tokens: t.tool_use,
+            upstream_status: 200,
+        };
+        let now = s.clock.now();
+        let rec = Record {
+            id: s.ids.next(now),
+            user_id: user.id_arc(),
+            tokens: t.total,
+            messages: 0,
+            bytes: 0,
+            cost: priced.cost,
+            details: Details::AiResponse(details),
+            created_at: now,
+        };
+        if let Some(wait) = s.settle(key, rec, crate::settle::Against::Nothing) {
+            wait.await;
+        }
+    }
+    // Marked settled only once its records are on disk: a crash before that bills it again
+    // on the next read, never loses it.
+    match s.recorder.sync().await {
+        Ok(()) => {
+            if let Err(e) = owners.settled(name).await {
+                tracing::error!(error = %e, "batch settlement not marked; it may be billed twice after a restart");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "batch records not confirmed on disk"),
     }
 }
 

@@ -484,18 +484,20 @@ fn produced_files(v: &Value, host: &str, out: &mut Vec<String>) {
 
 /// The answer of a read of the caller's own operation or batch: files its result names that
 /// no one owns yet become the caller's (so the caller can download what their call made).
+/// Returns the answer's JSON too (a finished batch is billed from it).
 pub async fn adopt_produced(
     owners: &Owners,
     user: &Arc<str>,
     upstream_host: &str,
     rparts: &mut http::response::Parts,
     body: UpstreamBody,
-) -> Result<ProxyBody, ApiError> {
+) -> Result<(ProxyBody, Option<Value>), ApiError> {
     let bytes = Limited::new(body, MAX_CREATED_BODY)
         .collect()
         .await
         .map_err(|_| ApiError::upstream_unavailable("the upstream's answer could not be read"))?
         .to_bytes();
+    let mut read = None;
     if rparts.status.is_success()
         && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
     {
@@ -509,10 +511,11 @@ pub async fn adopt_produced(
                     .map_err(|_| ApiError::internal("The produced file's owner could not be recorded."))?;
             }
         }
+        read = Some(v);
     }
     rparts.headers.remove(header::CONTENT_LENGTH);
     rparts.headers.remove(header::TRANSFER_ENCODING);
-    Ok(ProxyBody::full(bytes))
+    Ok((ProxyBody::full(bytes), read))
 }
 
 /// After a delete the upstream agreed to, the resource is forgotten.
