@@ -219,3 +219,46 @@ async fn a_batch_is_billed_once_when_its_owner_reads_it_finished() {
     assert_eq!(r.status(), 200);
     assert_eq!(of_kind(&h.records("batcher").await, "ai_response").len(), 3);
 }
+
+const IMAGEN: &str = r#"
+[pricing.models."imagen-4.0-generate-001"]
+per_image = "0.04"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imagen_is_billed_per_image_returned() {
+    let h = Harness::start(IMAGEN).await;
+    let key = h.user_with_key("painter", "unlimited").await;
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/imagen-4.0-generate-001:predict",
+        json!({"instances": [{"prompt": "a lighthouse"}], "parameters": {"sampleCount": 3}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let n = v["predictions"].as_array().unwrap().len();
+    assert_eq!(n, 3);
+    let recs = h.records("painter").await;
+    let ai = of_kind(&recs, "ai_response");
+    assert_eq!(ai.len(), 1, "{recs:?}");
+    assert_eq!(ai[0].cost, rust_decimal::Decimal::new(12, 2));
+    assert_eq!(ai[0].tokens, 0);
+    assert_eq!(
+        ai[0].metadata()["price"]["lines"][0]["quantity"],
+        3,
+        "{}",
+        ai[0].metadata()
+    );
+    // A model without a per-image price is refused before the upstream.
+    let before = h.mock_stats()["requests"].as_u64().unwrap();
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/imagen-3.0-generate-002:predict",
+        json!({"instances": [{"prompt": "x"}]}),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
+}

@@ -492,11 +492,6 @@ async fn methods_outside_the_table_and_unmetered_billable_ones_never_reach_the_u
         ),
         (
             Method::POST,
-            format!("{m}/imagen-4.0-generate-001:predict"),
-            "models.predict",
-        ),
-        (
-            Method::POST,
             format!("{m}/veo-3.0-generate-preview:predictLongRunning"),
             "models.predictLongRunning",
         ),

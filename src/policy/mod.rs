@@ -124,7 +124,7 @@ pub static RULES: &[Rule] = &[
     rule("batches.delete", "DELETE", "batches/*", Owned, Delete, false),
     rule("models.embedContent", "POST", "models/*:embedContent", Metered, Access::None, true),
     rule("models.batchEmbedContents", "POST", "models/*:batchEmbedContents", Metered, Access::None, true),
-    rule("models.predict", "POST", "models/*:predict", Refused, Access::None, true),
+    rule("models.predict", "POST", "models/*:predict", Metered, Access::None, true),
     rule("models.predictLongRunning", "POST", "models/*:predictLongRunning", Refused, Create(Kind::Operation), true),
     rule("models.operations.get", "GET", "models/*/operations/*", Owned, Path, false),
     rule("operations.list", "GET", "operations", Owned, List(Kind::Operation), false),
@@ -362,13 +362,15 @@ mod tests {
             Create(Kind::File)
         );
         assert_eq!(
-            d(Method::POST, "/v1beta/models/imagen-4.0-generate-001:predict", &[]),
-            Err(Denial::NotMetered("models.predict"))
+            d(Method::POST, "/v1beta/models/veo-3.0:predictLongRunning", &[]),
+            Err(Denial::NotMetered("models.predictLongRunning"))
         );
-        let allow = [Allowed::parse("models.predict").unwrap()];
+        let allow = [Allowed::parse("models.predictLongRunning").unwrap()];
         assert_eq!(
-            d(Method::POST, "/v1beta/models/x:predict", &allow).unwrap().name,
-            "models.predict"
+            d(Method::POST, "/v1beta/models/x:predictLongRunning", &allow)
+                .unwrap()
+                .name,
+            "models.predictLongRunning"
         );
         assert!(matches!(
             d(Method::POST, "/v1beta/interactions", &[]),

@@ -297,25 +297,7 @@ fn admit_phase(
     if continued {
         return Ok(Admitted::continued(now));
     }
-    if call.route == Route::CacheCreate {
-        let model = body_model.unwrap_or_default();
-        let priced = call
-            .rt
-            .config
-            .pricing
-            .model(model)
-            .and_then(|m| m.cache_storage_per_million_per_hour);
-        if priced.is_none() {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                "PERMISSION_DENIED",
-                "not_priced",
-                format!(
-                    "Cached contents for {model} are not available through this gateway: their storage has no price."
-                ),
-            ));
-        }
-    }
+    surfaces::check_priced(&call.route, &call.rt.config.pricing, body_model)?;
     let mut ask = call.route.ask(body_model);
     if let crate::admission::Ask::Generate { worst: w, .. } = &mut ask {
         *w = worst;
@@ -415,6 +397,13 @@ async fn answer(
     }
     let body = match (call.route.answer(), metered) {
         (Answer::Metered, Some(m)) => metered_body(&call, &rparts, rbody, m, body_stream).await,
+        (Answer::Images, _) => {
+            let model = match &call.route {
+                Route::Predict { model } => model.as_str(),
+                _ => "",
+            };
+            surfaces::bill_images(call.proxy, call.key, call.tags.clone(), model, &mut rparts, rbody).await?
+        }
         (Answer::UploadStart { declared }, _) => {
             upload_started(&call, &mut rparts, declared, gateway_base.as_deref());
             ProxyBody::stream(rbody)

@@ -28,6 +28,11 @@ pub enum Route {
     OpenAiEmbed,
     /// `POST cachedContents`: billed for storage once created (model in the body).
     CacheCreate,
+    /// `models/{model}:predict` (Imagen): billed per image returned.
+    Predict {
+        /// Model id.
+        model: String,
+    },
     /// `models/{model}:batchGenerateContent`: billed when its owner reads it finished.
     BatchCreate {
         /// Model id.
@@ -67,6 +72,8 @@ pub enum Answer<'a> {
         /// The session, when the request names one.
         upload_id: Option<&'a str>,
     },
+    /// Bill the images returned (read whole).
+    Images,
     /// Pass it through.
     Plain,
 }
@@ -80,7 +87,7 @@ impl Route {
             Route::OpenAiChat => "openai",
             Route::Embed { .. } | Route::OpenAiEmbed => "embed",
             Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
-            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } => "other",
+            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } | Route::Predict { .. } => "other",
         }
     }
 
@@ -139,7 +146,7 @@ impl Route {
             Route::CacheCreate => Ask::Billed {
                 model: body_model.unwrap_or_default(),
             },
-            Route::BatchCreate { model } => Ask::Billed { model },
+            Route::BatchCreate { model } | Route::Predict { model } => Ask::Billed { model },
             Route::Other { model } => Ask::Other {
                 model: model.as_deref(),
             },
@@ -156,6 +163,7 @@ impl Route {
             },
             Route::UploadOther => Answer::UploadBytes { upload_id: None },
             Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } => Answer::Plain,
+            Route::Predict { .. } => Answer::Images,
         }
     }
 
@@ -254,6 +262,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
             Route::Embed { model }
         }
         Some((model, m)) if method == Method::POST && m == "batchGenerateContent" => Route::BatchCreate { model },
+        Some((model, m)) if method == Method::POST && m == "predict" => Route::Predict { model },
         Some((model, _)) => Route::Other { model: Some(model) },
         None => Route::Other { model: None },
     }

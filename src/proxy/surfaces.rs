@@ -2,6 +2,8 @@
 //! - a cached content is billed for its storage when it is created, for its
 //!   `usageMetadata.totalTokenCount` and the TTL Gemini gave it (its `expireTime` minus its
 //!   `createTime`), as a `cache_storage` record;
+//! - an Imagen `predict` is billed per image returned (`predictions[]`), at the model's
+//!   `per_image`, as an `ai_response` record with no tokens;
 //! - a batch is billed when its owner reads it finished: one `ai_response` record per inlined
 //!   response, from that response's own `usageMetadata`, at the batch price, exactly once however
 //!   often it is read (a settlement claimed in the ownership store, marked done on disk once its
@@ -15,7 +17,7 @@ use serde_json::Value;
 use super::Proxy;
 use crate::identity::KeyEntry;
 use crate::ledger::{AiResponse, CacheAction, Details, Record, ResponseFormat, Status, Tags, TokenSource};
-use crate::metering::pricing::{Mode, price_tokens};
+use crate::metering::pricing::{Mode, Priced, image_cost, price_tokens};
 use crate::metering::usage::{CacheStored, cache_storage_usage, tokens_of_response};
 use crate::settle::Against;
 
@@ -171,6 +173,134 @@ pub async fn bill_batch_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
         }
         Err(e) => tracing::error!(error = %e, "batch records not confirmed on disk"),
     }
+}
+
+/// Work billed per unit needs its price before it goes upstream: a cached content's storage, an
+/// image. Refused (403) for a model whose price is missing, never forwarded unbilled.
+pub fn check_priced(
+    route: &super::route::Route,
+    pricing: &crate::config::Pricing,
+    body_model: Option<&str>,
+) -> Result<(), crate::error::ApiError> {
+    use super::route::Route;
+    let (model, what, priced) = match route {
+        Route::CacheCreate => {
+            let m = body_model.unwrap_or_default();
+            (
+                m,
+                "Cached contents",
+                pricing
+                    .model(m)
+                    .and_then(|p| p.cache_storage_per_million_per_hour)
+                    .is_some(),
+            )
+        }
+        Route::Predict { model } => (
+            model.as_str(),
+            "Images",
+            pricing.model(model).and_then(|p| p.per_image).is_some(),
+        ),
+        _ => return Ok(()),
+    };
+    if priced {
+        return Ok(());
+    }
+    Err(crate::error::ApiError::new(
+        http::StatusCode::FORBIDDEN,
+        "PERMISSION_DENIED",
+        "not_priced",
+        format!("{what} of {model} are not available through this gateway: they have no price."),
+    ))
+}
+
+/// Largest `predict` answer read (images come base64-encoded in it).
+const MAX_PREDICT_BODY: usize = 256 << 20;
+
+/// An `ai_response` record's details for work priced per unit (no tokens).
+fn unit_details(key_id: Box<str>, model: &str, tags: Option<Arc<Tags>>, priced: &Priced, bytes: u64) -> AiResponse {
+    AiResponse {
+        cached_tokens: 0,
+        duration_ms: 0,
+        error: None,
+        format: ResponseFormat::Json,
+        key_id,
+        model: Arc::from(model),
+        model_version: None,
+        output_tokens: 0,
+        price: Some(priced.price.clone()),
+        prompt_tokens: 0,
+        response_bytes: bytes,
+        status: Status::Ok,
+        stream: false,
+        tags,
+        thoughts_tokens: 0,
+        token_source: TokenSource::Upstream,
+        tool_use_prompt_tokens: 0,
+        upstream_status: 200,
+    }
+}
+
+/// Settles a record of `cost` with `details` for `key`'s user.
+async fn settle_unit(proxy: &Proxy, key: KeyEntry, details: AiResponse, cost: rust_decimal::Decimal) {
+    let Some(user) = proxy.registry.user_of(key) else {
+        return;
+    };
+    let s = &proxy.settler;
+    let now = s.clock.now();
+    let rec = Record {
+        id: s.ids.next(now),
+        user_id: user.id_arc(),
+        tokens: 0,
+        messages: 0,
+        bytes: 0,
+        cost,
+        details: Details::AiResponse(details),
+        created_at: now,
+    };
+    if let Some(wait) = s.settle(key, rec, crate::settle::Against::Nothing) {
+        wait.await;
+    }
+}
+
+/// The answer of an Imagen `predict`: read (bounded), billed per image returned, passed on.
+pub async fn bill_images(
+    proxy: &Proxy,
+    key: KeyEntry,
+    tags: Option<Arc<Tags>>,
+    model: &str,
+    rparts: &mut http::response::Parts,
+    body: super::client::UpstreamBody,
+) -> Result<super::body::ProxyBody, crate::error::ApiError> {
+    use http_body_util::{BodyExt, Limited};
+    let bytes = Limited::new(body, MAX_PREDICT_BODY)
+        .collect()
+        .await
+        .map_err(|_| crate::error::ApiError::upstream_unavailable("the upstream's answer could not be read"))?
+        .to_bytes();
+    if rparts.status.is_success() {
+        let images = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("predictions").and_then(Value::as_array).map(Vec::len))
+            .unwrap_or(0);
+        let rt = proxy.live.load();
+        match image_cost(&rt.config.pricing, model, images as u64, Mode::Interactive) {
+            Some(priced) if images > 0 => {
+                let details = unit_details(
+                    proxy.registry.key_id(key).into(),
+                    model,
+                    tags,
+                    &priced,
+                    bytes.len() as u64,
+                );
+                settle_unit(proxy, key, details, priced.cost).await;
+            }
+            Some(_) => {}
+            None => tracing::warn!(model, "images not billed: the model has no per_image price"),
+        }
+    }
+    rparts.headers.remove(http::header::CONTENT_LENGTH);
+    rparts.headers.remove(http::header::TRANSFER_ENCODING);
+    Ok(super::body::ProxyBody::full(bytes))
 }
 
 #[cfg(test)]
