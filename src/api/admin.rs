@@ -124,6 +124,14 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 &json!({"key": key, "key_id": key_id, "user_id": id}),
             ))
         }
+        (Method::GET, ["admin", "users", id, "statement"]) => {
+            let u = app
+                .registry
+                .user(id)
+                .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
+            super::usage::written(app).await;
+            super::statement::response(app, u, &req).await
+        }
         (Method::GET, ["admin", "users", id, "keys"]) => {
             let keys = app.registry.list_keys(id).map_err(identity_error)?;
             Ok(json_response(StatusCode::OK, &json!({"data": keys})))

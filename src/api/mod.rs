@@ -4,7 +4,9 @@
 pub mod admin;
 mod alerts;
 pub mod current;
+pub mod openapi;
 pub mod pages;
+pub mod statement;
 pub mod stream;
 pub mod usage;
 
@@ -30,6 +32,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody>
         (Method::GET, "/healthz") => Ok(health(&app)),
         (Method::GET, "/metrics") => Ok(metrics(&app)),
         (Method::GET, "/dashboard") => Ok(pages::dashboard()),
+        (Method::GET, "/openapi.json") => Ok(openapi::response()),
         (_, p) if p.starts_with("/api/usage/") => usage::route(&app, req).await,
         (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
         _ => Err(ApiError::not_found(format!("No route for {path}."))),
