@@ -98,3 +98,50 @@ async fn the_document_is_openapi_3_1_and_names_every_route() {
         assert!(doc["components"]["securitySchemes"][s].is_object(), "{s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_schemathesis_found_stays_fixed() {
+    let h = Harness::start("").await;
+    // A documented path asked with a method it does not take: 405 with Allow, not 404.
+    for (method, path, allow) in [
+        ("TRACE", "/healthz", "GET"),
+        ("POST", "/api/usage/current", "GET"),
+        ("PUT", "/admin/users/alice", "DELETE, GET, PATCH"),
+        ("GET", "/admin/reload", "POST"),
+    ] {
+        let r = h
+            .admin(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], 405);
+    }
+    // Unknown paths stay 404.
+    let r = h.admin(reqwest::Method::GET, "/admin/nothing").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // An email that is not a string is refused (it was dropped silently).
+    let r = h
+        .admin(reqwest::Method::POST, "/admin/users")
+        .json(&serde_json::json!({"id": "e1", "tier": "free", "email": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The tier fields list the running config's tiers.
+    let doc: Value = h
+        .http
+        .get(h.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["components"]["schemas"]["NewUser"]["properties"]["tier"]["enum"],
+        serde_json::json!(["free", "unlimited"])
+    );
+}

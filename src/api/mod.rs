@@ -28,16 +28,34 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 /// Routes a request that is not proxied.
 pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
+    if let Some(allow) = openapi::not_allowed(req.method(), &path) {
+        return method_not_allowed(req.method(), &allow);
+    }
     let result = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => Ok(health(&app)),
         (Method::GET, "/metrics") => Ok(metrics(&app)),
         (Method::GET, "/dashboard") => Ok(pages::dashboard()),
-        (Method::GET, "/openapi.json") => Ok(openapi::response()),
+        (Method::GET, "/openapi.json") => Ok(openapi::response(app.live.load().config.tiers.keys())),
         (_, p) if p.starts_with("/api/usage/") => usage::route(&app, req).await,
         (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
         _ => Err(ApiError::not_found(format!("No route for {path}."))),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// 405 with `Allow` for a known path asked with a method it does not take.
+fn method_not_allowed(method: &Method, allow: &str) -> Response<ProxyBody> {
+    let mut resp = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "INVALID_ARGUMENT",
+        "method_not_allowed",
+        format!("Method {method} is not allowed here; allowed: {allow}."),
+    )
+    .into_response();
+    if let Ok(v) = http::HeaderValue::from_str(allow) {
+        resp.headers_mut().insert(http::header::ALLOW, v);
+    }
+    resp
 }
 
 fn health(app: &App) -> Response<ProxyBody> {

@@ -433,9 +433,9 @@ pub struct StatementQuery {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
-    /// Records per page (1 to 500, default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
+    /// Records per page, default 50; at most 500 (a larger value is taken as 500).
+    #[param(minimum = 1)]
+    pub limit: Option<u64>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[0-9a-f]{16}$")]
     pub cursor: Option<String>,
@@ -445,9 +445,9 @@ pub struct PageQuery {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DaysQuery {
-    /// Days back from today, 1 to 366 (default 30).
-    #[param(minimum = 1, maximum = 366)]
-    pub days: Option<u32>,
+    /// Days back from today, default 30; at most 366 (a larger value is taken as 366).
+    #[param(minimum = 1)]
+    pub days: Option<u64>,
 }
 
 /// `GET /admin/usage` filters.
@@ -456,16 +456,22 @@ pub struct DaysQuery {
 pub struct AdminUsageQuery {
     /// Only this user's records.
     pub user_id: Option<String>,
-    /// Only records of this type.
-    #[param(rename = "type", pattern = "^(message_sent|ai_response|file_upload)$")]
+    /// Only records of this type (empty: any).
+    #[param(rename = "type", pattern = "^(message_sent|ai_response|file_upload)?$")]
     pub kind: Option<String>,
-    /// From (RFC 3339 or `YYYY-MM-DD`), inclusive.
+    /// From (RFC 3339 or `YYYY-MM-DD`), inclusive (empty: no bound).
+    #[param(
+        pattern = "^([0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])(T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))?)?$"
+    )]
     pub from: Option<String>,
-    /// To (RFC 3339 or `YYYY-MM-DD`), exclusive.
+    /// To (RFC 3339 or `YYYY-MM-DD`), exclusive (empty: no bound).
+    #[param(
+        pattern = "^([0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])(T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))?)?$"
+    )]
     pub to: Option<String>,
-    /// Records per page (1 to 500, default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
+    /// Records per page, default 50; at most 500 (a larger value is taken as 500).
+    #[param(minimum = 1)]
+    pub limit: Option<u64>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[0-9a-f]{16}$")]
     pub cursor: Option<String>,
@@ -481,9 +487,9 @@ pub struct TopUsersQuery {
     /// `YYYY-MM`.
     #[param(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$")]
     pub month: Option<String>,
-    /// Rows (1 to 1000, default 10).
-    #[param(minimum = 1, maximum = 1000)]
-    pub limit: Option<u32>,
+    /// Rows, default 10; at most 1000 (a larger value is taken as 1000).
+    #[param(minimum = 1)]
+    pub limit: Option<u64>,
 }
 
 /// `GET /admin/analytics/tags`.
@@ -495,9 +501,9 @@ pub struct TagsQuery {
     /// `YYYY-MM`.
     #[param(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$")]
     pub month: Option<String>,
-    /// Rows (1 to 1000, default 10).
-    #[param(minimum = 1, maximum = 1000)]
-    pub limit: Option<u32>,
+    /// Rows, default 10; at most 1000 (a larger value is taken as 1000).
+    #[param(minimum = 1)]
+    pub limit: Option<u64>,
 }
 
 /// `GET /admin/export`.
@@ -516,10 +522,10 @@ pub struct ExportQuery {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AlertsQuery {
-    /// Only this user's alerts.
+    /// Only this user's alerts (empty: everyone's).
     pub user_id: Option<String>,
-    /// `YYYY-MM`.
-    #[param(pattern = "^[0-9]{4}-(0[1-9]|1[0-2])$")]
+    /// `YYYY-MM` (empty: this month).
+    #[param(pattern = "^([0-9]{4}-(0[1-9]|1[0-2]))?$")]
     pub month: Option<String>,
 }
 
@@ -741,23 +747,83 @@ impl Modify for Security {
 )]
 pub struct ApiDoc;
 
-/// The document as served, built once.
-static DOC: LazyLock<Bytes> = LazyLock::new(|| {
+/// The document as built from the types, once.
+static DOC: LazyLock<Value> = LazyLock::new(|| {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".into()))
+    serde_json::to_value(&doc).unwrap_or_default()
 });
 
-/// The document as JSON text.
-pub fn document() -> Bytes {
-    DOC.clone()
+/// The document as served: the built one with the running config's tier names as the enum of
+/// the tier fields (tiers live in the config, not in the code).
+pub fn document<'a>(tiers: impl IntoIterator<Item = &'a String>) -> Value {
+    let mut doc = DOC.clone();
+    let tiers: Vec<Value> = tiers.into_iter().map(|t| Value::String(t.clone())).collect();
+    for schema in ["NewUser", "TierChange"] {
+        if let Some(tier) = doc
+            .pointer_mut(&format!("/components/schemas/{schema}/properties/tier"))
+            .and_then(Value::as_object_mut)
+        {
+            tier.insert("enum".into(), Value::Array(tiers.clone()));
+        }
+    }
+    doc
 }
 
 /// `GET /openapi.json`.
-pub fn response() -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(document()));
+pub fn response<'a>(tiers: impl IntoIterator<Item = &'a String>) -> Response<ProxyBody> {
+    let body = Bytes::from(document(tiers).to_string());
+    let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// Each documented path as its segments (`None` for a `{parameter}`) with its methods.
+type Templates = Vec<(Vec<Option<String>>, Vec<http::Method>)>;
+
+static TEMPLATES: LazyLock<Templates> = LazyLock::new(|| {
+    let mut out = Vec::new();
+    for (path, item) in DOC["paths"].as_object().into_iter().flatten() {
+        let segs = path
+            .trim_start_matches('/')
+            .split('/')
+            .map(|s| (!s.starts_with('{')).then(|| s.to_string()))
+            .collect();
+        let methods = item
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(m, _)| http::Method::from_bytes(m.to_uppercase().as_bytes()).ok())
+            .collect();
+        out.push((segs, methods));
+    }
+    out
+});
+
+/// For a request to a documented path with a method it does not take: the `Allow` header's
+/// value (the methods it takes). `None` when the path is not documented or takes the method.
+pub fn not_allowed(method: &http::Method, path: &str) -> Option<String> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut allow: Vec<&http::Method> = Vec::new();
+    for (tpl, methods) in TEMPLATES.iter() {
+        let fits = tpl.len() == segs.len()
+            && tpl.iter().zip(&segs).all(|(t, s)| match t {
+                Some(lit) => lit == s,
+                None => !s.is_empty(),
+            });
+        if fits {
+            if methods.contains(method) {
+                return None;
+            }
+            allow.extend(methods);
+        }
+    }
+    if allow.is_empty() {
+        return None;
+    }
+    allow.sort_by_key(|m| m.as_str());
+    allow.dedup();
+    Some(allow.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "))
 }
