@@ -28,9 +28,7 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 /// Routes a request that is not proxied.
 pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
-    if let Some(allow) = openapi::not_allowed(req.method(), &path) {
-        return method_not_allowed(req.method(), &allow);
-    }
+    let method = req.method().clone();
     let result = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => Ok(health(&app)),
         (Method::GET, "/metrics") => Ok(metrics(&app)),
@@ -40,7 +38,16 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody>
         (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
         _ => Err(ApiError::not_found(format!("No route for {path}."))),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    match result {
+        Ok(resp) => resp,
+        // Not found by the routers, at a documented path that takes other methods: 405. Asked
+        // only after the routers, so a route added without its operation still answers.
+        Err(e) if e.status == StatusCode::NOT_FOUND => match openapi::not_allowed(&method, &path) {
+            Some(allow) => method_not_allowed(&method, &allow),
+            None => e.into_response(),
+        },
+        Err(e) => e.into_response(),
+    }
 }
 
 /// 405 with `Allow` for a known path asked with a method it does not take.
