@@ -133,14 +133,14 @@ fn fit(s: &str, w: usize) -> String {
     out
 }
 
-/// Name column width of the amount tables (with the amounts' 58, within [`COLS`]).
-const NAME_W: usize = 38;
+/// Name column width of the amount tables (with the amounts' 59, within [`COLS`]).
+const NAME_W: usize = 37;
 
 /// `name` then the amounts, right-aligned in fixed columns (numbers are never cut: a wider
 /// one pushes the line to the right).
 fn amounts_row(name: &str, t: &Totals) -> String {
     format!(
-        "{:<NAME_W$} {:>8} {:>8} {:>11} {:>12} {:>14}",
+        "{:<NAME_W$} {:>8} {:>9} {:>11} {:>12} {:>14}",
         name,
         t.records,
         t.messages,
@@ -164,7 +164,7 @@ fn amounts_rows(name: &str, t: &Totals, out: &mut Vec<String>) {
 
 fn amounts_header(first: &str) -> String {
     format!(
-        "{:<NAME_W$} {:>8} {:>8} {:>11} {:>12} {:>14}",
+        "{:<NAME_W$} {:>8} {:>9} {:>11} {:>12} {:>14}",
         first, "Records", "Messages", "Tokens", "Bytes", "Cost"
     )
 }
