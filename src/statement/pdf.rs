@@ -67,9 +67,14 @@ impl Layout {
         &mut self.pages[last]
     }
 
+    /// Whether `h` more points fit on this page.
+    fn fits(&self, h: f32) -> bool {
+        self.y + h <= PAGE_H - MARGIN - 2.0 * LINE
+    }
+
     /// Makes room for `h` points, on a new page if this one has not that much left.
     fn room(&mut self, h: f32) {
-        if self.y + h > PAGE_H - MARGIN - 2.0 * LINE {
+        if !self.fits(h) {
             self.pages.push(Vec::new());
             self.y = MARGIN;
         }
@@ -116,6 +121,12 @@ impl Layout {
             self.text(BODY, "(no usage)".into(), true);
         }
         for r in rows {
+            // A table that goes on over a page break repeats its header row.
+            if !self.fits(BODY * 1.4) {
+                self.room(BODY * 1.4);
+                self.line(header.to_string());
+                self.rule();
+            }
             self.line(r.clone());
         }
         self.gap();
@@ -303,4 +314,40 @@ pub fn render_pdf(s: &Statement) -> Result<Vec<u8>, StatementError> {
         page.finish();
     }
     doc.finish().map_err(|e| StatementError::Pdf(format!("{e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Month;
+
+    #[test]
+    fn a_table_over_a_page_break_repeats_its_header() {
+        let t = Totals {
+            records: 1,
+            ..Default::default()
+        };
+        let s = Statement {
+            user_id: "u".into(),
+            tier: "free".into(),
+            month: Month(202611),
+            generated_at: Month(202612).start(),
+            total: t,
+            by_type: vec![],
+            by_model: (0..120).map(|i| (Some(format!("model-{i:03}")), t)).collect(),
+            by_rule: vec![],
+            daily: vec![],
+        };
+        let pages = layout(&s);
+        assert!(pages.len() >= 3, "{} pages", pages.len());
+        for page in &pages[1..] {
+            let Some(Item::Text { text, .. }) = page.first() else {
+                panic!("a page starts with text");
+            };
+            assert!(text.starts_with("Model") || !text.starts_with("model-"), "{text}");
+        }
+        let second = &pages[1];
+        assert!(matches!(second.first(), Some(Item::Text { text, .. }) if text.starts_with("Model ")));
+        assert!(render_pdf(&s).unwrap().starts_with(b"%PDF-"));
+    }
 }
