@@ -29,3 +29,4 @@ pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod settle;
+pub mod statement;

@@ -405,3 +405,43 @@ async fn admin_page_renders_its_charts() {
     let shot = b.screenshot("admin-phone.png").await;
     eprintln!("screenshot: {}", shot.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_downloads_the_months_statement() {
+    if !browser_available("dashboard_downloads_the_months_statement") {
+        return;
+    }
+    let _one = BROWSER.lock().await;
+    let h = Harness::start("").await;
+    let key = h.user_with_key("alice", "free").await;
+    calls(&h, &key, 2).await;
+    h.sync().await;
+
+    let b = Browser::start().await;
+    b.goto(&h.url(&format!("/dashboard#key={key}"))).await;
+    b.wait_visible("#statement-pdf", WAIT).await;
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    assert_eq!(
+        b.eval("document.getElementById('statement-month').value").await,
+        json!(month)
+    );
+    // What the button saves: the blob handed to the download link (its first bytes and type).
+    b.exec(
+        "window.__saved = []; const orig = URL.createObjectURL;
+         URL.createObjectURL = (blob) => { blob.slice(0, 5).text().then((t) => window.__saved.push([blob.type, blob.size, t])); return orig(blob); };",
+        json!([]),
+    )
+    .await;
+    b.click("#statement-pdf").await;
+    let saved = b
+        .wait_for("the statement's blob", "window.__saved[0] || null", WAIT, |v| {
+            v.is_array()
+        })
+        .await;
+    assert_eq!(saved[0], "application/pdf");
+    assert!(saved[1].as_u64().unwrap() > 1000, "{saved}");
+    assert_eq!(saved[2], "%PDF-");
+    assert!(!b.visible("#statement-error").await);
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}

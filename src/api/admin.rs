@@ -133,6 +133,14 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 &json!({"key": key, "key_id": key_id, "user_id": id}),
             ))
         }
+        (Method::GET, ["admin", "users", id, "statement"]) => {
+            let u = app
+                .registry
+                .user(id)
+                .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
+            super::usage::written(app).await;
+            super::statement::response(app, u, &req).await
+        }
         (Method::GET, ["admin", "users", id, "keys"]) => {
             let keys = app.registry.list_keys(id).map_err(identity_error)?;
             Ok(json_response(StatusCode::OK, &json!({"data": keys})))
@@ -144,8 +152,12 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         }
         (Method::GET, ["admin", "usage"]) => admin_usage(app, &req),
         (Method::GET, ["admin", "resources"]) => super::resources::list(app, &req).await,
-        (Method::PUT, ["admin", "resources", name @ ..]) => super::resources::assign(app, name, req).await,
-        (Method::DELETE, ["admin", "resources", name @ ..]) => super::resources::delete(app, name).await,
+        (Method::PUT, ["admin", "resources", collection, id]) => {
+            super::resources::assign(app, &[collection, id], req).await
+        }
+        (Method::DELETE, ["admin", "resources", collection, id]) => {
+            super::resources::delete(app, &[collection, id]).await
+        }
         (Method::GET, ["admin", "analytics", "daily"]) => {
             let days = bounded(&query_map(&req), "days", 30, 366)?;
             Ok(json_response(StatusCode::OK, &daily_rows(app, None, days)?))
@@ -274,7 +286,12 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("Body must have a tier."))?;
     known_tier(app, tier)?;
-    let email = body.get("email").and_then(Value::as_str);
+    // An email of another type was dropped silently before (found by schemathesis).
+    let email = match body.get("email") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.as_str()),
+        Some(_) => return Err(ApiError::bad_request("email must be a string.")),
+    };
     let now = app.clock.now();
     let u = app
         .registry

@@ -4,8 +4,10 @@
 pub mod admin;
 mod alerts;
 pub mod current;
+pub mod openapi;
 pub mod pages;
 pub mod resources;
+pub mod statement;
 pub mod stream;
 pub mod usage;
 
@@ -27,15 +29,41 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 /// Routes a request that is not proxied.
 pub async fn route(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
+    let method = req.method().clone();
     let result = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => Ok(health(&app)),
         (Method::GET, "/metrics") => Ok(metrics(&app)),
         (Method::GET, "/dashboard") => Ok(pages::dashboard()),
+        (Method::GET, "/openapi.json") => Ok(openapi::response(app.live.load().config.tiers.keys())),
         (_, p) if p.starts_with("/api/usage/") => usage::route(&app, req).await,
         (_, p) if p.starts_with("/admin/") || p == "/admin" => admin::route(&app, req).await,
         _ => Err(ApiError::not_found(format!("No route for {path}."))),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    match result {
+        Ok(resp) => resp,
+        // Not found by the routers, at a documented path that takes other methods: 405. Asked
+        // only after the routers, so a route added without its operation still answers.
+        Err(e) if e.status == StatusCode::NOT_FOUND => match openapi::not_allowed(&method, &path) {
+            Some(allow) => method_not_allowed(&method, &allow),
+            None => e.into_response(),
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+/// 405 with `Allow` for a known path asked with a method it does not take.
+fn method_not_allowed(method: &Method, allow: &str) -> Response<ProxyBody> {
+    let mut resp = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "INVALID_ARGUMENT",
+        "method_not_allowed",
+        format!("Method {method} is not allowed here; allowed: {allow}."),
+    )
+    .into_response();
+    if let Ok(v) = http::HeaderValue::from_str(allow) {
+        resp.headers_mut().insert(http::header::ALLOW, v);
+    }
+    resp
 }
 
 fn health(app: &App) -> Response<ProxyBody> {

@@ -39,6 +39,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
             breakdown(app, user, &req).await
         }
         (&Method::GET, "/api/usage/stream") => Ok(super::stream::response(app, key)),
+        (&Method::GET, "/api/usage/statement") => {
+            written(app).await;
+            super::statement::response(app, user, &req).await
+        }
         _ => Err(ApiError::not_found("No such usage route.")),
     }
 }
@@ -51,7 +55,7 @@ const WRITTEN_WAIT: Duration = Duration::from_millis(500);
 /// history, daily and breakdown are read from (records not yet applied to the aggregates
 /// included): the caller sees every record of the responses they already got, as
 /// `/api/usage/current` (live counters) does. Costs no disk sync and nothing on the proxy path.
-async fn written(app: &App) {
+pub(super) async fn written(app: &App) {
     match tokio::time::timeout(WRITTEN_WAIT, app.recorder.written()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "usage read without the recorder's barrier"),

@@ -405,6 +405,34 @@
     runStream(stream, generation);
   }
 
+  // ---- statement download: fetched with the key header, saved from a blob (a plain link
+  // would have to carry the key in its URL) ----
+
+  async function downloadStatement(format) {
+    const err = $('#statement-error');
+    err.hidden = true;
+    const month = $('#statement-month').value;
+    const q = '?format=' + format + (month ? '&month=' + encodeURIComponent(month) : '');
+    let resp;
+    try {
+      resp = await fetch('/api/usage/statement' + q, { headers: { 'x-goog-api-key': key }, cache: 'no-store', credentials: 'omit' });
+    } catch (_) {
+      resp = null;
+    }
+    if (!resp || !resp.ok) {
+      err.textContent = resp ? await GM.errorMessage(resp) : 'Could not reach the gateway.';
+      err.hidden = false;
+      return;
+    }
+    const blob = await resp.blob();
+    const url = URL.createObjectURL(blob);
+    const a = GM.h('a', { href: url, download: 'statement-' + (month || 'this-month') + '.' + format });
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
   // ---- wiring ----
 
   $('#key-form').addEventListener('submit', (ev) => {
@@ -414,6 +442,12 @@
     signIn(k);
   });
   $('#sign-out').addEventListener('click', () => signOut());
+  $('#statement-pdf').addEventListener('click', () => downloadStatement('pdf'));
+  $('#statement-csv').addEventListener('click', () => downloadStatement('csv'));
+  {
+    const now = new Date();
+    $('#statement-month').value = now.getUTCFullYear() + '-' + String(now.getUTCMonth() + 1).padStart(2, '0');
+  }
   for (const b of document.querySelectorAll('#metric button')) {
     b.addEventListener('click', () => {
       metric = b.dataset.metric;
