@@ -64,6 +64,13 @@ fn stored_key(name: &str) -> Vec<u8> {
     k
 }
 
+fn note_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 2);
+    k.extend_from_slice(b"m/");
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 fn settled_key(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 2);
     k.extend_from_slice(b"s/");
@@ -188,6 +195,18 @@ impl Owners {
     /// Gives back a claim whose settlement failed, so a later read can try again.
     pub fn unclaim(&self, name: &str) {
         self.settling.remove(name);
+    }
+
+    /// Keeps a small note about a resource (what a video generation asked for), on disk.
+    pub async fn set_note(&self, name: &str, note: &[u8]) -> Result<(), OwnershipError> {
+        self.tree.insert(note_key(name), note)?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// The note kept about a resource.
+    pub fn note(&self, name: &str) -> Option<Vec<u8>> {
+        self.tree.get(note_key(name)).ok().flatten().map(|v| v.to_vec())
     }
 
     /// Forgets a resource (deleted upstream, or gone).

@@ -125,7 +125,7 @@ pub static RULES: &[Rule] = &[
     rule("models.embedContent", "POST", "models/*:embedContent", Metered, Access::None, true),
     rule("models.batchEmbedContents", "POST", "models/*:batchEmbedContents", Metered, Access::None, true),
     rule("models.predict", "POST", "models/*:predict", Metered, Access::None, true),
-    rule("models.predictLongRunning", "POST", "models/*:predictLongRunning", Refused, Create(Kind::Operation), true),
+    rule("models.predictLongRunning", "POST", "models/*:predictLongRunning", Metered, Create(Kind::Operation), true),
     rule("models.operations.get", "GET", "models/*/operations/*", Owned, Path, false),
     rule("operations.list", "GET", "operations", Owned, List(Kind::Operation), false),
     rule("operations.get", "GET", "operations/*", Owned, Path, false),

@@ -22,6 +22,8 @@ pub struct RequestTally {
     pub too_large: AtomicBool,
     /// Set when the body named a resource the caller does not own (and was stopped there).
     pub foreign_reference: std::sync::OnceLock<(crate::ownership::Kind, String)>,
+    /// Seconds of video per sample a video generation asked for (`parameters.durationSeconds`).
+    pub video_seconds: AtomicU64,
 }
 
 /// A request body on its way upstream: counts bytes, enforces the size limit, and (for model

@@ -205,7 +205,8 @@ async fn request_body(
     let openai = call.route.model_in_body();
     let hard = call.route.counts_prompt_text() || openai;
     let hard = hard && hard_budget(call);
-    if !openai && !hard {
+    let video = matches!(call.route, Route::VideoCreate { .. });
+    if !openai && !hard && !video {
         let counting = CountingBody::new(body, call.tally.clone(), max, call.route.counts_prompt_text());
         if !call.decision.refs {
             return Ok((ProxyBody::stream(counting), None, None));
@@ -230,6 +231,9 @@ async fn request_body(
     call.tally.bytes.store(bytes.len() as u64, Ordering::Relaxed);
     if call.decision.refs {
         RefCheck::new(call.proxy, &call.rt, call.key).whole(&bytes)?;
+    }
+    if video {
+        call.tally.video_seconds.store(surfaces::requested_seconds(&v), Ordering::Relaxed);
     }
     let body_model = if openai {
         let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
@@ -444,8 +448,15 @@ async fn owned_body(
                 .ok_or_else(ApiError::invalid_key)?;
             let (body, created) =
                 tenancy::record_created(&call.proxy.owners, &user.id_arc(), kind, rparts, rbody).await?;
-            if let (Route::CacheCreate, Some(v)) = (&call.route, created) {
-                surfaces::bill_cache_created(call.proxy, call.key, call.tags.clone(), &v).await;
+            match (&call.route, created) {
+                (Route::CacheCreate, Some(v)) => {
+                    surfaces::bill_cache_created(call.proxy, call.key, call.tags.clone(), &v).await;
+                }
+                (Route::VideoCreate { model }, Some(v)) => {
+                    let seconds = call.tally.video_seconds.load(Ordering::Relaxed);
+                    surfaces::video_started(call.proxy, model, seconds, &v).await?;
+                }
+                _ => {}
             }
             Ok(body)
         }
@@ -469,9 +480,15 @@ async fn owned_body(
                 .to_ascii_lowercase();
             let (body, read) =
                 tenancy::adopt_produced(&call.proxy.owners, &user.id_arc(), &host, rparts, rbody).await?;
-            let batch = crate::ownership::resource_of(tenancy::rest_of(call.path));
-            if let (Some(v), Some((Kind::Batch, name))) = (read, batch) {
-                surfaces::bill_batch_read(call.proxy, call.key, call.tags.clone(), &name, &v).await;
+            let read_of = crate::ownership::resource_of(tenancy::rest_of(call.path));
+            match (read, read_of) {
+                (Some(v), Some((Kind::Batch, name))) => {
+                    surfaces::bill_batch_read(call.proxy, call.key, call.tags.clone(), &name, &v).await;
+                }
+                (Some(v), Some((Kind::Operation, name))) => {
+                    surfaces::bill_video_read(call.proxy, call.key, call.tags.clone(), &name, &v).await;
+                }
+                _ => {}
             }
             Ok(body)
         }

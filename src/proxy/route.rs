@@ -33,6 +33,12 @@ pub enum Route {
         /// Model id.
         model: String,
     },
+    /// `models/{model}:predictLongRunning` (Veo): billed per second of video when its owner
+    /// reads the operation finished.
+    VideoCreate {
+        /// Model id.
+        model: String,
+    },
     /// `models/{model}:batchGenerateContent`: billed when its owner reads it finished.
     BatchCreate {
         /// Model id.
@@ -87,7 +93,11 @@ impl Route {
             Route::OpenAiChat => "openai",
             Route::Embed { .. } | Route::OpenAiEmbed => "embed",
             Route::UploadStart { .. } | Route::UploadChunk { .. } | Route::UploadOther => "upload",
-            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } | Route::Predict { .. } => "other",
+            Route::Other { .. }
+            | Route::CacheCreate
+            | Route::BatchCreate { .. }
+            | Route::Predict { .. }
+            | Route::VideoCreate { .. } => "other",
         }
     }
 
@@ -146,7 +156,9 @@ impl Route {
             Route::CacheCreate => Ask::Billed {
                 model: body_model.unwrap_or_default(),
             },
-            Route::BatchCreate { model } | Route::Predict { model } => Ask::Billed { model },
+            Route::BatchCreate { model } | Route::Predict { model } | Route::VideoCreate { model } => {
+                Ask::Billed { model }
+            }
             Route::Other { model } => Ask::Other {
                 model: model.as_deref(),
             },
@@ -162,7 +174,9 @@ impl Route {
                 upload_id: Some(upload_id),
             },
             Route::UploadOther => Answer::UploadBytes { upload_id: None },
-            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } => Answer::Plain,
+            Route::Other { .. } | Route::CacheCreate | Route::BatchCreate { .. } | Route::VideoCreate { .. } => {
+                Answer::Plain
+            }
             Route::Predict { .. } => Answer::Images,
         }
     }
@@ -263,6 +277,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, headers: &Head
         }
         Some((model, m)) if method == Method::POST && m == "batchGenerateContent" => Route::BatchCreate { model },
         Some((model, m)) if method == Method::POST && m == "predict" => Route::Predict { model },
+        Some((model, m)) if method == Method::POST && m == "predictLongRunning" => Route::VideoCreate { model },
         Some((model, _)) => Route::Other { model: Some(model) },
         None => Route::Other { model: None },
     }

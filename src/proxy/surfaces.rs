@@ -4,6 +4,9 @@
 //!   `createTime`), as a `cache_storage` record;
 //! - an Imagen `predict` is billed per image returned (`predictions[]`), at the model's
 //!   `per_image`, as an `ai_response` record with no tokens;
+//! - a Veo video (`predictLongRunning`) is billed when its owner reads the operation finished,
+//!   per second of video: the seconds each sample was asked for (`parameters.durationSeconds`,
+//!   kept with the operation when it was created) times the samples produced, exactly once;
 //! - a batch is billed when its owner reads it finished: one `ai_response` record per inlined
 //!   response, from that response's own `usageMetadata`, at the batch price, exactly once however
 //!   often it is read (a settlement claimed in the ownership store, marked done on disk once its
@@ -17,7 +20,7 @@ use serde_json::Value;
 use super::Proxy;
 use crate::identity::KeyEntry;
 use crate::ledger::{AiResponse, CacheAction, Details, Record, ResponseFormat, Status, Tags, TokenSource};
-use crate::metering::pricing::{Mode, Priced, image_cost, price_tokens};
+use crate::metering::pricing::{Mode, Priced, image_cost, price_tokens, video_cost};
 use crate::metering::usage::{CacheStored, cache_storage_usage, tokens_of_response};
 use crate::settle::Against;
 
@@ -163,15 +166,79 @@ pub async fn bill_batch_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
             wait.await;
         }
     }
-    // Marked settled only once its records are on disk: a crash before that bills it again
-    // on the next read, never loses it.
-    match s.recorder.sync().await {
+    mark_settled(proxy, name).await;
+}
+
+/// Veo's default length of a video when the request names none.
+const DEFAULT_VIDEO_SECONDS: u64 = 8;
+
+/// The seconds per video a `predictLongRunning` body asks for.
+pub fn requested_seconds(v: &Value) -> u64 {
+    let d = v.pointer("/parameters/durationSeconds");
+    d.and_then(Value::as_u64)
+        .or_else(|| d.and_then(Value::as_f64).map(|f| f.max(0.0).ceil() as u64))
+        .or_else(|| d.and_then(Value::as_str).and_then(|s| s.trim_end_matches('s').parse().ok()))
+        .unwrap_or(DEFAULT_VIDEO_SECONDS)
+}
+
+/// A video generation was accepted (its operation `v`): what it asked for is kept with the
+/// operation, to bill when it is done.
+pub async fn video_started(proxy: &Proxy, model: &str, seconds: u64, v: &Value) -> Result<(), crate::error::ApiError> {
+    let Some((_, name)) = v.get("name").and_then(Value::as_str).and_then(crate::ownership::resource_of) else {
+        return Ok(());
+    };
+    let note = serde_json::json!({"model": model, "seconds": seconds}).to_string();
+    proxy
+        .owners
+        .set_note(&name, note.as_bytes())
+        .await
+        .map_err(|_| crate::error::ApiError::internal("The video generation could not be recorded for billing."))
+}
+
+/// Bills a video generation its owner just read (`v`), once it is done: seconds asked per
+/// sample times the samples produced, at the model's `per_second`. Exactly once.
+pub async fn bill_video_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags>>, name: &str, v: &Value) {
+    if v.get("done").and_then(Value::as_bool) != Some(true) || v.get("error").is_some() {
+        return;
+    }
+    let Some(note) = proxy.owners.note(name).and_then(|n| serde_json::from_slice::<Value>(&n).ok()) else {
+        return;
+    };
+    let samples = v
+        .pointer("/response/generateVideoResponse/generatedSamples")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len) as u64;
+    let model = note.get("model").and_then(Value::as_str).unwrap_or_default();
+    let seconds = note.get("seconds").and_then(Value::as_u64).unwrap_or(DEFAULT_VIDEO_SECONDS) * samples;
+    let owners = &proxy.owners;
+    match owners.claim_settlement(name) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "video settlement not claimed; billed on a later read");
+            return;
+        }
+    }
+    let rt = proxy.live.load();
+    if let Some(priced) = video_cost(&rt.config.pricing, model, seconds, Mode::Interactive)
+        && seconds > 0
+    {
+        let details = unit_details(proxy.registry.key_id(key).into(), model, tags, &priced, 0);
+        settle_unit(proxy, key, details, priced.cost).await;
+    }
+    mark_settled(proxy, name).await;
+}
+
+/// Marks a claimed settlement done once its records are on disk: a crash before that bills it
+/// again on the next read, never loses it.
+async fn mark_settled(proxy: &Proxy, name: &str) {
+    match proxy.settler.recorder.sync().await {
         Ok(()) => {
-            if let Err(e) = owners.settled(name).await {
-                tracing::error!(error = %e, "batch settlement not marked; it may be billed twice after a restart");
+            if let Err(e) = proxy.owners.settled(name).await {
+                tracing::error!(error = %e, "settlement not marked; it may be billed twice after a restart");
             }
         }
-        Err(e) => tracing::error!(error = %e, "batch records not confirmed on disk"),
+        Err(e) => tracing::error!(error = %e, "records not confirmed on disk"),
     }
 }
 
