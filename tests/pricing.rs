@@ -33,6 +33,7 @@ long_context_threshold = 200000
 long_input_per_million = "2.50"
 long_output_per_million = "15.00"
 long_cached_input_per_million = "0.25"
+cache_storage_per_million_per_hour = "4.50"
 
 [pricing.models."audio-flash"]
 input_per_million = "0.30"
@@ -324,4 +325,71 @@ fn the_prices_command_prices_the_readme_examples_with_the_shipped_config() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usageMetadata"));
+}
+
+/// A `cache_storage` record as the lead's cachedContents route will write it (from the pure
+/// function): exact in the ledger, the history, the breakdown (by type and by modality) and the
+/// CSV export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_stored_for_an_hour_is_billed_exactly_everywhere() {
+    use gemini_meter::ledger::{CacheAction, Details, Record, RecordIds};
+    use gemini_meter::metering::usage::{CacheStored, cache_storage_usage};
+    use std::sync::Arc;
+
+    let up = upstream().await;
+    let h = Harness::start_against(up, PRICES).await;
+    let key = h.user_with_key("cacher", "unlimited").await;
+    let pricing = h.app.live.load().config.pricing.clone();
+    // 250000 tokens x 4.50 per 1M per hour x 1 hour = 1.125
+    let (details, cost) = cache_storage_usage(
+        &pricing,
+        CacheStored {
+            action: CacheAction::Create,
+            cache: Some("cachedContents/c1".into()),
+            key_id: "key_x".into(),
+            model: Arc::from("models/gemini-2.5-pro"),
+            tags: None,
+            token_count: 250_000,
+            ttl_seconds: 3600,
+        },
+    )
+    .unwrap();
+    assert_eq!(cost.to_string(), "1.125");
+    let now = chrono::Utc::now();
+    assert!(h.app.recorder.record(Record {
+        id: RecordIds::new().next(now),
+        user_id: Arc::from("cacher"),
+        tokens: 0,
+        messages: 0,
+        bytes: 0,
+        cost,
+        details: Details::CacheStorage(details),
+        created_at: now,
+    }));
+    let records = h.records("cacher").await;
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (r.kind().as_str(), r.messages, r.cost.to_string()),
+        ("cache_storage", 0, "1.125".into())
+    );
+    assert_eq!(
+        r.metadata()["price"],
+        json!({"entry": "gemini-2.5-pro", "lines": [{"cost": "1.125", "part": "cache_storage", "quantity": 250000, "rate": "4.50"}]})
+    );
+    let hist = get_json(&h, "/api/usage/history", &key).await;
+    assert_eq!(hist["data"][0], r.to_json());
+    let month = now.format("%Y-%m").to_string();
+    let b = get_json(&h, &format!("/api/usage/breakdown?month={month}"), &key).await;
+    assert_eq!(
+        b["by_type"],
+        json!([{"type": "cache_storage", "records": 1, "messages": 0, "tokens": 0, "bytes": 0, "cost": "1.125"}])
+    );
+    assert_eq!(
+        b["by_modality"],
+        json!([{"modality": null, "part": "cache_storage", "lines": 1, "quantity": 250000, "cost": "1.125"}])
+    );
+    let csv = admin_text(&h, &format!("/admin/export?month={month}&format=csv")).await;
+    let rows: Vec<_> = csv.lines().skip(1).map(csv_row).collect();
+    assert_eq!(rows, [(r.id_string(), r.cost, r.metadata())]);
 }

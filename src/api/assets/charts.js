@@ -8,6 +8,7 @@ const GM = (function () {
     { key: 'message_sent', label: 'Messages sent', color: '#6366f1' },
     { key: 'ai_response', label: 'AI responses', color: '#0ea5e9' },
     { key: 'file_upload', label: 'File uploads', color: '#f59e0b' },
+    { key: 'cache_storage', label: 'Cache storage', color: '#10b981' },
   ];
 
   function el(name, attrs, text) {

@@ -489,3 +489,52 @@ fn tail_records(s: &SledStore, user: &str) -> Vec<Record> {
     page.reverse();
     page
 }
+
+#[test]
+fn cache_storage_records_have_their_own_chain_and_old_heads_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = RecordIds::new();
+    let at = Utc.with_ymd_and_hms(2026, 11, 20, 12, 0, 0).unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        // A user without cache storage keeps the 4-slot heads older builds read.
+        s.write_records(&[rec(&ids, "ann", RecordKind::MessageSent, at)])
+            .unwrap();
+        let v = s.ledger.get(join(HEADS, &[b"ann"])).unwrap().unwrap();
+        assert_eq!(v.len(), 32);
+        s.write_records(&[
+            rec(&ids, "ann", RecordKind::CacheStorage, at),
+            rec(&ids, "ann", RecordKind::AiResponse, at),
+        ])
+        .unwrap();
+        let v = s.ledger.get(join(HEADS, &[b"ann"])).unwrap().unwrap();
+        assert_eq!(v.len(), 40);
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    let page = s
+        .records(
+            &RecordFilter {
+                user_id: Some("ann".into()),
+                kind: Some(RecordKind::CacheStorage),
+                ..Default::default()
+            },
+            10,
+        )
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].1.kind(), RecordKind::CacheStorage);
+    let kinds: Vec<String> = s
+        .daily(Some("ann"), at.date_naive())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(kinds, ["ai_response", "cache_storage", "message_sent"]);
+    let all: Vec<String> = s
+        .daily(None, at.date_naive())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(all, ["ai_response", "cache_storage", "message_sent"]);
+}
