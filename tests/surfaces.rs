@@ -262,3 +262,65 @@ async fn imagen_is_billed_per_image_returned() {
     assert_eq!(s, 403, "{v}");
     assert_eq!(h.mock_stats()["requests"].as_u64().unwrap(), before);
 }
+
+const VEO: &str = r#"
+[pricing.models."veo-3.0-generate-preview"]
+per_second = "0.40"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_is_billed_per_second_once_its_owner_reads_it_done() {
+    let h = Harness::start(VEO).await;
+    let key = h.user_with_key("director", "unlimited").await;
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/veo-3.0-generate-preview:predictLongRunning",
+        json!({"instances": [{"prompt": "a cat surfing"}], "parameters": {"durationSeconds": 6}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let op = v["name"].as_str().unwrap().to_string();
+    assert!(
+        h.records("director").await.is_empty(),
+        "nothing is billed before the video exists"
+    );
+    let mut done = Value::Null;
+    for _ in 0..4 {
+        let r = h
+            .http
+            .get(h.url(&format!("/v1beta/{op}")))
+            .header("x-goog-api-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        if v["done"] == true {
+            done = v;
+        }
+    }
+    let samples = done
+        .pointer("/response/generateVideoResponse/generatedSamples")
+        .and_then(Value::as_array)
+        .unwrap()
+        .len() as i64;
+    let recs = h.records("director").await;
+    let ai = of_kind(&recs, "ai_response");
+    assert_eq!(ai.len(), 1, "billed once however often it is read: {recs:?}");
+    // 6 seconds x samples x 0.40.
+    assert_eq!(
+        ai[0].cost.normalize(),
+        rust_decimal::Decimal::new(240 * samples, 2).normalize()
+    );
+    assert_eq!(ai[0].metadata()["price"]["lines"][0]["quantity"], 6 * samples);
+    // Unpriced video models are refused before the upstream.
+    let (s, v) = post(
+        &h,
+        &key,
+        "/v1beta/models/veo-2.0-generate-001:predictLongRunning",
+        json!({"instances": [{"prompt": "x"}]}),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+}

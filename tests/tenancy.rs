@@ -11,10 +11,14 @@ use common::Harness;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// A billable method not metered yet the tests need (a Veo operation), allowed unbilled.
+/// A price for the Veo model the tests start operations with, and a billable method not
+/// metered yet, allowed unbilled.
 const ALLOW: &str = r#"
+[pricing.models."veo-3.0-generate-preview"]
+per_second = "0.40"
+
 [routes]
-allow_unmetered = ["models.predictLongRunning", "POST interactions"]
+allow_unmetered = ["openai.images.generations", "POST interactions"]
 "#;
 
 /// The requests the mock received, as `METHOD path?query`.
@@ -492,11 +496,6 @@ async fn methods_outside_the_table_and_unmetered_billable_ones_never_reach_the_u
         ),
         (
             Method::POST,
-            format!("{m}/veo-3.0-generate-preview:predictLongRunning"),
-            "models.predictLongRunning",
-        ),
-        (
-            Method::POST,
             "/v1beta/openai/images/generations".into(),
             "openai.images.generations",
         ),
@@ -545,16 +544,15 @@ async fn methods_outside_the_table_and_unmetered_billable_ones_never_reach_the_u
     h.write_config_extra(ALLOW);
     let r = h.admin(Method::POST, "/admin/reload").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let (s, v) = call(
-        &h,
-        &key,
-        Method::POST,
-        // (A model the free tier allows: the tier's model list still applies.)
-        "/v1beta/models/gemini-2.5-flash:predictLongRunning",
-        Some(json!({"instances": [{"prompt": "a cat"}]})),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    let r = h
+        .http
+        .post(h.url("/v1beta/openai/images/generations"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "imagen-3.0-generate-002", "prompt": "a cat"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

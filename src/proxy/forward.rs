@@ -157,7 +157,14 @@ async fn forward_inner(
             call.rt.config.pricing.message_sent,
         )
     });
-    let up_req = upstream_request(&call.rt, parts, path, query, upstream_body, call.route.is_openai())?;
+    let up_req = upstream_request(
+        &call.rt,
+        parts,
+        path,
+        query,
+        upstream_body,
+        call.route.is_openai() || path.contains("/openai/"),
+    )?;
     let (resp, metered) = send(&call, up_req, metered).await?;
     let body_stream = body_model.is_some_and(|b| b.stream);
     answer(call, resp, admitted, metered, gateway_base, body_stream).await
@@ -233,7 +240,9 @@ async fn request_body(
         RefCheck::new(call.proxy, &call.rt, call.key).whole(&bytes)?;
     }
     if video {
-        call.tally.video_seconds.store(surfaces::requested_seconds(&v), Ordering::Relaxed);
+        call.tally
+            .video_seconds
+            .store(surfaces::requested_seconds(&v), Ordering::Relaxed);
     }
     let body_model = if openai {
         let model = v.get("model").and_then(Value::as_str).unwrap_or_default();

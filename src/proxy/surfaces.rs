@@ -177,14 +177,21 @@ pub fn requested_seconds(v: &Value) -> u64 {
     let d = v.pointer("/parameters/durationSeconds");
     d.and_then(Value::as_u64)
         .or_else(|| d.and_then(Value::as_f64).map(|f| f.max(0.0).ceil() as u64))
-        .or_else(|| d.and_then(Value::as_str).and_then(|s| s.trim_end_matches('s').parse().ok()))
+        .or_else(|| {
+            d.and_then(Value::as_str)
+                .and_then(|s| s.trim_end_matches('s').parse().ok())
+        })
         .unwrap_or(DEFAULT_VIDEO_SECONDS)
 }
 
 /// A video generation was accepted (its operation `v`): what it asked for is kept with the
 /// operation, to bill when it is done.
 pub async fn video_started(proxy: &Proxy, model: &str, seconds: u64, v: &Value) -> Result<(), crate::error::ApiError> {
-    let Some((_, name)) = v.get("name").and_then(Value::as_str).and_then(crate::ownership::resource_of) else {
+    let Some((_, name)) = v
+        .get("name")
+        .and_then(Value::as_str)
+        .and_then(crate::ownership::resource_of)
+    else {
         return Ok(());
     };
     let note = serde_json::json!({"model": model, "seconds": seconds}).to_string();
@@ -201,7 +208,11 @@ pub async fn bill_video_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
     if v.get("done").and_then(Value::as_bool) != Some(true) || v.get("error").is_some() {
         return;
     }
-    let Some(note) = proxy.owners.note(name).and_then(|n| serde_json::from_slice::<Value>(&n).ok()) else {
+    let Some(note) = proxy
+        .owners
+        .note(name)
+        .and_then(|n| serde_json::from_slice::<Value>(&n).ok())
+    else {
         return;
     };
     let samples = v
@@ -209,7 +220,11 @@ pub async fn bill_video_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
         .and_then(Value::as_array)
         .map_or(0, Vec::len) as u64;
     let model = note.get("model").and_then(Value::as_str).unwrap_or_default();
-    let seconds = note.get("seconds").and_then(Value::as_u64).unwrap_or(DEFAULT_VIDEO_SECONDS) * samples;
+    let seconds = note
+        .get("seconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_VIDEO_SECONDS)
+        * samples;
     let owners = &proxy.owners;
     match owners.claim_settlement(name) {
         Ok(true) => {}
@@ -266,6 +281,11 @@ pub fn check_priced(
             model.as_str(),
             "Images",
             pricing.model(model).and_then(|p| p.per_image).is_some(),
+        ),
+        Route::VideoCreate { model } => (
+            model.as_str(),
+            "Videos",
+            pricing.model(model).and_then(|p| p.per_second).is_some(),
         ),
         _ => return Ok(()),
     };
