@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gemini_meter::api::audit;
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SharedClock, SystemClock};
 use gemini_meter::config::Config;
@@ -265,6 +266,15 @@ fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
+            // The TLS files are part of the config: a certificate that does not load (or a key
+            // that does not match it) would stop `serve`.
+            if let Some(tls) = &cfg.server.tls {
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                if let Err(e) = gemini_meter::tls::server_config(tls) {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             println!(
                 "{}: valid ({} tiers, {} priced models)",
                 path.display(),
@@ -323,13 +333,13 @@ async fn run_gateway(
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]
         {
-            let live = app.live.clone();
-            let clock = clock.clone();
+            let app = app.clone();
             if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: reloading the config");
-                        let _ = live.reload(clock.now());
+                        tracing::info!("SIGHUP: reloading the config and the TLS files");
+                        let app = app.clone();
+                        let _ = tokio::task::spawn_blocking(move || sighup_reload(&app)).await;
                     }
                 });
             }
@@ -347,6 +357,17 @@ async fn run_gateway(
     Ok(())
 }
 
+/// SIGHUP: reloads the config, then the TLS files, and audits both.
+fn sighup_reload(app: &App) {
+    let now = app.clock.now();
+    let result = app.live.reload(now);
+    audit::record_internal(app, "config.reload", "sighup", result.map(|()| serde_json::json!({})));
+    if let Some(tls) = &app.tls {
+        let result = tls.reload(now);
+        audit::record_internal(app, "tls.reload", "sighup", result.map(|()| serde_json::json!({})));
+    }
+}
+
 /// Deletes records older than the retention period once a day.
 fn spawn_retention(app: Arc<App>) {
     tokio::spawn(async move {
@@ -355,11 +376,20 @@ fn spawn_retention(app: Arc<App>) {
             tick.tick().await;
             let months = app.live.load().config.storage.retention_months;
             let cutoff = Month::of(app.clock.now()).minus(months).start();
-            match app.recorder.retention(cutoff).await {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
+            let result = app.recorder.retention(cutoff).await;
+            match &result {
+                Ok(n) if *n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
+            let app = app.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let detail = result
+                    .map(|n| serde_json::json!({"deleted": n, "cutoff": gemini_meter::clock::rfc3339(cutoff)}))
+                    .map_err(|e| e.to_string());
+                audit::record_internal(&app, "retention.run", "scheduler", detail);
+            })
+            .await;
         }
     });
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 mod alerts;
+pub mod audit;
 pub mod current;
 pub mod pages;
 pub mod stream;

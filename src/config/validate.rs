@@ -10,10 +10,12 @@ use std::time::Duration;
 use http::Uri;
 use rust_decimal::Decimal;
 
-use super::raw::{Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream};
+use super::raw::{
+    Money, RawAlerts, RawConfig, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawTls, RawUpstream,
+};
 use super::{
     AlertsConfig, Config, DEFAULT_MIN_OUTPUT_TOKENS, Enforcement, ModelPrice, Pricing, Problem, ServerConfig,
-    SmtpConfig, StorageConfig, Tier, UpstreamConfig, model_id, toml_key,
+    SmtpConfig, StorageConfig, Tier, TlsConfig, UpstreamConfig, model_id, toml_key,
 };
 
 /// hyper refuses (panics on) a header buffer smaller than this.
@@ -100,6 +102,21 @@ impl Validator {
                 d.max_header_bytes,
             ),
             public_url,
+            tls: raw.tls.map(|t| self.tls(t)),
+        }
+    }
+
+    fn tls(&mut self, raw: RawTls) -> TlsConfig {
+        let mut path = |key: &str, text: String| {
+            if text.trim().is_empty() {
+                self.problem(format!("server.tls.{key}"), "must not be empty");
+            }
+            PathBuf::from(text)
+        };
+        TlsConfig {
+            cert_path: path("cert_path", raw.cert_path),
+            key_path: path("key_path", raw.key_path),
+            client_ca_path: raw.client_ca_path.map(|p| path("client_ca_path", p)),
         }
     }
 
