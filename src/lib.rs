@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod admin_cli;
 pub mod admission;
 pub mod alerts;
 pub mod api;

@@ -110,6 +110,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The admin API from the command line: users, keys, usage, export, reload, audit.
+    Admin(gemini_meter::admin_cli::AdminArgs),
     /// Validates a config file.
     CheckConfig {
         /// Config file.
@@ -140,6 +142,11 @@ fn main() -> ExitCode {
     }
     // rustls needs exactly one process-wide provider; ignore "already installed".
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The admin command line's stdout is its output (tables or JSON): no log lines there.
+    let cli = match cli.command {
+        Command::Admin(args) => return ExitCode::from(gemini_meter::admin_cli::run(args)),
+        other => Cli { command: other },
+    };
     // The load tool's stdout is its report (possibly JSON): its progress goes to stderr.
     let to_stderr = matches!(cli.command, Command::Loadtest { .. });
     tracing_subscriber::fmt()
@@ -251,7 +258,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::CheckConfig { .. } => Ok(()),
+            Command::CheckConfig { .. } | Command::Admin(_) => Ok(()),
         }
     });
     match result {

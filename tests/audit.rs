@@ -61,18 +61,26 @@ async fn every_admin_action_is_recorded_and_no_secret_is() {
         b.send()
     };
     assert_eq!(
-        send(Method::POST, "/admin/users", Some(json!({"id": "alice", "tier": "free"})))
-            .await
-            .unwrap()
-            .status(),
+        send(
+            Method::POST,
+            "/admin/users",
+            Some(json!({"id": "alice", "tier": "free"}))
+        )
+        .await
+        .unwrap()
+        .status(),
         201
     );
     // A failed action is recorded too.
     assert_eq!(
-        send(Method::POST, "/admin/users", Some(json!({"id": "alice", "tier": "free"})))
-            .await
-            .unwrap()
-            .status(),
+        send(
+            Method::POST,
+            "/admin/users",
+            Some(json!({"id": "alice", "tier": "free"}))
+        )
+        .await
+        .unwrap()
+        .status(),
         409
     );
     let created: Value = send(Method::POST, "/admin/users/alice/keys", None)
@@ -92,19 +100,33 @@ async fn every_admin_action_is_recorded_and_no_secret_is() {
         200
     );
     // Reads are not actions.
-    assert_eq!(send(Method::GET, "/admin/users/alice", None).await.unwrap().status(), 200);
     assert_eq!(
-        send(Method::GET, "/admin/users/alice/keys", None).await.unwrap().status(),
+        send(Method::GET, "/admin/users/alice", None).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        send(Method::GET, "/admin/users/alice/keys", None)
+            .await
+            .unwrap()
+            .status(),
         200
     );
     // Nor are requests without the token.
-    let anon = h.http.post(h.url("/admin/users")).json(&json!({"id": "mallory", "tier": "free"}));
+    let anon = h
+        .http
+        .post(h.url("/admin/users"))
+        .json(&json!({"id": "mallory", "tier": "free"}));
     assert_eq!(anon.send().await.unwrap().status(), 401);
-    let export = send(Method::GET, "/admin/export?month=2026-11&format=jsonl", None).await.unwrap();
+    let export = send(Method::GET, "/admin/export?month=2026-11&format=jsonl", None)
+        .await
+        .unwrap();
     assert_eq!(export.status(), 200);
     let _ = export.text().await.unwrap();
     assert_eq!(send(Method::POST, "/admin/reload", None).await.unwrap().status(), 200);
-    assert_eq!(send(Method::POST, "/admin/retention/run", None).await.unwrap().status(), 200);
+    assert_eq!(
+        send(Method::POST, "/admin/retention/run", None).await.unwrap().status(),
+        200
+    );
     assert_eq!(
         send(Method::DELETE, &format!("/admin/keys/{key_id}"), None)
             .await
@@ -112,7 +134,10 @@ async fn every_admin_action_is_recorded_and_no_secret_is() {
             .status(),
         200
     );
-    assert_eq!(send(Method::DELETE, "/admin/users/alice", None).await.unwrap().status(), 200);
+    assert_eq!(
+        send(Method::DELETE, "/admin/users/alice", None).await.unwrap().status(),
+        200
+    );
 
     let entries = all_entries(&h).await;
     let actions: Vec<(&str, &str)> = entries
@@ -135,12 +160,14 @@ async fn every_admin_action_is_recorded_and_no_secret_is() {
         ],
         "{entries:#?}"
     );
-    let by = |a: &str| entries.iter().find(|e| e["action"] == a && e["outcome"] == "ok").unwrap();
+    let by = |a: &str| {
+        entries
+            .iter()
+            .find(|e| e["action"] == a && e["outcome"] == "ok")
+            .unwrap()
+    };
     for e in &entries {
-        assert!(
-            e["caller"].as_str().unwrap().starts_with("127.0.0.1:"),
-            "{e}"
-        );
+        assert!(e["caller"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
         assert!(e["at"].as_str().unwrap().ends_with('Z'), "{e}");
         assert!(e["id"].is_string(), "{e}");
     }
@@ -181,7 +208,9 @@ async fn every_admin_action_is_recorded_and_no_secret_is() {
 
     // Entries survive a restart, and new ones continue the sequence.
     let h = h.reopen(&[]).await;
-    let r = h.admin(Method::POST, "/admin/users").json(&json!({"id": "bob", "tier": "free"}));
+    let r = h
+        .admin(Method::POST, "/admin/users")
+        .json(&json!({"id": "bob", "tier": "free"}));
     assert_eq!(r.send().await.unwrap().status(), 201);
     let after = all_entries(&h).await;
     assert_eq!(after.len(), entries.len() + 1);

@@ -228,6 +228,8 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         (Method::GET, ["admin", "export"]) => export(app, &req),
         (Method::GET, ["admin", "alerts"]) => super::alerts::list(app, &req),
         (Method::GET, ["admin", "audit"]) => super::audit::list(app, &req),
+        (Method::GET, ["admin", "users"]) => super::listing::users(app, &req),
+        (Method::GET, ["admin", "users", id, "usage"]) => super::listing::user_month(app, &req, id),
         (Method::POST, ["admin", "reload"]) => {
             let res = app.live.reload(app.clock.now());
             let tls = reload_tls(app);

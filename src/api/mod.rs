@@ -5,6 +5,7 @@ pub mod admin;
 mod alerts;
 pub mod audit;
 pub mod current;
+mod listing;
 pub mod pages;
 pub mod stream;
 pub mod usage;
