@@ -106,6 +106,11 @@ enum Command {
         /// requests (e.g. 2000; needs valgrind).
         #[arg(long, value_name = "N")]
         callgrind: Option<u64>,
+        /// Also measure TLS termination: a second gateway serving TLS, on kept-alive
+        /// connections and with a new connection (and handshake) per request, against the plain
+        /// one (needs the openssl command line).
+        #[arg(long)]
+        tls: bool,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -220,6 +225,7 @@ fn main() -> ExitCode {
                 no_hyper,
                 gateway_workers,
                 callgrind,
+                tls,
                 json,
             } => {
                 let secs = |v: f64, flag: &str| {
@@ -245,6 +251,7 @@ fn main() -> ExitCode {
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                     callgrind,
+                    tls,
                 };
                 let report = gemini_meter_loadtest::run(&opts).await?;
                 if json {
