@@ -272,6 +272,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if old.storage.path != new.storage.path {
         tracing::warn!("storage.path changed: takes effect after a restart");
     }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        tracing::warn!("[server.tls] added or removed: TLS is turned on or off by a restart");
+    }
 }
 
 #[cfg(test)]

@@ -175,7 +175,10 @@ fn http_error(status: StatusCode, body: &[u8]) -> CliError {
         .ok()
         .and_then(|v| {
             // The error envelope's message; a refused reload's reason.
-            let m = v["error"]["message"].as_str().or_else(|| v["last_error"].as_str());
+            let m = v["error"]["message"]
+                .as_str()
+                .or_else(|| v["last_error"].as_str())
+                .or_else(|| v["tls"]["last_error"].as_str());
             m.map(str::to_string)
         })
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_string());
