@@ -230,13 +230,28 @@ async fn a_config_file_change_is_recorded_with_its_outcome() {
     h.app
         .live
         .spawn_watcher(std::time::Duration::from_millis(50), h.app.clock.clone());
-    h.write_config_extra("messages = 5\n");
-    std::fs::write(
-        &h.config_path,
-        std::fs::read_to_string(&h.config_path).unwrap() + "\n[nonsense]\n",
-    )
-    .unwrap();
+    // In one step (write aside, rename): the watcher never sees a half-written file.
+    let replace = |text: String| {
+        let tmp = h.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &h.config_path).unwrap();
+    };
+    let good = std::fs::read_to_string(&h.config_path).unwrap();
+    replace(good.replace("messages = 100", "messages = 50"));
     let mut seen = Vec::new();
+    for _ in 0..400 {
+        seen = all_entries(&h).await;
+        if seen.iter().any(|e| e["outcome"] == "ok") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen.iter()
+            .any(|e| e["action"] == "config.reload" && e["caller"] == "file-watch" && e["outcome"] == "ok"),
+        "{seen:#?}"
+    );
+    replace(good + "\n[nonsense]\n");
     for _ in 0..400 {
         seen = all_entries(&h).await;
         if seen.iter().any(|e| e["outcome"] == "failed") {
