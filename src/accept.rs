@@ -5,21 +5,24 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
 
 use crate::body::ProxyBody;
 use crate::config::ServerConfig;
+use crate::tls::TlsReloader;
 
 /// The HTTP/2 connection preface, which an h2c client with prior knowledge opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -30,8 +33,20 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[derive(Clone)]
 pub struct Protocols {
     http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     auto: Builder<TokioExecutor>,
     first_bytes: Duration,
+}
+
+/// What a connection's service knows about the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// True on the TLS listener.
+    pub tls: bool,
+    /// True when the client presented a certificate that the client CA verified.
+    pub client_cert: bool,
 }
 
 impl Protocols {
@@ -52,8 +67,13 @@ impl Protocols {
         auto.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(cfg.max_header_bytes as u32);
         Protocols {
             http1,
+            http2,
             auto,
             first_bytes: cfg.header_read_timeout,
         }
@@ -87,6 +107,61 @@ impl Protocols {
     }
 }
 
+impl Protocols {
+    /// Serves one TLS connection: HTTP/2 when ALPN chose `h2`, HTTP/1.1 otherwise.
+    pub async fn serve_tls<S>(&self, stream: TlsStream<TcpStream>, svc: S, watcher: Watcher)
+    where
+        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let conn = self.http2.serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn).await;
+        } else {
+            let conn = self.http1.serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn).await;
+        }
+    }
+
+    /// Shakes hands (bounded by the header read timeout) and serves the connection.
+    async fn serve_accepted<M, S>(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<&TlsReloader>,
+        make_service: &M,
+        watcher: Watcher,
+    ) where
+        M: Fn(ConnInfo) -> S,
+        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let Some(tls) = tls else {
+            let svc = make_service(ConnInfo {
+                peer,
+                tls: false,
+                client_cert: false,
+            });
+            return self.serve_connection(stream, svc, watcher).await;
+        };
+        let stream = match tokio::time::timeout(self.first_bytes, tls.acceptor().accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let client_cert = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+        let svc = make_service(ConnInfo {
+            peer,
+            tls: true,
+            client_cert,
+        });
+        self.serve_tls(stream, svc, watcher).await;
+    }
+}
+
 /// Accepts connections on `listener` and serves each with a service from `make_service`, at
 /// most `max_connections` at once, until `shutdown` resolves; then calls `on_stop` and drains
 /// the open connections (bounded by the drain timeout).
@@ -97,10 +172,28 @@ pub async fn accept_loop<M, S>(
     shutdown: impl Future<Output = ()>,
     on_stop: impl FnOnce(),
 ) where
-    M: Fn() -> S,
+    M: Fn() -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
+    accept_loop_with(listener, cfg, None, move |_| make_service(), shutdown, on_stop).await;
+}
+
+/// [`accept_loop`] with TLS when `tls` is set (the handshake runs in the connection's task, so
+/// a slow client never holds up the loop), and a service that knows its connection.
+pub async fn accept_loop_with<M, S>(
+    listener: TcpListener,
+    cfg: &ServerConfig,
+    tls: Option<Arc<TlsReloader>>,
+    make_service: M,
+    shutdown: impl Future<Output = ()>,
+    on_stop: impl FnOnce(),
+) where
+    M: Fn(ConnInfo) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let make_service = Arc::new(make_service);
     let protocols = Arc::new(Protocols::new(cfg));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -110,7 +203,7 @@ pub async fn accept_loop<M, S>(
     tokio::pin!(shutdown);
     loop {
         while conns.try_join_next().is_some() {}
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -131,11 +224,14 @@ pub async fn accept_loop<M, S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let svc = make_service();
         let protocols = protocols.clone();
         let watcher = graceful.watcher();
+        let make_service = make_service.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            protocols.serve_connection(stream, svc, watcher).await;
+            protocols
+                .serve_accepted(stream, peer, tls.as_deref(), &*make_service, watcher)
+                .await;
             drop(permit);
         });
     }

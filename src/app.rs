@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::alerts::Alerts;
+use crate::audit::{AuditLog, Entry, Outcome};
 use crate::clock::{Month, SharedClock};
 use crate::config::Config;
 use crate::identity::{IdentityError, Registry};
@@ -33,6 +34,12 @@ pub enum StartError {
     /// The ownership index could not be loaded.
     #[error(transparent)]
     Ownership(#[from] crate::ownership::OwnershipError),
+    /// The audit trail could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    /// The TLS files of `[server.tls]` are not usable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Everything a request handler needs.
@@ -58,6 +65,10 @@ pub struct App {
     pub settler: Arc<Settler>,
     /// Forwarding to the upstream.
     pub proxy: Arc<Proxy>,
+    /// The audit trail of admin actions.
+    pub audit: Arc<AuditLog>,
+    /// The TLS certificate in use and its reload, with `[server.tls]`.
+    pub tls: Option<Arc<crate::tls::TlsReloader>>,
 }
 
 impl App {
@@ -80,7 +91,10 @@ impl App {
         let owners = Arc::new(Owners::load(store.owners().clone())?);
         let alerts = Arc::new(Alerts::new(env.clone()));
         alerts.load(&store, &registry, Month::of(now))?;
-        let live = Arc::new(Live::new(rt, config_path, env));
+        let audit = Arc::new(AuditLog::open(store.tree("audit")?)?);
+        let live = Arc::new(Live::new(rt, config_path.clone(), env));
+        audit_file_reloads(&live, &audit, &clock, config_path.as_deref());
+        let tls = crate::tls::TlsReloader::start(live.clone(), audit.clone(), now)?;
         let metrics = Arc::new(Metrics::default());
         let settler = Arc::new(Settler {
             registry: registry.clone(),
@@ -113,9 +127,32 @@ impl App {
             alerts,
             settler,
             proxy,
+            audit,
+            tls,
         };
         Ok((Arc::new(app), recorder))
     }
+}
+
+/// Writes the reloads the config file watcher starts to the audit trail.
+fn audit_file_reloads(live: &Live, audit: &Arc<AuditLog>, clock: &SharedClock, path: Option<&std::path::Path>) {
+    let audit = audit.clone();
+    let clock = clock.clone();
+    let target = path.map(|p| p.display().to_string());
+    live.on_file_reload(Arc::new(move |result: &Result<(), String>| {
+        audit.record_blocking(&Entry {
+            at: clock.now(),
+            action: "config.reload",
+            target: target.clone(),
+            caller: "file-watch".into(),
+            outcome: if result.is_ok() { Outcome::Ok } else { Outcome::Failed },
+            status: None,
+            detail: match result {
+                Ok(()) => serde_json::json!({}),
+                Err(e) => serde_json::json!({ "error": e }),
+            },
+        });
+    }));
 }
 
 impl crate::alerts::Gateway for App {

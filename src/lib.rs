@@ -11,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod admin_cli;
 pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod body;
 pub mod clock;
 pub mod config;
@@ -30,3 +32,4 @@ pub mod runtime;
 pub mod server;
 pub mod settle;
 pub mod statement;
+pub mod tls;

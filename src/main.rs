@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gemini_meter::api::audit;
 use gemini_meter::app::App;
 use gemini_meter::clock::{Month, SharedClock, SystemClock};
 use gemini_meter::config::Config;
@@ -105,10 +106,17 @@ enum Command {
         /// requests (e.g. 2000; needs valgrind).
         #[arg(long, value_name = "N")]
         callgrind: Option<u64>,
+        /// Also measure TLS termination: a second gateway serving TLS, on kept-alive
+        /// connections and with a new connection (and handshake) per request, against the plain
+        /// one (needs the openssl command line).
+        #[arg(long)]
+        tls: bool,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// The admin API from the command line: users, keys, usage, export, reload, audit.
+    Admin(gemini_meter::admin_cli::AdminArgs),
     /// Validates a config file.
     CheckConfig {
         /// Config file.
@@ -164,6 +172,11 @@ fn main() -> ExitCode {
     }
     // rustls needs exactly one process-wide provider; ignore "already installed".
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The admin command line's stdout is its output (tables or JSON): no log lines there.
+    let cli = match cli.command {
+        Command::Admin(args) => return ExitCode::from(gemini_meter::admin_cli::run(args)),
+        other => Cli { command: other },
+    };
     // The load tool's stdout is its report (possibly JSON): its progress goes to stderr.
     let to_stderr = matches!(cli.command, Command::Loadtest { .. });
     tracing_subscriber::fmt()
@@ -237,6 +250,7 @@ fn main() -> ExitCode {
                 no_hyper,
                 gateway_workers,
                 callgrind,
+                tls,
                 json,
             } => {
                 let secs = |v: f64, flag: &str| {
@@ -262,6 +276,7 @@ fn main() -> ExitCode {
                     gateway_workers,
                     binary: std::env::current_exe().context("locating the gemini-meter binary")?,
                     callgrind,
+                    tls,
                 };
                 let report = gemini_meter_loadtest::run(&opts).await?;
                 if json {
@@ -275,7 +290,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::CheckConfig { .. } | Command::Prices { .. } => Ok(()),
+            Command::CheckConfig { .. } | Command::Prices { .. } | Command::Admin(_) => Ok(()),
         }
     });
     match result {
@@ -290,6 +305,15 @@ fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
+            // The TLS files are part of the config: a certificate that does not load (or a key
+            // that does not match it) would stop `serve`.
+            if let Some(tls) = &cfg.server.tls {
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                if let Err(e) = gemini_meter::tls::server_config(tls) {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             println!(
                 "{}: valid ({} tiers, {} priced models)",
                 path.display(),
@@ -386,13 +410,13 @@ async fn run_gateway(
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]
         {
-            let live = app.live.clone();
-            let clock = clock.clone();
+            let app = app.clone();
             if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: reloading the config");
-                        let _ = live.reload(clock.now());
+                        tracing::info!("SIGHUP: reloading the config and the TLS files");
+                        let app = app.clone();
+                        let _ = tokio::task::spawn_blocking(move || sighup_reload(&app)).await;
                     }
                 });
             }
@@ -410,6 +434,17 @@ async fn run_gateway(
     Ok(())
 }
 
+/// SIGHUP: reloads the config, then the TLS files, and audits both.
+fn sighup_reload(app: &App) {
+    let now = app.clock.now();
+    let result = app.live.reload(now);
+    audit::record_internal(app, "config.reload", "sighup", result.map(|()| serde_json::json!({})));
+    if let Some(tls) = &app.tls {
+        let result = tls.reload(now);
+        audit::record_internal(app, "tls.reload", "sighup", result.map(|()| serde_json::json!({})));
+    }
+}
+
 /// Deletes records older than the retention period once a day.
 fn spawn_retention(app: Arc<App>) {
     tokio::spawn(async move {
@@ -418,11 +453,20 @@ fn spawn_retention(app: Arc<App>) {
             tick.tick().await;
             let months = app.live.load().config.storage.retention_months;
             let cutoff = Month::of(app.clock.now()).minus(months).start();
-            match app.recorder.retention(cutoff).await {
-                Ok(n) if n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
+            let result = app.recorder.retention(cutoff).await;
+            match &result {
+                Ok(n) if *n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "retention failed"),
             }
+            let app = app.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let detail = result
+                    .map(|n| serde_json::json!({"deleted": n, "cutoff": gemini_meter::clock::rfc3339(cutoff)}))
+                    .map_err(|e| e.to_string());
+                audit::record_internal(&app, "retention.run", "scheduler", detail);
+            })
+            .await;
         }
     });
 }

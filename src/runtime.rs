@@ -2,7 +2,7 @@
 //! atomically on reload, so a request sees the old or the new config, never a mix.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -142,7 +142,11 @@ pub struct Live {
     path: Option<PathBuf>,
     status: Mutex<ReloadStatus>,
     fingerprint: Mutex<Option<[u8; 32]>>,
+    on_file_reload: OnceLock<FileReloadHook>,
 }
+
+/// Called with the outcome of each reload the file watcher starts (the audit trail).
+pub type FileReloadHook = Arc<dyn Fn(&Result<(), String>) + Send + Sync>;
 
 impl Live {
     /// Wraps the first snapshot; `path` is the file to reload from (None: no reload).
@@ -161,6 +165,7 @@ impl Live {
             path,
             status: Mutex::new(status),
             fingerprint: Mutex::new(fp),
+            on_file_reload: OnceLock::new(),
         }
     }
 
@@ -225,8 +230,16 @@ impl Live {
         let fp: [u8; 32] = Sha256::digest(&bytes).into();
         let changed = self.fingerprint.lock().map(|g| *g != Some(fp)).unwrap_or(false);
         if changed {
-            let _ = self.reload(now);
+            let result = self.reload(now);
+            if let Some(hook) = self.on_file_reload.get() {
+                hook(&result);
+            }
         }
+    }
+
+    /// Sets what is told of reloads the file watcher starts (once; later calls are ignored).
+    pub fn on_file_reload(&self, hook: FileReloadHook) {
+        let _ = self.on_file_reload.set(hook);
     }
 
     /// Polls the file every `every` and reloads on change (a poll needs no extra crate and
@@ -258,6 +271,9 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
     if old.storage.path != new.storage.path {
         tracing::warn!("storage.path changed: takes effect after a restart");
+    }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        tracing::warn!("[server.tls] added or removed: TLS is turned on or off by a restart");
     }
 }
 

@@ -5,24 +5,32 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::accept::accept_loop;
+use crate::accept::{ConnInfo, accept_loop_with};
 use crate::api;
 use crate::app::App;
 use crate::body::ProxyBody;
 use crate::proxy::forward::forward;
 use crate::proxy::route::is_proxied;
 
-/// Routes one request: proxied paths are forwarded, the rest is the gateway's own API.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+/// Routes one request: proxied paths are forwarded, the rest is the gateway's own API (which
+/// finds `conn` in the request's extensions: the admin API audits the caller's address and
+/// checks the client certificate).
+pub async fn handle(
+    app: Arc<App>,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     if is_proxied(req.uri().path()) {
         Ok(forward(app.proxy.clone(), req).await)
     } else {
+        req.extensions_mut().insert(conn);
         let resp = api::route(app.clone(), req).await;
         app.metrics
             .request(crate::metrics::route_index("api"), resp.status().as_u16());
@@ -75,15 +83,24 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         let app = app.clone();
         move || crate::api::stream::close_all(&app)
     };
-    accept_loop(
+    let tls = app.tls.clone();
+    // Certificates are polled like the config file: a swapped file is served within a second.
+    let tls_watcher = tls
+        .as_ref()
+        .map(|t| t.spawn_watcher(Duration::from_millis(500), app.clock.clone()));
+    accept_loop_with(
         listener,
         &cfg,
-        move || {
+        tls,
+        move |conn| {
             let app = app.clone();
-            service_fn(move |req| handle(app.clone(), req))
+            service_fn(move |req| handle(app.clone(), conn, req))
         },
         shutdown,
         on_stop,
     )
     .await;
+    if let Some(w) = tls_watcher {
+        w.abort();
+    }
 }

@@ -753,3 +753,88 @@ proptest::proptest! {
         rt.block_on(run_steps(steps));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_upstream_acts_on_is_what_the_policy_judged() {
+    let h = Harness::start(ALLOW).await;
+    let alice = h.user_with_key("alice", "free").await;
+    let bob = h.user_with_key("bob", "free").await;
+    reset_mock_log(&h).await;
+    // A method override would turn an allowed create into a list of everyone's resources.
+    let r = h
+        .http
+        .post(h.url("/v1beta/cachedContents"))
+        .header("x-goog-api-key", &bob)
+        .header("X-HTTP-Method-Override", "GET")
+        .json(&json!({"model": "models/gemini-2.5-flash"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // A body that can name resources must be JSON, the form the scanner reads.
+    let r = h
+        .http
+        .post(h.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+        .header("x-goog-api-key", &bob)
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0u8, 1, 2])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(mock_log(&h).await.is_empty());
+    // Field masks (which could trim the usage billed from) and the caller's key never go up.
+    let (s, _) = call(
+        &h,
+        &bob,
+        Method::GET,
+        "/v1beta/models?fields=models.name&%24fields=x&%6Bey=leak&alt=proto",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let log = mock_log(&h).await;
+    assert_eq!(log, ["GET /v1beta/models"], "{log:?}");
+
+    // A batch whose metadata names a file no one owns (to have it echoed back and adopted) is
+    // refused like any other reference to it.
+    let orphan = reqwest::Client::new()
+        .post(format!("http://{}/upload/v1beta/files", h.mock.addr))
+        .header("x-goog-api-key", common::UPSTREAM_KEY)
+        .header("X-Goog-Upload-Command", "upload, finalize")
+        .header("X-Goog-Upload-Offset", "0")
+        .body("not yours")
+        .send()
+        .await
+        .unwrap();
+    let orphan: Value = orphan.json().await.unwrap();
+    let orphan = orphan["file"]["name"].as_str().unwrap().to_string();
+    let (s, v) = call(
+        &h,
+        &bob,
+        Method::POST,
+        "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        Some(json!({"batch": {"inputConfig": {"requests": {"requests": [
+            {"request": {"contents": [{"parts": [{"text": "hi"}]}]}, "metadata": {"uri": orphan, "responsesFile": orphan}}]}}}})),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, _) = call(&h, &bob, Method::GET, &format!("/v1beta/{orphan}"), None).await;
+    assert_eq!(s, 403, "a file no one owns stays the operator's");
+    // A batch whose input is a file is refused (its results are not metered yet).
+    let (s, v) = call(
+        &h,
+        &alice,
+        Method::POST,
+        "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        Some(json!({"batch": {"inputConfig": {"fileName": "files/whatever"}}})),
+    )
+    .await;
+    assert!(s == 403, "{v}");
+    // A list through /v1 reads the resources under v1beta and keeps them.
+    let file = upload(&h, &alice, b"kept").await;
+    let (s, v) = call(&h, &alice, Method::GET, "/v1/files", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = call(&h, &alice, Method::GET, &format!("/v1beta/{file}"), None).await;
+    assert_eq!(s, 200);
+}

@@ -72,13 +72,44 @@ fn storage(e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("storage: {e}"))
 }
 
-/// Routes `/admin/*`.
+/// With a client CA configured (`[server.tls] client_ca_path`), every `/admin` path needs a
+/// verified client certificate; without one the answer is 403, before the token is looked at.
+fn check_client_cert(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let required = app.tls.as_ref().is_some_and(|t| t.requires_client_cert());
+    let presented = req
+        .extensions()
+        .get::<crate::accept::ConnInfo>()
+        .is_some_and(|c| c.client_cert);
+    if !required || presented {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "PERMISSION_DENIED",
+        "client_certificate",
+        "The admin API requires a client certificate signed by the gateway's client CA.",
+    ))
+}
+
+/// Routes `/admin/*`; actions (changes, exports) are written to the audit trail once answered.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let path = req.uri().path().to_string();
+    check_client_cert(app, &req)?;
     if path == "/admin/dashboard" && req.method() == Method::GET {
         return Ok(super::pages::admin_dashboard());
     }
     check_token(app, &req)?;
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let pending = super::audit::begin(app, &req, &segs);
+    let result = dispatch(app, req, &path).await;
+    if let Some(p) = pending {
+        let entry = p.finish(app, &result);
+        super::audit::write(app, entry).await;
+    }
+    result
+}
+
+async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<Response<ProxyBody>, ApiError> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method, segs.as_slice()) {
@@ -120,17 +151,24 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .iter()
                 .map(super::resources::entry_json)
                 .collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"deleted": id, "records_deleted": removed, "resources": resources}),
+            Ok(noted(
+                json_response(
+                    StatusCode::OK,
+                    &json!({"deleted": id, "records_deleted": removed, "resources": resources}),
+                ),
+                json!({"records_deleted": removed, "resources": resources.len()}),
             ))
         }
         (Method::POST, ["admin", "users", id, "keys"]) => {
             let (key, key_id) = app.registry.create_key(id, app.clock.now()).map_err(identity_error)?;
             app.store.flush().await.map_err(storage)?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                &json!({"key": key, "key_id": key_id, "user_id": id}),
+            Ok(noted(
+                json_response(
+                    StatusCode::CREATED,
+                    &json!({"key": key, "key_id": key_id, "user_id": id}),
+                ),
+                // The key's id only: its plaintext never reaches the audit trail.
+                json!({"key_id": key_id}),
             ))
         }
         (Method::GET, ["admin", "users", id, "statement"]) => {
@@ -216,10 +254,19 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         }
         (Method::GET, ["admin", "export"]) => export(app, &req),
         (Method::GET, ["admin", "alerts"]) => super::alerts::list(app, &req),
+        (Method::GET, ["admin", "audit"]) => super::audit::list(app, &req),
+        (Method::GET, ["admin", "users"]) => super::listing::users(app, &req),
+        (Method::GET, ["admin", "users", id, "usage"]) => super::listing::user_month(app, &req, id),
         (Method::POST, ["admin", "reload"]) => {
             let res = app.live.reload(app.clock.now());
+            let tls = reload_tls(app);
             let st = app.live.status();
-            let body = json!({"ok": res.is_ok(), "loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error});
+            let res = res.and(tls.map(|_| ()));
+            let mut body =
+                json!({"ok": res.is_ok(), "loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error});
+            if let Some(t) = tls_status(app) {
+                body["tls"] = t;
+            }
             Ok(json_response(
                 if res.is_ok() {
                     StatusCode::OK
@@ -231,10 +278,11 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         }
         (Method::GET, ["admin", "config", "status"]) => {
             let st = app.live.status();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error}),
-            ))
+            let mut body = json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error});
+            if let Some(t) = tls_status(app) {
+                body["tls"] = t;
+            }
+            Ok(json_response(StatusCode::OK, &body))
         }
         (Method::POST, ["admin", "retention", "run"]) => {
             let rt = app.live.load();
@@ -242,13 +290,31 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
                 .minus(rt.config.storage.retention_months)
                 .start();
             let n = app.recorder.retention(cutoff).await.map_err(storage)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"deleted": n, "cutoff": rfc3339(cutoff)}),
-            ))
+            let body = json!({"deleted": n, "cutoff": rfc3339(cutoff)});
+            Ok(noted(json_response(StatusCode::OK, &body), body))
         }
         _ => Err(ApiError::not_found(format!("No admin route for {path}."))),
     }
+}
+
+/// Puts `note` on the response for the action's audit entry.
+fn noted(mut resp: Response<ProxyBody>, note: Value) -> Response<ProxyBody> {
+    resp.extensions_mut().insert(super::audit::AuditNote(note));
+    resp
+}
+
+/// Re-reads the TLS files (with `[server.tls]`): `Ok(None)` without TLS.
+fn reload_tls(app: &App) -> Result<Option<()>, String> {
+    match &app.tls {
+        None => Ok(None),
+        Some(t) => t.reload(app.clock.now()).map(Some),
+    }
+}
+
+/// `{"loaded_at", "last_error"}` of the certificate in use, with `[server.tls]`.
+fn tls_status(app: &App) -> Option<Value> {
+    let st = app.tls.as_ref()?.status();
+    Some(json!({"loaded_at": st.loaded_at.map(rfc3339), "last_error": st.last_error}))
 }
 
 fn group_row(label: &str, name: &str, t: &Totals) -> Value {
@@ -299,7 +365,10 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         .map_err(identity_error)?;
     let body = app.registry.user_json(u);
     app.store.flush().await.map_err(storage)?;
-    Ok(json_response(StatusCode::CREATED, &body))
+    Ok(noted(
+        json_response(StatusCode::CREATED, &body),
+        json!({"target": id, "tier": tier}),
+    ))
 }
 
 fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {

@@ -3,7 +3,9 @@
 
 pub mod admin;
 mod alerts;
+pub mod audit;
 pub mod current;
+mod listing;
 pub mod openapi;
 pub mod pages;
 pub mod resources;

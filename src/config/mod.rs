@@ -86,6 +86,21 @@ pub struct ServerConfig {
     /// Absolute http(s) base URL the gateway is reached at, used to rewrite upload URLs.
     /// Normalized: no query, no trailing slash (`https://gw.example.com` or `https://x.org/gemini`).
     pub public_url: Option<String>,
+    /// `[server.tls]`: serve HTTPS instead of plain HTTP (restart to turn on or off).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: PEM files, read at start and re-read when they change on disk. Only their
+/// names are checked here; `crate::tls` reads and checks the files themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_path: PathBuf,
+    /// The private key of the leaf (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_path: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; when set, every `/admin`
+    /// route needs a client certificate (mutual TLS).
+    pub client_ca_path: Option<PathBuf>,
 }
 
 /// `[upstream]`
@@ -405,6 +420,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_header_bytes: 65_536,
             public_url: None,
+            tls: None,
         }
     }
 }

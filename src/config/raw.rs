@@ -47,6 +47,16 @@ pub(super) struct RawServer {
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub public_url: Option<String>,
+    pub tls: Option<RawTls>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawTls {
+    pub cert_path: String,
+    pub key_path: String,
+    pub client_ca_path: Option<String>,
 }
 
 /// `[upstream]`

@@ -11,11 +11,12 @@ use http::Uri;
 use rust_decimal::Decimal;
 
 use super::raw::{
-    Money, RawAlerts, RawConfig, RawModelPrice, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawUpstream,
+    Money, RawAlerts, RawConfig, RawModelPrice, RawPricing, RawServer, RawSmtp, RawStorage, RawTier, RawTls,
+    RawUpstream,
 };
 use super::{
     AlertsConfig, Config, DEFAULT_MIN_OUTPUT_TOKENS, Enforcement, LongContext, Modality, ModalityRates, ModelPrice,
-    Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig, Tier, UpstreamConfig, model_id, toml_key,
+    Pricing, Problem, ServerConfig, SmtpConfig, StorageConfig, Tier, TlsConfig, UpstreamConfig, model_id, toml_key,
 };
 
 /// The `long_*` keys of a model entry, gathered for [`Validator::long_context`].
@@ -126,6 +127,21 @@ impl Validator {
                 d.max_header_bytes,
             ),
             public_url,
+            tls: raw.tls.map(|t| self.tls(t)),
+        }
+    }
+
+    fn tls(&mut self, raw: RawTls) -> TlsConfig {
+        let mut path = |key: &str, text: String| {
+            if text.trim().is_empty() {
+                self.problem(format!("server.tls.{key}"), "must not be empty");
+            }
+            PathBuf::from(text)
+        };
+        TlsConfig {
+            cert_path: path("cert_path", raw.cert_path),
+            key_path: path("key_path", raw.key_path),
+            client_ca_path: raw.client_ca_path.map(|p| path("client_ca_path", p)),
         }
     }
 

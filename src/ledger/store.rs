@@ -581,6 +581,11 @@ impl SledStore {
         &self.owners
     }
 
+    /// Another tree of the same database (the audit trail keeps its entries with the ledger).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Bytes the database occupies on disk (sled and the record log).
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0) + self.log.size_on_disk()

@@ -27,11 +27,12 @@ pub enum RefKey {
 
 fn ref_key(k: &[u8]) -> Option<RefKey> {
     Some(match k {
-        b"fileUri" | b"file_uri" => RefKey::FileUri,
+        // `uri` (a Veo input video or image), `url` (an OpenAI `image_url`) can name files too.
+        b"fileUri" | b"file_uri" | b"uri" | b"url" => RefKey::FileUri,
         b"cachedContent" | b"cached_content" => RefKey::CachedContent,
         b"fileName" | b"file_name" => RefKey::FileName,
         b"fileSearchStoreNames" | b"file_search_store_names" => RefKey::StoreNames,
-        b"model" | b"baseModel" | b"base_model" => RefKey::Model,
+        b"model" | b"baseModel" | b"base_model" | b"tunedModel" | b"tuned_model" => RefKey::Model,
         _ => return None,
     })
 }

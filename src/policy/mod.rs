@@ -362,15 +362,15 @@ mod tests {
             Create(Kind::File)
         );
         assert_eq!(
-            d(Method::POST, "/v1beta/models/veo-3.0:predictLongRunning", &[]),
-            Err(Denial::NotMetered("models.predictLongRunning"))
+            d(Method::POST, "/v1beta/openai/images/generations", &[]),
+            Err(Denial::NotMetered("openai.images.generations"))
         );
-        let allow = [Allowed::parse("models.predictLongRunning").unwrap()];
+        let allow = [Allowed::parse("openai.images.generations").unwrap()];
         assert_eq!(
-            d(Method::POST, "/v1beta/models/x:predictLongRunning", &allow)
+            d(Method::POST, "/v1beta/openai/images/generations", &allow)
                 .unwrap()
                 .name,
-            "models.predictLongRunning"
+            "openai.images.generations"
         );
         assert!(matches!(
             d(Method::POST, "/v1beta/interactions", &[]),

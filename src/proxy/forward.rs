@@ -99,6 +99,7 @@ async fn forward_inner(
     let canon = canonical(uri_in.path()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (path, query) = (&*canon, uri_in.query());
     let decision = tenancy::decision(&rt, &parts.method, path)?;
+    tenancy::screen(&parts.headers, &decision)?;
     let route = classify(&parts.method, path, query, &parts.headers);
     *label = route.label();
     let max = rt.config.server.max_request_bytes;
@@ -106,15 +107,7 @@ async fn forward_inner(
         return Err(ApiError::too_large(max));
     }
     let (key, continued) = identify(proxy, &route, &parts.headers, query)?;
-    if decision.access != Access::None {
-        let user = proxy.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
-        tenancy::check_path(&proxy.owners, user.id(), &decision, path)?;
-    }
-    let adopts = decision.access == Access::Path && tenancy::may_adopt(&parts.method, path);
-    if adopts || matches!(decision.access, Access::Create(_) | Access::PathCreate(_)) {
-        // The answer is read for the new resource's name: plain JSON, not compressed.
-        parts.headers.remove(header::ACCEPT_ENCODING);
-    }
+    let adopts = owned_phase(proxy, &decision, key, &mut parts, path)?;
     let tags = take_tags(&mut parts.headers);
     let gateway_base = route
         .needs_gateway_base()
@@ -170,6 +163,27 @@ async fn forward_inner(
     answer(call, resp, admitted, metered, gateway_base, body_stream).await
 }
 
+/// The caller must own the resource the path names; an answer read for a resource's name (a
+/// create, or a read that may hand over produced files) is asked for uncompressed. True for
+/// such a read.
+fn owned_phase(
+    proxy: &Proxy,
+    decision: &Decision,
+    key: KeyEntry,
+    parts: &mut http::request::Parts,
+    path: &str,
+) -> Result<bool, ApiError> {
+    if decision.access != Access::None {
+        let user = proxy.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
+        tenancy::check_path(&proxy.owners, user.id(), decision, path)?;
+    }
+    let adopts = decision.access == Access::Path && tenancy::may_adopt(&parts.method, path);
+    if adopts || matches!(decision.access, Access::Create(_) | Access::PathCreate(_)) {
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    Ok(adopts)
+}
+
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
@@ -212,7 +226,7 @@ async fn request_body(
     let openai = call.route.model_in_body();
     let hard = call.route.counts_prompt_text() || openai;
     let hard = hard && hard_budget(call);
-    let video = matches!(call.route, Route::VideoCreate { .. });
+    let video = matches!(call.route, Route::VideoCreate { .. } | Route::BatchCreate { .. });
     if !openai && !hard && !video {
         let counting = CountingBody::new(body, call.tally.clone(), max, call.route.counts_prompt_text());
         if !call.decision.refs {
@@ -240,6 +254,7 @@ async fn request_body(
         RefCheck::new(call.proxy, &call.rt, call.key).whole(&bytes)?;
     }
     if video {
+        surfaces::screen_body(&call.route, &v)?;
         call.tally
             .video_seconds
             .store(surfaces::requested_seconds(&v), Ordering::Relaxed);
@@ -332,6 +347,8 @@ fn upstream_request(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     parts.headers.remove(header::AUTHORIZATION);
+    // A field mask could trim the usage report the call is billed from.
+    parts.headers.remove("x-goog-fieldmask");
     let bad_key = || ApiError::internal("The upstream key is not a valid header value.");
     let upstream_key = rt.upstream_headers.key.clone().ok_or_else(bad_key)?;
     if openai {
@@ -527,7 +544,13 @@ async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<
         .registry
         .user_of(call.key)
         .ok_or_else(ApiError::invalid_key)?;
-    let v = tenancy::list(call.proxy, &call.rt, user.id(), kind, call.path, query).await?;
+    let (v, items) = tenancy::list(call.proxy, &call.rt, user.id(), kind, call.path, query).await?;
+    if kind == Kind::Batch {
+        // A finished batch read through the list is billed as through a get.
+        for (name, item) in &items {
+            surfaces::bill_batch_read(call.proxy, call.key, call.tags.clone(), name, item).await;
+        }
+    }
     Ok(json_response(http::StatusCode::OK, &v))
 }
 

@@ -73,8 +73,8 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 pub fn strip_key_param(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
     for pair in query.split('&') {
-        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
-        if name == "key" || pair.is_empty() {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if pair.is_empty() || !passes_upstream(name, value) {
             continue;
         }
         if !out.is_empty() {
@@ -83,6 +83,31 @@ pub fn strip_key_param(query: &str) -> String {
         out.push_str(pair);
     }
     out
+}
+
+/// Whether a query parameter goes upstream. Not the caller's key; not a field mask (`fields`,
+/// `$fields`), which could trim the usage report the gateway bills from; not an `alt` other than
+/// `sse`, `json` or `media` (a protobuf answer could not be metered). Names are compared
+/// decoded, as the upstream reads them.
+fn passes_upstream(name: &str, value: &str) -> bool {
+    let plain = |s: &str| !s.contains(['%', '+']);
+    let name = if plain(name) {
+        name.to_string()
+    } else {
+        percent_decode(name)
+    };
+    match name.as_str() {
+        "key" | "fields" | "$fields" => false,
+        "alt" | "$alt" => {
+            let v = if plain(value) {
+                value.to_string()
+            } else {
+                percent_decode(value)
+            };
+            matches!(v.as_str(), "sse" | "json" | "media")
+        }
+        _ => true,
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -225,6 +250,10 @@ mod tests {
         assert_eq!(strip_key_param("key=1&alt=sse"), "alt=sse");
         assert_eq!(strip_key_param("alt=sse&key=1&upload_id=x"), "alt=sse&upload_id=x");
         assert_eq!(strip_key_param("key=1"), "");
+        assert_eq!(
+            strip_key_param("%6Bey=gm_x&fields=name&%24fields=a&alt=proto&alt=sse&x=1"),
+            "alt=sse&x=1"
+        );
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
     }
 

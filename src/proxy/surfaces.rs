@@ -169,6 +169,23 @@ pub async fn bill_batch_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
     mark_settled(proxy, name).await;
 }
 
+/// What a body read whole must not ask for: a batch whose input is a file (its results come
+/// back in a file the gateway does not meter yet).
+pub fn screen_body(route: &super::route::Route, v: &Value) -> Result<(), crate::error::ApiError> {
+    let file_input = ["/batch/inputConfig/fileName", "/batch/input_config/file_name"]
+        .iter()
+        .any(|p| v.pointer(p).is_some());
+    if matches!(route, super::route::Route::BatchCreate { .. }) && file_input {
+        return Err(crate::error::ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "not_metered",
+            "This method is not available through this gateway: a batch whose input is a file is not metered yet; send its requests inline.",
+        ));
+    }
+    Ok(())
+}
+
 /// Veo's default length of a video when the request names none.
 const DEFAULT_VIDEO_SECONDS: u64 = 8;
 
@@ -224,7 +241,7 @@ pub async fn bill_video_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
         .get("seconds")
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_VIDEO_SECONDS)
-        * samples;
+        .saturating_mul(samples);
     let owners = &proxy.owners;
     match owners.claim_settlement(name) {
         Ok(true) => {}

@@ -72,6 +72,32 @@ pub fn decision(rt: &Runtime, method: &Method, path: &str) -> Result<Decision, A
     decide(method, &target, &rt.config.routes.allow_unmetered).map_err(|d| denied(&d))
 }
 
+/// Headers that would make the upstream run another method than the one the policy judged.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// A request the policy allowed must also be what the upstream will act on: no method
+/// override, and a body that can name resources must be JSON (the only form the reference
+/// scanner reads).
+pub fn screen(headers: &http::HeaderMap, d: &Decision) -> Result<(), ApiError> {
+    if METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
+        return Err(ApiError::bad_request(
+            "Method override headers are not accepted by this gateway.",
+        ));
+    }
+    if d.refs
+        && let Some(ct) = headers.get(header::CONTENT_TYPE)
+    {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if essence != "application/json" {
+            return Err(ApiError::bad_request(format!(
+                "This method takes a JSON body (Content-Type: application/json), not {essence:?}."
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The path after the version (`files/abc`), for a canonical proxied path.
 pub fn rest_of(path: &str) -> &str {
     Target::of(path).map_or("", |t| t.rest)
@@ -333,6 +359,7 @@ async fn fetch(proxy: &Proxy, rt: &Runtime, version: &str, name: &str) -> Result
 }
 
 /// A list of the caller's own resources of `kind`, in Gemini's shape (an empty list is `{}`),
+/// with the items read (name and object, for billing what a list shows finished),
 /// paged with `pageSize` and `pageToken`. Answered from the ownership index, each item fetched
 /// from the upstream: filtering the upstream's own pages would read every tenant's resources to
 /// find one user's, and its pages would come out short or empty.
@@ -343,7 +370,7 @@ pub async fn list(
     kind: Kind,
     path: &str,
     query: Option<&str>,
-) -> Result<Value, ApiError> {
+) -> Result<(Value, Vec<(String, Value)>), ApiError> {
     let q = query.unwrap_or("");
     let size = match query_param(q, "pageSize").filter(|s| !s.is_empty()) {
         None => DEFAULT_PAGE,
@@ -357,7 +384,9 @@ pub async fn list(
         None => u64::MAX,
         Some(t) => parse_token(&t).ok_or_else(|| ApiError::bad_request("Invalid page token."))?,
     };
-    let version = Target::of(path).map_or("v1beta", |t| t.version);
+    // Resources live under v1beta (v1 lacks most of them): a list through /v1 reads them there.
+    let version = "v1beta";
+    let _ = path;
     let owners = &proxy.owners;
     let mut items = Vec::new();
     let mut more = false;
@@ -368,14 +397,10 @@ pub async fn list(
         before = last.seq;
         let fetched = futures_util::future::join_all(batch.iter().map(|e| fetch(proxy, rt, version, &e.name))).await;
         for (e, got) in batch.iter().zip(fetched) {
-            match got? {
-                Some(v) => items.push(v),
-                // Gone upstream (expired, or deleted by its TTL): forget it.
-                None => {
-                    if let Err(err) = owners.forget(&e.name) {
-                        tracing::warn!(error = %err, "ownership entry not forgotten");
-                    }
-                }
+            // Gone upstream (expired, deleted by its TTL), or not readable now: left out, and
+            // kept (a passing 403 must not cost the owner their resource).
+            if let Some(v) = got? {
+                items.push((e.name.clone(), v));
             }
         }
         if items.len() >= size {
@@ -385,12 +410,15 @@ pub async fn list(
     }
     let mut out = Map::new();
     if !items.is_empty() {
-        out.insert(kind.list_field().into(), Value::Array(items));
+        out.insert(
+            kind.list_field().into(),
+            Value::Array(items.iter().map(|(_, v)| v.clone()).collect()),
+        );
     }
     if more {
         out.insert("nextPageToken".into(), Value::String(format!("gm{before:x}")));
     }
-    Ok(Value::Object(out))
+    Ok((Value::Object(out), items))
 }
 
 fn parse_token(t: &str) -> Option<u64> {
@@ -459,26 +487,32 @@ pub fn may_adopt(method: &Method, path: &str) -> bool {
     method == Method::GET && matches!(resource_of(rest_of(path)), Some((Kind::Operation | Kind::Batch, _)))
 }
 
-/// Files an operation's or batch's result names (`uri`, `responsesFile`, `fileName`).
+/// Files an operation's or batch's result names: a batch's `responsesFile`, a video
+/// operation's generated samples. Only those exact fields: the rest of an answer (a batch's
+/// metadata, a model's output) echoes what the caller wrote, and must not hand them a file.
 fn produced_files(v: &Value, host: &str, out: &mut Vec<String>) {
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                if let (Some(s), true) = (v.as_str(), matches!(k.as_str(), "uri" | "responsesFile" | "fileName")) {
-                    let r = crate::ownership::references::Reference {
-                        key: crate::ownership::references::RefKey::FileUri,
-                        value: s.to_string(),
-                    };
-                    if let Some((Kind::File, name)) = required(&r, host) {
-                        out.push(name);
-                    }
-                } else {
-                    produced_files(v, host, out);
-                }
-            }
+    let mut candidates: Vec<&str> = ["/response/responsesFile", "/metadata/output/responsesFile"]
+        .iter()
+        .filter_map(|p| v.pointer(p).and_then(Value::as_str))
+        .collect();
+    if let Some(samples) = v
+        .pointer("/response/generateVideoResponse/generatedSamples")
+        .and_then(Value::as_array)
+    {
+        candidates.extend(
+            samples
+                .iter()
+                .filter_map(|s| s.pointer("/video/uri").and_then(Value::as_str)),
+        );
+    }
+    for s in candidates {
+        let r = crate::ownership::references::Reference {
+            key: crate::ownership::references::RefKey::FileUri,
+            value: s.to_string(),
+        };
+        if let Some((Kind::File, name)) = required(&r, host) {
+            out.push(name);
         }
-        Value::Array(a) => a.iter().for_each(|v| produced_files(v, host, out)),
-        _ => {}
     }
 }
 

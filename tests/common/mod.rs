@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod records;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
 use super::LoadError;
-use super::client::connect;
+use super::client::{TlsClient, connect_with};
 
 /// Bound on one admin call, so a wedged gateway cannot hang the tool.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +20,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Admin {
     addr: SocketAddr,
     token: String,
+    tls: Option<TlsClient>,
 }
 
 /// What the ledger holds for the current month.
@@ -36,12 +37,21 @@ pub struct Summary {
 impl Admin {
     /// An admin client for the gateway at `addr`.
     pub fn new(addr: SocketAddr, token: String) -> Self {
-        Admin { addr, token }
+        Admin { addr, token, tls: None }
+    }
+
+    /// An admin client for the gateway at `addr` serving TLS (`--tls`).
+    pub fn with_tls(addr: SocketAddr, token: String, tls: TlsClient) -> Self {
+        Admin {
+            addr,
+            token,
+            tls: Some(tls),
+        }
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), LoadError> {
         let fut = async {
-            let mut sender = connect(self.addr)
+            let mut sender = connect_with(self.addr, self.tls.as_ref())
                 .await
                 .map_err(|e| LoadError::Admin(format!("connect: {e}")))?;
             let body = match body {

@@ -207,6 +207,8 @@ impl Counter {
             chunks: self.chunks,
             stagger: Duration::ZERO,
             requests: Some(requests),
+            tls: None,
+            fresh: false,
         };
         if self.warmup > 0 {
             run_phase(&phase(self.warmup)).await;

@@ -18,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Barrier;
+use tokio_rustls::TlsConnector;
 
 use super::CallKind;
 use super::stats::Tally;
@@ -45,6 +46,33 @@ pub enum ConnectError {
     /// The HTTP/1 handshake failed.
     #[error("handshake: {0}")]
     Http(#[from] hyper::Error),
+}
+
+/// The client side of `--tls`: a connector that trusts the run's own CA.
+#[derive(Clone)]
+pub struct TlsClient(pub TlsConnector);
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
+/// Opens a keep-alive HTTP/1.1 connection to `addr`, over TLS when `tls` is set (the server
+/// certificate names 127.0.0.1).
+pub async fn connect_with(addr: SocketAddr, tls: Option<&TlsClient>) -> Result<Sender, ConnectError> {
+    let Some(TlsClient(tls)) = tls else {
+        return connect(addr).await;
+    };
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+    let stream = tls.connect(name, stream).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// Opens a keep-alive HTTP/1.1 connection to `addr`; the connection runs in its own task.
@@ -80,6 +108,11 @@ pub struct Phase {
     pub stagger: Duration,
     /// Requests to send in all, shared by the workers (`None`: as many as `duration` allows).
     pub requests: Option<u64>,
+    /// Connect over TLS (`--tls`).
+    pub tls: Option<TlsClient>,
+    /// A new connection for every request (to measure what a connection, and its TLS
+    /// handshake, costs) instead of keep-alive.
+    pub fresh: bool,
 }
 
 impl Phase {
@@ -115,6 +148,8 @@ pub async fn run_phase(p: &Phase) -> Tally {
             key,
             chunks: p.chunks,
             tickets: tickets.clone(),
+            tls: p.tls.clone(),
+            fresh: p.fresh,
         };
         let barrier = barrier.clone();
         let duration = p.duration;
@@ -150,6 +185,8 @@ struct Worker {
     key: HeaderValue,
     chunks: u32,
     tickets: Option<Arc<AtomicU64>>,
+    tls: Option<TlsClient>,
+    fresh: bool,
 }
 
 /// How one request ended.
@@ -163,7 +200,7 @@ enum Outcome {
 impl Worker {
     async fn run(self, barrier: Arc<Barrier>, duration: Duration, offset: Duration) -> Tally {
         let mut t = Tally::default();
-        let mut sender = match connect(self.addr).await {
+        let mut sender = match connect_with(self.addr, self.tls.as_ref()).await {
             Ok(s) => Some(s),
             Err(_) => {
                 t.errors.transport += 1;
@@ -178,7 +215,7 @@ impl Worker {
         while Instant::now() < deadline {
             let mut s = match sender.take() {
                 Some(s) if !s.is_closed() => s,
-                _ => match connect(self.addr).await {
+                _ => match self.timed_connect(&mut t).await {
                     Ok(s) => s,
                     Err(_) => {
                         t.errors.transport += 1;
@@ -204,11 +241,20 @@ impl Worker {
                 Outcome::Transport => t.errors.transport += 1,
                 Outcome::Short => t.errors.short_stream += 1,
             }
-            if keep {
+            // A fresh connection per request: this one is dropped (closed) here.
+            if keep && !self.fresh {
                 sender = Some(s);
             }
         }
         t
+    }
+
+    /// Connects (over TLS when set) and records how long connect and handshakes took.
+    async fn timed_connect(&self, t: &mut Tally) -> Result<Sender, ConnectError> {
+        let started = Instant::now();
+        let s = connect_with(self.addr, self.tls.as_ref()).await?;
+        t.connect.record(started.elapsed());
+        Ok(s)
     }
 
     /// Whether another request may be sent (always, unless the phase has a request count).

@@ -19,12 +19,14 @@ mod procs;
 mod report;
 mod run;
 mod stats;
+mod tls;
 
 use std::time::Duration;
 
 pub use callgrind::{Callgrind, CallgrindStatus, Count};
 pub use report::Report;
 pub use run::run;
+pub use tls::{TlsFigures, TlsRow};
 
 /// Which calls to drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,9 @@ pub struct Options {
     /// Also count, under valgrind's callgrind, the user-space instructions of this many unary
     /// requests through the gateway and the hyper target.
     pub callgrind: Option<u64>,
+    /// Also measure TLS: a second gateway serving TLS, keep-alive and a new connection per
+    /// request, against the plain one (needs the openssl command line).
+    pub tls: bool,
 }
 
 /// Why a load run could not be carried out (a failed request is a figure, not an error).

@@ -140,6 +140,8 @@ pub struct Report {
     pub gateway_clean_exit: bool,
     /// `--callgrind`: instructions per request under valgrind.
     pub callgrind: Option<CallgrindStatus>,
+    /// `--tls`: what TLS costs.
+    pub tls: Option<super::tls::TlsFigures>,
 }
 
 /// One of the targets, judged.
@@ -396,6 +398,9 @@ impl Report {
             };
             let _ = writeln!(s, "  {:<48} {:<40} {verdict}", c.what, c.measured);
         }
+        if let Some(t) = &self.tls {
+            s.push_str(&t.table());
+        }
         if let Some(c) = &self.callgrind {
             s.push_str(&c.table());
         }
@@ -479,6 +484,7 @@ impl Report {
             },
             "checks": checks,
             "callgrind": self.callgrind.as_ref().map(CallgrindStatus::json),
+            "tls": self.tls.as_ref().map(super::tls::TlsFigures::json),
         })
     }
 }

@@ -94,6 +94,8 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
                 CallKind::Unary => Duration::ZERO,
             },
             requests: None,
+            tls: None,
+            fresh: false,
         };
         if !opts.warmup.is_zero() {
             for (target, addr, keys) in &targets {
@@ -132,6 +134,17 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         kinds.push(kind_report(kind, &targets, tallies, cpu));
     }
 
+    let tls = if opts.tls {
+        let plain = super::tls::Plain {
+            pid: gateway.pid(),
+            addr: gw_addr,
+            keys: &targets[1].2,
+        };
+        Some(super::tls::measure(opts, mock_addr, dir.path(), plain, &mut gateway_ok, &mut gateway_failed).await)
+    } else {
+        None
+    };
+
     // A gateway that died under load is a finding, not a reason to lose every figure measured.
     let metering = match check_metering(&admin, gateway_ok, gateway_failed).await {
         Ok(m) => m,
@@ -169,6 +182,7 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         metering,
         gateway_clean_exit,
         callgrind,
+        tls,
     })
 }
 

@@ -104,6 +104,8 @@ pub struct Tally {
     pub ttfb: Hist,
     /// Between consecutive stream events as the client received them.
     pub gap: Hist,
+    /// TCP connect plus TLS handshake of connections opened during the load (`--tls`).
+    pub connect: Hist,
 }
 
 impl Tally {
@@ -115,6 +117,7 @@ impl Tally {
         self.latency.merge(&o.latency);
         self.ttfb.merge(&o.ttfb);
         self.gap.merge(&o.gap);
+        self.connect.merge(&o.connect);
     }
 
     /// Successful requests per second over the measured time.
