@@ -46,25 +46,30 @@ async fn embeddings_are_metered_with_estimated_prompt_tokens() {
         &h,
         &key,
         "/v1beta/models/gemini-embedding-001:batchEmbedContents",
-        json!({"requests": [
-            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]}},
-            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]}}]}),
+        json!({"requests": (0..10)
+            .map(|_| json!({"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]}}))
+            .collect::<Vec<_>>()}),
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["embeddings"].as_array().unwrap().len(), 2);
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 10);
     let recs = h.records("emb").await;
     let ai = of_kind(&recs, "ai_response");
     assert_eq!(ai.len(), 2, "{recs:?}");
     let mut tokens: Vec<u64> = ai.iter().map(|r| r.tokens).collect();
     tokens.sort_unstable();
-    assert_eq!(tokens, [10, 20]);
+    // One input of 10 estimated tokens; a batch of 10 of them.
+    assert_eq!(tokens, [10, 100]);
     for r in &ai {
         let md = r.metadata();
         assert_eq!(md["token_source"], "estimated", "{md}");
         assert_eq!(md["model"], "gemini-embedding-001");
         assert_eq!(md["output_tokens"], 0);
-        assert!(r.cost > rust_decimal::Decimal::ZERO);
+        // An unlisted model: the config's ai_response_per_token (0.0001) per token, exactly.
+        assert_eq!(
+            r.cost.normalize(),
+            (rust_decimal::Decimal::from(r.tokens) * rust_decimal::Decimal::new(1, 4)).normalize()
+        );
     }
     assert_eq!(of_kind(&recs, "message_sent").len(), 2);
 }

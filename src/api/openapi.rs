@@ -518,6 +518,26 @@ pub struct ExportQuery {
     pub format: Option<String>,
 }
 
+/// `?limit=&cursor=` of the admin pages that go on by an opaque cursor.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CursorQuery {
+    /// Items per page (capped by the route).
+    #[param(minimum = 1)]
+    pub limit: Option<u64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of an admin list.
+#[derive(ToSchema)]
+pub struct CursorPage {
+    /// The items.
+    pub data: Vec<Value>,
+    /// The next page's cursor; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
 /// `GET /admin/resources`.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -720,6 +740,23 @@ pub mod ops {
         responses((status = 200, body = ConfigStatus), (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope)))]
     pub fn config_status() {}
 
+    /// The users, page by page (by id).
+    #[utoipa::path(get, path = "/admin/users", tag = "admin", params(CursorQuery), security(("admin_token" = [])),
+        responses((status = 200, body = CursorPage), (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope)))]
+    pub fn list_users() {}
+
+    /// A user's totals for a month.
+    #[utoipa::path(get, path = "/admin/users/{id}/usage", tag = "admin", params(("id" = String, Path, description = "The user id"), MonthQuery),
+        security(("admin_token" = [])),
+        responses((status = 200, body = Value), (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope),
+                  (status = 403, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)))]
+    pub fn user_usage() {}
+
+    /// The audit trail of admin actions, newest first.
+    #[utoipa::path(get, path = "/admin/audit", tag = "admin", params(CursorQuery), security(("admin_token" = [])),
+        responses((status = 200, body = CursorPage), (status = 400, body = ErrorEnvelope), (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope)))]
+    pub fn audit() {}
+
     /// Upstream resources: a user's (`user`), or one upstream page of those no one owns
     /// (`unowned=true`, with `kind` and `pageToken`).
     #[utoipa::path(get, path = "/admin/resources", tag = "admin", params(ResourcesQuery), security(("admin_token" = [])),
@@ -791,7 +828,7 @@ impl Modify for Security {
         ops::create_user, ops::get_user, ops::patch_user, ops::delete_user, ops::create_key, ops::list_keys, ops::user_statement,
         ops::revoke_key, ops::admin_usage, ops::analytics_daily, ops::analytics_summary, ops::analytics_models,
         ops::analytics_top_users, ops::analytics_tags, ops::export, ops::alerts, ops::reload, ops::config_status, ops::retention_run,
-        ops::list_resources, ops::assign_resource, ops::delete_resource,
+        ops::list_resources, ops::assign_resource, ops::delete_resource, ops::list_users, ops::user_usage, ops::audit,
     ),
     modifiers(&Security),
     tags(
