@@ -371,16 +371,20 @@ async fn lists_page_through_the_callers_own_resources_only() {
         .collect();
     assert_eq!(names, [his[3].as_str(), his[2].as_str()]);
     assert_eq!(page(carol.clone(), None).await, json!({}));
-    // A forged token only pages the caller's own list.
+    // Another user's resource as a token: refused like any bad token.
+    let forged = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mine[0])
+    };
     let (s, _) = call(
         &h,
         &carol,
         Method::GET,
-        "/v1beta/cachedContents?pageToken=gmffffffff",
+        &format!("/v1beta/cachedContents?pageToken={forged}"),
         None,
     )
     .await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 400);
     let (s, v) = call(
         &h,
         &carol,
@@ -831,6 +835,27 @@ async fn what_the_upstream_acts_on_is_what_the_policy_judged() {
     )
     .await;
     assert!(s == 403, "{v}");
+    // Names are Gemini's to choose: a chosen one would tell whether someone else holds it.
+    let r = h
+        .http
+        .post(h.url("/upload/v1beta/files"))
+        .header("x-goog-api-key", &bob)
+        .header("X-Goog-Upload-Protocol", "resumable")
+        .header("X-Goog-Upload-Command", "start")
+        .json(&json!({"file": {"name": "files/guess-alices-name"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (s, _) = call(
+        &h,
+        &bob,
+        Method::POST,
+        "/v1beta/tunedModels?tunedModelId=mine",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 400);
     // A list through /v1 reads the resources under v1beta and keeps them.
     let file = upload(&h, &alice, b"kept").await;
     let (s, v) = call(&h, &alice, Method::GET, "/v1/files", None).await;

@@ -136,6 +136,11 @@ impl Owners {
         self.by_name.get(name).map(|e| e.user.clone())
     }
 
+    /// The creation number of `user`'s resource `name` (a list's page token).
+    pub fn seq_of(&self, user: &str, name: &str) -> Option<u64> {
+        self.by_name.get(name).filter(|e| &*e.user == user).map(|e| e.seq)
+    }
+
     /// Whether `user` owns the index name.
     pub fn owns(&self, user: &str, name: &str) -> bool {
         self.by_name.get(name).is_some_and(|e| &*e.user == user)

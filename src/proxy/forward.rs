@@ -99,7 +99,7 @@ async fn forward_inner(
     let canon = canonical(uri_in.path()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (path, query) = (&*canon, uri_in.query());
     let decision = tenancy::decision(&rt, &parts.method, path)?;
-    tenancy::screen(&parts.headers, &decision)?;
+    tenancy::screen(&parts.headers, uri_in.query(), &decision)?;
     let route = classify(&parts.method, path, query, &parts.headers);
     *label = route.label();
     let max = rt.config.server.max_request_bytes;
@@ -226,6 +226,9 @@ async fn request_body(
     let openai = call.route.model_in_body();
     let hard = call.route.counts_prompt_text() || openai;
     let hard = hard && hard_budget(call);
+    if matches!(call.route, Route::UploadStart { .. }) {
+        return Ok((tenancy::upload_metadata(body).await?, None, None));
+    }
     let video = matches!(call.route, Route::VideoCreate { .. } | Route::BatchCreate { .. });
     if !openai && !hard && !video {
         let counting = CountingBody::new(body, call.tally.clone(), max, call.route.counts_prompt_text());
@@ -544,7 +547,7 @@ async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<
         .registry
         .user_of(call.key)
         .ok_or_else(ApiError::invalid_key)?;
-    let (v, items) = tenancy::list(call.proxy, &call.rt, user.id(), kind, call.path, query).await?;
+    let (v, items) = tenancy::list(call.proxy, &call.rt, user.id(), kind, query).await?;
     if kind == Kind::Batch {
         // A finished batch read through the list is billed as through a get.
         for (name, item) in &items {

@@ -78,11 +78,14 @@ const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", 
 /// A request the policy allowed must also be what the upstream will act on: no method
 /// override, and a body that can name resources must be JSON (the only form the reference
 /// scanner reads).
-pub fn screen(headers: &http::HeaderMap, d: &Decision) -> Result<(), ApiError> {
+pub fn screen(headers: &http::HeaderMap, query: Option<&str>, d: &Decision) -> Result<(), ApiError> {
     if METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
         return Err(ApiError::bad_request(
             "Method override headers are not accepted by this gateway.",
         ));
+    }
+    if d.name == "tunedModels.create" && query.is_some_and(|q| query_param(q, "tunedModelId").is_some()) {
+        return Err(chosen_name());
     }
     if d.refs
         && let Some(ct) = headers.get(header::CONTENT_TYPE)
@@ -96,6 +99,35 @@ pub fn screen(headers: &http::HeaderMap, d: &Decision) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// A name chosen by the caller would let them probe (Gemini answers 409 when it is taken, by
+/// anyone) or squat another user's: Gemini names what is created through the gateway.
+fn chosen_name() -> ApiError {
+    ApiError::bad_request("Choosing a resource's name is not available through this gateway: Gemini names it.")
+}
+
+/// Largest metadata body of an upload's start.
+const MAX_UPLOAD_METADATA: usize = 1 << 20;
+
+/// The metadata of an upload's start, read whole (it is small): a `file.name` the caller chose
+/// is refused (see [`chosen_name`]).
+pub async fn upload_metadata<B>(body: B) -> Result<ProxyBody, ApiError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let bytes = Limited::new(body, MAX_UPLOAD_METADATA)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request("The upload's metadata could not be read or is too large."))?
+        .to_bytes();
+    if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+        && v.pointer("/file/name").is_some_and(|n| !n.is_null())
+    {
+        return Err(chosen_name());
+    }
+    Ok(ProxyBody::full(bytes))
 }
 
 /// The path after the version (`files/abc`), for a canonical proxied path.
@@ -368,7 +400,6 @@ pub async fn list(
     rt: &Runtime,
     user: &str,
     kind: Kind,
-    path: &str,
     query: Option<&str>,
 ) -> Result<(Value, Vec<(String, Value)>), ApiError> {
     let q = query.unwrap_or("");
@@ -382,19 +413,22 @@ pub async fn list(
     };
     let mut before = match query_param(q, "pageToken").filter(|s| !s.is_empty()) {
         None => u64::MAX,
-        Some(t) => parse_token(&t).ok_or_else(|| ApiError::bad_request("Invalid page token."))?,
+        Some(t) => parse_token(&t)
+            .and_then(|name| proxy.owners.seq_of(user, &name))
+            .ok_or_else(|| ApiError::bad_request("Invalid page token."))?,
     };
     // Resources live under v1beta (v1 lacks most of them): a list through /v1 reads them there.
     let version = "v1beta";
-    let _ = path;
     let owners = &proxy.owners;
     let mut items = Vec::new();
     let mut more = false;
+    let mut last_name = String::new();
     loop {
         let want = size - items.len();
         let batch = owners.page(user, |k| k == kind, before, want);
         let Some(last) = batch.last() else { break };
         before = last.seq;
+        last_name.clone_from(&last.name);
         let fetched = futures_util::future::join_all(batch.iter().map(|e| fetch(proxy, rt, version, &e.name))).await;
         for (e, got) in batch.iter().zip(fetched) {
             // Gone upstream (expired, deleted by its TTL), or not readable now: left out, and
@@ -416,13 +450,22 @@ pub async fn list(
         );
     }
     if more {
-        out.insert("nextPageToken".into(), Value::String(format!("gm{before:x}")));
+        out.insert("nextPageToken".into(), Value::String(page_token(&last_name)));
     }
     Ok((Value::Object(out), items))
 }
 
-fn parse_token(t: &str) -> Option<u64> {
-    u64::from_str_radix(t.strip_prefix("gm")?, 16).ok()
+/// A page token: the last listed resource's name (the caller's own), encoded. Nothing about
+/// other users' resources (a global counter would tell how many they made in between).
+fn page_token(last_name: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_name)
+}
+
+fn parse_token(t: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok()?;
+    String::from_utf8(raw).ok()
 }
 
 /// The names a create call's answer gives the new resource of `kind`, as index names.
@@ -587,7 +630,7 @@ mod tests {
             ["models/veo-3/operations/op9"]
         );
         assert!(created_names(&json!({"name": "files/x"}), Kind::Batch).is_empty());
-        assert_eq!(parse_token("gm1f"), Some(31));
-        assert_eq!(parse_token("1f"), None);
+        assert_eq!(parse_token(&page_token("files/abc")).as_deref(), Some("files/abc"));
+        assert_eq!(parse_token("!!"), None);
     }
 }
