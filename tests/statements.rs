@@ -151,13 +151,20 @@ async fn statement_pdf_and_csv_match_the_ledger_including_unapplied_records() {
             text.contains(&format!("{model} {}", amounts(&t))),
             "model {model}:\n{text}"
         );
-        // Until records carry their price rule, the rules are the type and model.
-        for kind in ["message_sent", "ai_response"] {
-            let t = group(&recs, |r| {
-                format!("{} {}", r.kind().as_str(), r.model().unwrap_or_default())
-            })[&format!("{kind} {model}")];
-            assert!(text.contains(&format!("{kind} {model} {}", amounts(&t))), "{text}");
-        }
+        // Message records have no price rule: their rule is the type and model. Responses
+        // carry theirs (`metadata.price`): one row per rule, its amounts on the next line when
+        // the label is long.
+        let by = group(&recs, |r| {
+            format!("{} {}", r.kind().as_str(), r.model().unwrap_or_default())
+        });
+        let t = by[&format!("message_sent {model}")];
+        assert!(
+            text.contains(&format!("message_sent {model} {}", amounts(&t))),
+            "{text}"
+        );
+        let t = by[&format!("ai_response {model}")];
+        assert!(text.contains(&format!("ai_response {model} @ ")), "{text}");
+        assert!(text.contains(&amounts(&t)), "{text}");
     }
     for (day, t) in group(&recs, |r| r.created_at.format("%Y-%m-%d").to_string()) {
         assert!(text.contains(&format!("{day} {}", amounts(&t))), "day {day}:\n{text}");

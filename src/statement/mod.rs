@@ -53,7 +53,7 @@ impl PriceRule {
         let price = match r.metadata().get("price") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(serde_json::Value::Null) | None => None,
-            Some(v) => Some(v.to_string()),
+            Some(v) => Some(rule_of_price(v)),
         };
         PriceRule {
             kind: r.kind().as_str(),
@@ -75,6 +75,42 @@ impl PriceRule {
         }
         s
     }
+}
+
+/// The rule of a record's `metadata.price`: the price entry, context tier, batch discount and
+/// the rates applied (part, modality, rate), without the quantities and costs, so records
+/// priced the same way group together.
+fn rule_of_price(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let s = |k: &str| v.get(k).and_then(Value::as_str);
+    let mut out = s("entry").unwrap_or("defaults").to_string();
+    if let Some(c) = s("context") {
+        out.push(' ');
+        out.push_str(c);
+    }
+    if let Some(d) = v.get("batch_discount").filter(|d| !d.is_null()) {
+        out.push_str(" batch -");
+        out.push_str(d.as_str().map_or_else(|| d.to_string(), str::to_string).as_str());
+    }
+    let lines = v
+        .get("lines")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, l) in lines.iter().enumerate() {
+        out.push_str(if i == 0 { ": " } else { ", " });
+        out.push_str(l.get("part").and_then(Value::as_str).unwrap_or("?"));
+        if let Some(m) = l.get("modality").and_then(Value::as_str) {
+            out.push('/');
+            out.push_str(m);
+        }
+        out.push('=');
+        let rate = l
+            .get("rate")
+            .map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_string));
+        out.push_str(rate.as_deref().unwrap_or("?"));
+    }
+    out
 }
 
 /// One user's month, ready to render.
