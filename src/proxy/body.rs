@@ -11,6 +11,32 @@ use http_body::{Body, Frame, SizeHint};
 pub use crate::body::{BoxError, ProxyBody};
 use crate::metering::scan::TextCounter;
 
+/// Most a refused request's unread body is drained of, and for how long.
+const DRAIN_BYTES: usize = 4 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads (bounded) what is left of a refused request's body before the refusal is sent: a
+/// connection closed on a client still sending its body resets, and the client sees a broken
+/// connection instead of the answer.
+pub async fn drain<B>(mut body: B)
+where
+    B: Body + Unpin,
+    B::Data: bytes::Buf,
+{
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+    let mut left = DRAIN_BYTES;
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            left = left.saturating_sub(frame.data_ref().map_or(0, Buf::remaining));
+            if left == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
 /// What a request body told us as it went upstream.
 #[derive(Debug, Default)]
 pub struct RequestTally {

@@ -40,11 +40,16 @@ use crate::runtime::Runtime;
 /// Forwards a proxied request; every failure becomes a Gemini error envelope.
 pub async fn forward(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut label = "other";
-    let resp = match forward_inner(&proxy, req, &mut label).await {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let resp = match forward_inner(&proxy, parts, &mut body, &mut label).await {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_client_error() {
                 proxy.metrics.refusal(e.label);
+            }
+            if let Some(b) = body.take() {
+                super::body::drain(b).await;
             }
             e.into_response()
         }
@@ -88,12 +93,12 @@ const OUTPUT_CAPPED: header::HeaderName = header::HeaderName::from_static("x-quo
 
 async fn forward_inner(
     proxy: &Arc<Proxy>,
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: &mut Option<Incoming>,
     label: &mut &'static str,
 ) -> Result<Response<ProxyBody>, ApiError> {
     let started = Instant::now();
     let rt = proxy.live.load();
-    let (mut parts, body) = req.into_parts();
     // A clone shares the URI's bytes: path and query are borrowed from it, not copied.
     let uri_in = parts.uri.clone();
     let canon = canonical(uri_in.path()).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -126,6 +131,9 @@ async fn forward_inner(
     if let Access::List(kind) = call.decision.access {
         return list_phase(&call, kind, query).await;
     }
+    let body = body
+        .take()
+        .ok_or_else(|| ApiError::internal("The request body was already read."))?;
     let (mut upstream_body, body_model, hard) = request_body(&call, body, max).await?;
     let bm = body_model.as_ref().map(|b| b.model.as_str());
     let worst = hard.as_ref().and_then(|h| worst_case(&call, bm, h));

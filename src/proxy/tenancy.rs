@@ -239,6 +239,7 @@ where
         let Ok(data) = frame.into_data() else { continue };
         scanner.feed(&data);
         if let Some((kind, name)) = check.first_foreign(&mut scanner) {
+            super::body::drain(body).await;
             return Err(not_found(kind, &name));
         }
         held += data.len();
