@@ -8,6 +8,8 @@
 
 use memchr::memchr2;
 
+use crate::nesting::Nesting;
+
 use super::{Kind, resource_of};
 
 /// What a reference key names.
@@ -50,8 +52,6 @@ pub struct Reference {
 const MAX_KEY: usize = 64;
 /// Longest reference value kept; a longer one is refused as no resource's name.
 const MAX_VALUE: usize = 4096;
-/// Nesting tracked exactly; deeper levels are only counted.
-const MAX_STACK: usize = 4096;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -70,8 +70,7 @@ enum Esc {
 
 /// The streaming scanner of one request body.
 pub struct RefScanner {
-    stack: Vec<bool>,
-    deep: u64,
+    nesting: Nesting,
     expect_key: bool,
     /// The last key was a reference key; its value is next.
     pending: Option<RefKey>,
@@ -94,8 +93,7 @@ impl RefScanner {
     /// A scanner at the start of a document.
     pub fn new() -> Self {
         Self {
-            stack: Vec::new(),
-            deep: 0,
+            nesting: Nesting::default(),
             expect_key: false,
             pending: None,
             array: None,
@@ -152,29 +150,9 @@ impl RefScanner {
         }
     }
 
-    fn depth(&self) -> u64 {
-        self.stack.len() as u64 + self.deep
-    }
-
-    fn in_object(&self) -> bool {
-        self.deep == 0 && self.stack.last() == Some(&true)
-    }
-
-    fn push(&mut self, object: bool) {
-        if self.deep > 0 || self.stack.len() >= MAX_STACK {
-            self.deep = self.deep.saturating_add(1);
-        } else {
-            self.stack.push(object);
-        }
-    }
-
     fn pop(&mut self) {
-        if self.deep > 0 {
-            self.deep -= 1;
-        } else {
-            self.stack.pop();
-        }
-        if self.array.is_some_and(|(_, d)| d > self.depth()) {
+        self.nesting.pop();
+        if self.array.is_some_and(|(_, d)| d > self.nesting.depth()) {
             self.array = None;
         }
     }
@@ -184,27 +162,27 @@ impl RefScanner {
             b'"' => {
                 self.buf.clear();
                 self.overflow = false;
-                self.mode = if self.expect_key && self.in_object() {
+                self.mode = if self.expect_key && self.nesting.in_object() {
                     Mode::Key
                 } else if let Some(k) = self.pending.take() {
                     Mode::Capture(k)
                 } else {
                     match self.array {
-                        Some((k, d)) if d == self.depth() => Mode::Capture(k),
+                        Some((k, d)) if d == self.nesting.depth() => Mode::Capture(k),
                         _ => Mode::Skip,
                     }
                 };
                 self.expect_key = false;
             }
             b'{' => {
-                self.push(true);
+                self.nesting.push(true);
                 self.expect_key = true;
                 self.pending = None;
             }
             b'[' => {
-                self.push(false);
+                self.nesting.push(false);
                 if let Some(k) = self.pending.take() {
-                    self.array = Some((k, self.depth()));
+                    self.array = Some((k, self.nesting.depth()));
                 }
                 self.expect_key = false;
             }
@@ -214,7 +192,7 @@ impl RefScanner {
                 self.pending = None;
             }
             b',' => {
-                self.expect_key = self.in_object();
+                self.expect_key = self.nesting.in_object();
                 self.pending = None;
             }
             b':' | b' ' | b'\t' | b'\r' | b'\n' => {}
@@ -341,7 +319,7 @@ fn file_uri(v: &str, upstream_host: &str) -> Option<(Kind, String)> {
     }
     let path = after.get(end..).unwrap_or_default();
     let path = path.split(['?', '#']).next().unwrap_or_default();
-    let Ok(path) = percent_decode(path) else {
+    let Ok(path) = crate::percent::decode(path) else {
         return bad();
     };
     // A generated file's download link names the file too.
@@ -355,33 +333,6 @@ fn file_uri(v: &str, upstream_host: &str) -> Option<(Kind, String)> {
         },
         _ => bad(),
     }
-}
-
-/// A `%XX` escape that is malformed or decodes to bytes that are not UTF-8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("malformed percent-encoding")]
-pub struct BadEscape;
-
-/// `%XX` decoded; an error when an escape is malformed or the result is not UTF-8.
-pub fn percent_decode(s: &str) -> Result<String, BadEscape> {
-    if !s.contains('%') {
-        return Ok(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or(BadEscape)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| BadEscape)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| BadEscape)?);
-            i += 3;
-        } else {
-            out.push(c);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| BadEscape)
 }
 
 #[cfg(test)]

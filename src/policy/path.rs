@@ -28,7 +28,7 @@ pub fn canonical(path: &str) -> Result<Cow<'_, str>, BadPath> {
     if clean {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = crate::ownership::references::percent_decode(path).map_err(|_| BadPath)?;
+    let decoded = crate::percent::decode(path).map_err(|_| BadPath)?;
     let mut out = String::with_capacity(decoded.len());
     for seg in decoded.split('/').filter(|s| !s.is_empty()) {
         if seg == "." || seg == ".." || !seg.bytes().all(allowed) {

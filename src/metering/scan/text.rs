@@ -2,13 +2,13 @@
 
 use memchr::memchr2;
 
+use crate::nesting::Nesting;
+
 /// Counts characters of JSON string values whose key is "text" or "content" (when the value is a string) in a JSON document fed in arbitrary pieces; used on REQUEST bodies to estimate prompt tokens. Never panics, tolerates truncation.
 pub struct TextCounter {
     chars: u64,
-    /// Container kinds, innermost last (`true` = object); capped.
-    stack: Vec<bool>,
-    /// Nesting beyond the stack cap.
-    deep: u64,
+    /// The open containers.
+    nesting: Nesting,
     /// Next string in this object is a key.
     expect_key: bool,
     /// The last key was `text` or `content`; its value is not seen yet.
@@ -35,8 +35,6 @@ enum Esc {
     Unicode(u8, u16),
 }
 
-const MAX_STACK: usize = 4096;
-
 impl Default for TextCounter {
     fn default() -> Self {
         Self::new()
@@ -48,8 +46,7 @@ impl TextCounter {
     pub fn new() -> Self {
         Self {
             chars: 0,
-            stack: Vec::new(),
-            deep: 0,
+            nesting: Nesting::default(),
             expect_key: false,
             key_hit: false,
             str_kind: StrKind::None,
@@ -105,30 +102,10 @@ impl TextCounter {
         self.chars = self.chars.saturating_add(n);
     }
 
-    fn in_object(&self) -> bool {
-        self.deep == 0 && self.stack.last() == Some(&true)
-    }
-
-    fn push(&mut self, object: bool) {
-        if self.deep > 0 || self.stack.len() >= MAX_STACK {
-            self.deep = self.deep.saturating_add(1);
-        } else {
-            self.stack.push(object);
-        }
-    }
-
-    fn pop(&mut self) {
-        if self.deep > 0 {
-            self.deep -= 1;
-        } else {
-            self.stack.pop();
-        }
-    }
-
     fn structural(&mut self, b: u8) {
         match b {
             b'"' => {
-                if self.expect_key && self.in_object() {
+                if self.expect_key && self.nesting.in_object() {
                     self.str_kind = StrKind::Key;
                     self.key_len = 0;
                 } else {
@@ -138,22 +115,22 @@ impl TextCounter {
                 self.expect_key = false;
             }
             b'{' => {
-                self.push(true);
+                self.nesting.push(true);
                 self.expect_key = true;
                 self.key_hit = false;
             }
             b'[' => {
-                self.push(false);
+                self.nesting.push(false);
                 self.expect_key = false;
                 self.key_hit = false;
             }
             b'}' | b']' => {
-                self.pop();
+                self.nesting.pop();
                 self.expect_key = false;
                 self.key_hit = false;
             }
             b',' => {
-                self.expect_key = self.in_object();
+                self.expect_key = self.nesting.in_object();
                 self.key_hit = false;
             }
             b':' | b' ' | b'\t' | b'\r' | b'\n' => {}
