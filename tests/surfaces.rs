@@ -14,6 +14,19 @@ fn of_kind<'a>(records: &'a [Record], kind: &str) -> Vec<&'a Record> {
     records.iter().filter(|r| r.kind().as_str() == kind).collect()
 }
 
+/// GETs a resource with `key`: status and JSON.
+async fn get(h: &Harness, key: &str, name: &str) -> (u16, Value) {
+    let r = h
+        .http
+        .get(h.url(&format!("/v1beta/{name}")))
+        .header("x-goog-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
 async fn post(h: &Harness, key: &str, path: &str, body: Value) -> (u16, Value) {
     let r = h
         .http
@@ -174,15 +187,9 @@ async fn a_batch_is_billed_once_when_its_owner_reads_it_finished() {
     assert!(h.records("batcher").await.is_empty(), "nothing is billed at submission");
     let mut last = Value::Null;
     for _ in 0..5 {
-        let r = h
-            .http
-            .get(h.url(&format!("/v1beta/{name}")))
-            .header("x-goog-api-key", &key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        last = r.json().await.unwrap();
+        let (s, v) = get(&h, &key, &name).await;
+        assert_eq!(s, 200);
+        last = v;
     }
     assert_eq!(last["done"], true, "{last}");
     let inlined = last
@@ -214,14 +221,7 @@ async fn a_batch_is_billed_once_when_its_owner_reads_it_finished() {
     }
     // A restart does not bill it again.
     let h = h.reopen(&[]).await;
-    let r = h
-        .http
-        .get(h.url(&format!("/v1beta/{name}")))
-        .header("x-goog-api-key", &key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(get(&h, &key, &name).await.0, 200);
     assert_eq!(of_kind(&h.records("batcher").await, "ai_response").len(), 3);
 }
 
@@ -292,15 +292,8 @@ async fn a_video_is_billed_per_second_once_its_owner_reads_it_done() {
     );
     let mut done = Value::Null;
     for _ in 0..4 {
-        let r = h
-            .http
-            .get(h.url(&format!("/v1beta/{op}")))
-            .header("x-goog-api-key", &key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
+        let (s, v) = get(&h, &key, &op).await;
+        assert_eq!(s, 200);
         if v["done"] == true {
             done = v;
         }

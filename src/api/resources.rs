@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::error::{ApiError, json_response};
 use crate::ownership::{Kind, OwnedEntry, resource_of};
 use crate::proxy::body::ProxyBody;
-use crate::proxy::tenancy::upstream_call;
+use crate::proxy::own_call::upstream_call;
 
 /// The JSON of an owned entry.
 pub fn entry_json(e: &OwnedEntry) -> Value {

@@ -18,11 +18,12 @@ use super::Proxy;
 use super::body::{CountingBody, ProxyBody, RequestTally};
 use super::client::UpstreamBody;
 use super::failure::UpstreamFailure;
+use super::guard::{self, RefCheck};
 use super::headers::{GOOG_API_KEY, caller_key, query_param, strip_hop_by_hop, take_tags, upstream_uri};
 use super::metered::MeteredCall;
 use super::route::{Answer, Route, classify};
 use super::surfaces;
-use super::tenancy::{self, RefCheck};
+use super::tenancy;
 use super::upload::rewrite_upload_url;
 use crate::admission::{Admitted, WorstCase, admit};
 use crate::error::{ApiError, json_response};
@@ -244,7 +245,7 @@ async fn request_body(
             return Ok((ProxyBody::stream(counting), None, None));
         }
         let check = RefCheck::new(call.proxy, &call.rt, call.key);
-        let body = tenancy::guarded(counting, check, call.tally.clone(), max).await?;
+        let body = guard::guarded(counting, check, call.tally.clone(), max).await?;
         return Ok((body, None, None));
     }
     let bytes: Bytes = match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
@@ -396,7 +397,7 @@ async fn send(
             if let Some(m) = metered {
                 m.refused();
             }
-            return Err(tenancy::foreign_refusal(&call.tally).unwrap_or_else(|| ApiError::internal("refused")));
+            return Err(guard::foreign_refusal(&call.tally).unwrap_or_else(|| ApiError::internal("refused")));
         }
         Ok(Err(e)) if call.tally.too_large.load(Ordering::Relaxed) => {
             drop(e);
@@ -555,7 +556,7 @@ async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<
         .registry
         .user_of(call.key)
         .ok_or_else(ApiError::invalid_key)?;
-    let (v, items) = tenancy::list(call.proxy, &call.rt, user.id(), kind, query).await?;
+    let (v, items) = super::lists::list(call.proxy, &call.rt, user.id(), kind, query).await?;
     if kind == Kind::Batch {
         // A finished batch read through the list is billed as through a get.
         for (name, item) in &items {
