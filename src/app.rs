@@ -69,6 +69,8 @@ pub struct App {
     pub audit: Arc<AuditLog>,
     /// The TLS certificate in use and its reload, with `[server.tls]`.
     pub tls: Option<Arc<crate::tls::TlsReloader>>,
+    /// Cluster mode's engines (Redis, PostgreSQL); `None`: one gateway, embedded store.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl App {
@@ -79,6 +81,18 @@ impl App {
         config_path: Option<PathBuf>,
         clock: SharedClock,
         env: EnvLookup,
+    ) -> Result<(Arc<App>, Recorder), StartError> {
+        Self::open_with(config, config_path, clock, env, None)
+    }
+
+    /// [`App::open`] in cluster mode when `cluster` is given (connected by
+    /// [`crate::cluster::Cluster::connect`]).
+    pub fn open_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clock: SharedClock,
+        env: EnvLookup,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Result<(Arc<App>, Recorder), StartError> {
         let now = clock.now();
         let rt = Runtime::build(config, None, now, &env)?;
@@ -129,6 +143,7 @@ impl App {
             proxy,
             audit,
             tls,
+            cluster,
         };
         Ok((Arc::new(app), recorder))
     }

@@ -19,6 +19,7 @@ pub mod app;
 pub mod audit;
 pub mod body;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod identity;

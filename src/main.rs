@@ -474,7 +474,11 @@ fn spawn_retention(app: Arc<App>) {
 async fn serve(path: &Path) -> Result<()> {
     let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let clock: SharedClock = Arc::new(SystemClock::from_env().context("GEMINI_METER_FAKE_NOW")?);
-    let (app, recorder) = App::open(cfg, Some(path.to_path_buf()), clock.clone(), process_env())?;
+    let env = process_env();
+    let cluster = gemini_meter::cluster::Cluster::connect(&cfg, &env)
+        .await
+        .context("cluster mode: cannot start")?;
+    let (app, recorder) = App::open_with(cfg, Some(path.to_path_buf()), clock.clone(), env, cluster)?;
     run_gateway(app, recorder, clock, true).await
 }
 

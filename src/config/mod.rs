@@ -56,6 +56,29 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// `[routes]`: methods the operator lets through unbilled.
     pub routes: RoutesConfig,
+    /// `[cluster]`: several replicas on Redis and PostgreSQL; `None`: one gateway, embedded store.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: where the shared counters and the shared ledger are. Cluster mode is on when
+/// the variable `redis_url_env` names is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Name of the env var holding the Redis URL (`redis://…`); set: cluster mode.
+    pub redis_url_env: String,
+    /// Name of the env var holding the PostgreSQL URL; required in cluster mode.
+    pub postgres_url_env: String,
+    /// What new metered requests get while Redis is unreachable.
+    pub on_redis_unavailable: OnRedisUnavailable,
+}
+
+/// What happens to new metered requests while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRedisUnavailable {
+    /// 503 UNAVAILABLE with `Retry-After`: nothing goes upstream unreserved (the only choice:
+    /// admitting on per-replica counters would multiply every limit by the replica count).
+    #[default]
+    Deny,
 }
 
 /// `[routes]`

@@ -26,6 +26,16 @@ pub(super) struct RawConfig {
     pub alerts: RawAlerts,
     #[serde(default)]
     pub routes: RawRoutes,
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawCluster {
+    pub redis_url_env: Option<String>,
+    pub postgres_url_env: Option<String>,
+    pub on_redis_unavailable: Option<String>,
 }
 
 /// `[routes]`

@@ -44,6 +44,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         tiers: v.tiers(raw.tiers),
         alerts: v.alerts(raw.alerts),
         routes: v.routes(raw.routes),
+        cluster: raw.cluster.map(|c| v.cluster(c)),
     };
     v.output_caps(&config.pricing, &config.tiers);
     if v.problems.is_empty() {
@@ -68,6 +69,36 @@ impl Validator {
             }
         }
         super::RoutesConfig { allow_unmetered }
+    }
+}
+
+impl Validator {
+    fn cluster(&mut self, raw: super::raw::RawCluster) -> super::ClusterConfig {
+        let on_redis_unavailable = match raw.on_redis_unavailable.as_deref() {
+            None | Some("deny") => super::OnRedisUnavailable::Deny,
+            Some(other) => {
+                self.problem(
+                    "cluster.on_redis_unavailable",
+                    format!(
+                        "{other:?} is not supported: the only choice is \"deny\" (503 + Retry-After; admitting on per-replica counters would multiply every limit by the number of replicas)"
+                    ),
+                );
+                super::OnRedisUnavailable::Deny
+            }
+        };
+        super::ClusterConfig {
+            redis_url_env: self.env_name(
+                "cluster.redis_url_env",
+                raw.redis_url_env,
+                "GEMINI_METER_REDIS_URL".into(),
+            ),
+            postgres_url_env: self.env_name(
+                "cluster.postgres_url_env",
+                raw.postgres_url_env,
+                "GEMINI_METER_DATABASE_URL".into(),
+            ),
+            on_redis_unavailable,
+        }
     }
 }
 
