@@ -99,7 +99,14 @@ impl App {
         let store = SledStore::open(&rt.config.storage.path)?;
         let registry = Arc::new(Registry::load(store.clone(), Month::of(now))?);
         let upstream = build_client(&rt.config.upstream);
-        let (recorder, handle) = Recorder::new(store.clone(), rt.config.storage.flush_interval);
+        let (mut recorder, handle) = Recorder::new(store.clone(), rt.config.storage.flush_interval);
+        if let Some(c) = &cluster {
+            // Every record reaches Redis's counters once it is on disk.
+            let pump = c.quotas.pump();
+            recorder.set_sink(Box::new(move |batch| {
+                let _ = pump.send(batch);
+            }));
+        }
         let (usage_events, _) = broadcast::channel(1024);
         let uploads = UploadSessions::new(store.meta().clone());
         let owners = Arc::new(Owners::load(store.owners().clone())?);
@@ -119,6 +126,7 @@ impl App {
             clock: clock.clone(),
             ids: RecordIds::new(),
             usage_events: usage_events.clone(),
+            clustered: cluster.is_some(),
         });
         let proxy = Arc::new(Proxy {
             live: live.clone(),
@@ -129,6 +137,7 @@ impl App {
             owners,
             metrics: metrics.clone(),
             clock: clock.clone(),
+            cluster: cluster.clone(),
         });
         let app = App {
             live,

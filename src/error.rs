@@ -176,6 +176,16 @@ impl From<Refusal> for ApiError {
                 format!("Model {model} is not available on the {tier} plan. Upgrade your plan to use it."),
             )
             .with_reason("MODEL_NOT_ALLOWED", json!({"model": model, "tier": &*tier})),
+            Refusal::StoreUnavailable { retry_secs } => {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    "usage_store_unavailable",
+                    "Usage store unavailable",
+                );
+                e.retry_after = Some(retry_secs.max(1));
+                e
+            }
             Refusal::RateLimited { limit, retry_secs } => {
                 let what = limit.describe();
                 let mut e = ApiError::new(

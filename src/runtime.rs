@@ -237,6 +237,17 @@ impl Live {
         }
     }
 
+    /// SHA-256 of the config file as last read (hex; empty without a file): replicas whose
+    /// TOML differs show different hashes on the cluster status.
+    pub fn config_hash(&self) -> String {
+        self.fingerprint
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .map(hex::encode)
+            .unwrap_or_default()
+    }
+
     /// Sets what is told of reloads the file watcher starts (once; later calls are ignored).
     pub fn on_file_reload(&self, hook: FileReloadHook) {
         let _ = self.on_file_reload.set(hook);

@@ -52,6 +52,9 @@ pub struct Settler {
     pub ids: RecordIds,
     /// Announces the user id after each change of their usage (for live updates).
     pub usage_events: broadcast::Sender<Arc<str>>,
+    /// Cluster mode: the counters are in Redis, settled from the record log by the pump
+    /// (the local ones mirror Redis's replies).
+    pub clustered: bool,
 }
 
 impl Settler {
@@ -67,13 +70,18 @@ impl Settler {
             return None;
         };
         let totals = Totals::of(&rec);
-        match against {
+        let release = match against {
             Against::Whole(r) => r.commit(&totals),
             Against::Part(r) => r.commit_part(&totals),
-            Against::Nothing => user.usage.add(rec.month(), &totals, false),
-        }
+            Against::Nothing if self.clustered => None,
+            Against::Nothing => {
+                user.usage.add(rec.month(), &totals, false);
+                None
+            }
+        };
         let rt = self.live.load();
-        if let Details::AiResponse(_) = rec.details
+        if !self.clustered
+            && let Details::AiResponse(_) = rec.details
             && let Some(tpm) = rt.tier_by_id(user.tier_id()).and_then(|t| t.tier.tokens_per_minute)
         {
             user.tpm.add(rec.tokens, Some(tpm));
@@ -85,13 +93,17 @@ impl Settler {
         let nanos = (rec.cost * Decimal::from(1_000_000_000u32)).trunc();
         m.cost_nanos.fetch_add(u64::try_from(nanos).unwrap_or(0), Relaxed);
         let user_id = rec.user_id.clone();
-        let alerts = self.alerts.detect(&rt, &self.registry, user, &rec, &*self.clock);
+        // In cluster mode the record is not in the (mirrored) counters yet: it reaches Redis
+        // once on disk.
+        let alerts = self
+            .alerts
+            .detect(&rt, &self.registry, user, &rec, &*self.clock, self.clustered);
         let wait = if alerts.is_empty() {
-            self.recorder.record(rec);
+            self.recorder.record_releasing(rec, release);
             None
         } else {
             // The alerts go in the record's batch: on disk together, or not at all.
-            let on_disk = self.recorder.record_with_alerts(rec, alerts);
+            let on_disk = self.recorder.record_with_alerts_releasing(rec, alerts, release);
             self.alerts.wake();
             Some(DiskWait::new(on_disk))
         };

@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 pub use budget::{NoFit, WorstCase, fit};
 pub use cells::KeyCells;
 pub use refusal::{RateLimit, Refusal, quota_message};
-pub use reservation::Reservation;
+pub use reservation::{Remote, Reservation};
 pub use tiers::{KeyLimiter, TierRuntime, Tiers};
 
 use crate::clock::Month;
@@ -112,30 +112,13 @@ pub fn admit(
     ask: &Ask<'_>,
     now: DateTime<Utc>,
 ) -> Result<Admitted, Refusal> {
-    let Some(user) = registry.user_of(key) else {
-        return Err(Refusal::UnknownTier { tier: Arc::from("") });
-    };
+    let (user, tr) = tier_of(tiers, registry, key)?;
     let tier_id = user.tier_id();
-    let Some(tr) = tiers.by_id(tier_id) else {
-        return Err(Refusal::UnknownTier { tier: user.tier() });
-    };
     let tier = &tr.tier;
     let month = Month::of(now);
 
     // 1. Model allow-list.
-    let model = match ask {
-        Ask::Generate { model, .. } | Ask::Billed { model } => Some(*model),
-        Ask::Other { model } => *model,
-        _ => None,
-    };
-    if let Some(m) = model
-        && !tier.allows_model(m)
-    {
-        return Err(Refusal::ModelNotAllowed {
-            model: m.to_string(),
-            tier: tr.name.clone(),
-        });
-    }
+    check_model(tr, ask)?;
 
     // 2. Rate limits: per key, then tokens per minute per user.
     if let Some(lim) = &tr.rpm
@@ -220,6 +203,42 @@ pub fn admit(
         output_cap,
         capped: None,
     })
+}
+
+/// The user of `key` and their tier in `tiers`.
+pub fn tier_of<'r, 't>(
+    tiers: &'t Tiers,
+    registry: &'r Registry,
+    key: KeyEntry,
+) -> Result<(&'r crate::identity::User, &'t TierRuntime), Refusal> {
+    let Some(user) = registry.user_of(key) else {
+        return Err(Refusal::UnknownTier { tier: Arc::from("") });
+    };
+    match tiers.by_id(user.tier_id()) {
+        Some(tr) => Ok((user, tr)),
+        None => Err(Refusal::UnknownTier { tier: user.tier() }),
+    }
+}
+
+/// Refuses a model the tier's allow-list does not name.
+pub fn check_model(tr: &TierRuntime, ask: &Ask<'_>) -> Result<(), Refusal> {
+    let model = match ask {
+        Ask::Generate { model, .. } | Ask::Billed { model } => Some(*model),
+        Ask::Other { model } => *model,
+        _ => None,
+    };
+    match model {
+        Some(m) if !tr.tier.allows_model(m) => Err(Refusal::ModelNotAllowed {
+            model: m.to_string(),
+            tier: tr.name.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The refusal of a used-up `quota`, given the totals `t`.
+pub fn refusal_of(tr: &TierRuntime, quota: Quota, t: &Totals, month: Month) -> Refusal {
+    quota_refusal(tr, quota, t, month)
 }
 
 /// What a model call holds, given the totals `t` and the others' reservations `r` (under the

@@ -51,6 +51,13 @@ pub enum Refusal {
         /// Seconds until a retry can pass (at least 1).
         retry_secs: u64,
     },
+    /// Cluster mode: the shared counters (Redis) cannot be reached or are being rebuilt, so
+    /// nothing can be reserved; the request is refused rather than admitted unreserved.
+    #[error("usage store unavailable")]
+    StoreUnavailable {
+        /// Seconds until a retry may pass.
+        retry_secs: u64,
+    },
     /// A monthly quota is used up (or a declared upload would pass it).
     #[error("monthly {} quota used up", quota.as_str())]
     Quota {

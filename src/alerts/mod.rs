@@ -177,6 +177,7 @@ impl Alerts {
         user: &User,
         rec: &Record,
         clock: &dyn Clock,
+        pending: bool,
     ) -> Vec<Alert> {
         let cfg = &rt.config.alerts;
         let Some(&lowest) = cfg.thresholds.first() else {
@@ -205,7 +206,11 @@ impl Alerts {
         };
         let (tier, tier_name) = (&tr.tier, &tr.name);
         let month = rec.month();
-        let after = user.usage.snapshot(month);
+        let mut after = user.usage.snapshot(month);
+        if pending {
+            // Cluster mode: the counters mirror Redis, which has not seen this record yet.
+            after.add(&crate::ledger::Totals::of(rec));
+        }
         let mut out = Vec::new();
         for q in Quota::ALL {
             if !touched[q.index()] {

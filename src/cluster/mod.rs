@@ -5,9 +5,11 @@
 //! marks. Without `[cluster]` (or with its Redis variable unset) none of this runs.
 
 pub mod pg;
+pub mod quota;
 pub mod schema;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::{ClusterConfig, Config};
@@ -27,6 +29,9 @@ pub enum ClusterError {
     /// PostgreSQL could not be reached or answered with an error.
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// The config cannot run in cluster mode.
+    #[error("{0}")]
+    Config(String),
     /// A URL in the environment is not usable.
     #[error("{var}: {why}")]
     BadUrl {
@@ -62,6 +67,12 @@ pub struct Cluster {
     pub redis: redis::aio::ConnectionManager,
     /// PostgreSQL: reconnects on demand.
     pub pg: Pg,
+    /// The shared counters.
+    pub quotas: Arc<quota::Quotas>,
+    /// Whether PostgreSQL answered the last check.
+    pg_ok: AtomicBool,
+    /// Records written locally and not yet in PostgreSQL (kept by the shipper).
+    pub backlog: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -96,14 +107,61 @@ impl Cluster {
         let pg = Pg::new(&cfg.postgres_url_env, &pg_url)?;
         pg.client().await?;
         schema::migrate(&pg).await?;
-        let replica = crate::identity::keys::random_base62(12).map_err(|e| ClusterError::Redis(e.to_string()))?;
+        let replica = replica_id(&config.storage.path)?;
+        let money = quota::Money::for_config(config).map_err(ClusterError::Config)?;
         Ok(Some(Arc::new(Cluster {
             config: cfg,
-            replica: Arc::from(format!("r-{replica}")),
+            quotas: quota::Quotas::new(replica.clone(), money),
+            replica,
             redis,
             pg,
+            pg_ok: AtomicBool::new(true),
+            backlog: AtomicU64::new(0),
         })))
     }
+
+    /// Whether PostgreSQL answered the last check.
+    pub fn postgres_ok(&self) -> bool {
+        self.pg_ok.load(Ordering::Relaxed)
+    }
+
+    /// Records not yet shipped to PostgreSQL.
+    pub fn shipping_backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Checks PostgreSQL (a `SELECT 1` within a second).
+    pub async fn check_postgres(&self) {
+        let ok = match self.pg.client().await {
+            Ok(c) => matches!(
+                tokio::time::timeout(Duration::from_secs(1), c.simple_query("SELECT 1")).await,
+                Ok(Ok(_))
+            ),
+            Err(_) => false,
+        };
+        if !ok {
+            self.pg.reset();
+        }
+        self.pg_ok.store(ok, Ordering::Relaxed);
+    }
+}
+
+/// This replica's name: made once per data directory and kept there, so a restarted replica
+/// is the same one (its records and its settled watermark in Redis are found again).
+fn replica_id(data: &std::path::Path) -> Result<Arc<str>, ClusterError> {
+    let io = |e: std::io::Error| ClusterError::Config(format!("{}: {e}", data.display()));
+    std::fs::create_dir_all(data).map_err(io)?;
+    let path = data.join("cluster-replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(Arc::from(s.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let id = crate::identity::keys::random_base62(12).map_err(|e| ClusterError::Config(e.to_string()))?;
+    let id = format!("r-{id}");
+    std::fs::write(&path, &id).map_err(io)?;
+    Ok(Arc::from(id))
 }
 
 /// A connection manager for `url`, checked with a PING.
@@ -125,4 +183,20 @@ async fn connect_redis(var: &str, url: &str) -> Result<redis::aio::ConnectionMan
     let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
     pong.map_err(|e| ClusterError::Redis(format!("PING failed ({var}): {e}")))?;
     Ok(conn)
+}
+
+/// Starts cluster mode's background tasks: the settlement pump and the Redis watcher (which
+/// also writes this replica's heartbeat).
+pub fn start(app: &Arc<crate::app::App>) {
+    let Some(cluster) = app.cluster.clone() else { return };
+    let shared = Arc::new(quota::pump::Shared {
+        quotas: cluster.quotas.clone(),
+        redis: cluster.redis.clone(),
+        registry: app.registry.clone(),
+        live: app.live.clone(),
+        store: app.store.clone(),
+        recorder: app.recorder.clone(),
+    });
+    tokio::spawn(quota::pump::Pump { shared: shared.clone() }.run());
+    tokio::spawn(quota::watch::Watcher::new(shared, cluster).run());
 }

@@ -121,6 +121,19 @@ impl UserUsage {
         .unwrap_or(Err(Totals::default()))
     }
 
+    /// Cluster mode: sets the counters to what Redis answered (messages, tokens, bytes, cost
+    /// used and tokens, cost reserved by every replica's calls in flight). Records and response
+    /// bytes are not counted in Redis and stay as they are.
+    pub fn mirror(&self, month: Month, used: &Totals, reserved: Reserved) {
+        self.with(month, |t, r| {
+            t.messages = used.messages;
+            t.tokens = used.tokens;
+            t.bytes = used.bytes;
+            t.cost = used.cost;
+            *r = reserved;
+        });
+    }
+
     /// Gives back what a request held (the upstream refused or never answered).
     pub fn release(&self, month: Month, held: &Held) {
         self.with(month, |t, r| unhold(t, r, held));

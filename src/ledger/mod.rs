@@ -8,6 +8,7 @@ pub mod details;
 pub mod log;
 pub mod record;
 pub mod recorder;
+pub mod settled;
 pub mod store;
 pub mod totals;
 pub mod window;
@@ -20,6 +21,7 @@ pub use details::{
 };
 pub use record::{Record, RecordIds, RecordKind};
 pub use recorder::{Recorder, RecorderHandle};
+pub use settled::{Release, Settled, SettledSink};
 pub use store::{SledStore, StoreError};
 pub use totals::Totals;
 pub use window::TokenWindow;

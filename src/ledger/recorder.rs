@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use super::alerts::Alert;
 use super::record::{Record, RecordIds};
+use super::settled::{Release, Settled, SettledSink};
 use super::store::{Appended, SledStore, StoreError};
 
 /// How often sled is flushed while records flow.
@@ -39,10 +40,11 @@ const MAX_BATCH: usize = 20_000;
 const GATHER: Duration = Duration::from_millis(1);
 
 enum Msg {
-    Record(Box<Record>),
+    /// A record, and in cluster mode what of its call's reservation it replaces.
+    Record(Box<Record>, Option<Box<Release>>),
     /// A record and the alerts it fired: always written in the same batch; the sender is told
     /// once that batch is on disk.
-    Alerted(Box<Record>, Vec<Alert>, oneshot::Sender<()>),
+    Alerted(Box<Record>, Vec<Alert>, oneshot::Sender<()>, Option<Box<Release>>),
     Barrier(oneshot::Sender<()>),
     /// Told once every record handed over before is written to the log (not applied).
     Written(oneshot::Sender<()>),
@@ -98,8 +100,14 @@ pub enum RecorderError {
 impl RecorderHandle {
     /// Hands a record over; never blocks. Returns false only if the recorder has stopped.
     pub fn record(&self, r: Record) -> bool {
+        self.record_releasing(r, None)
+    }
+
+    /// [`RecorderHandle::record`], telling cluster mode's settlement what of a reservation
+    /// the record replaces.
+    pub fn record_releasing(&self, r: Record, release: Option<Box<Release>>) -> bool {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let ok = self.tx.send(Msg::Record(Box::new(r))).is_ok();
+        let ok = self.tx.send(Msg::Record(Box::new(r), release)).is_ok();
         if !ok {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("usage record handed to a stopped recorder");
@@ -111,9 +119,19 @@ impl RecorderHandle {
     /// atomic batch. Never blocks; the returned receiver resolves once that batch is on disk
     /// (and with an error if the recorder has stopped).
     pub fn record_with_alerts(&self, r: Record, alerts: Vec<Alert>) -> oneshot::Receiver<()> {
+        self.record_with_alerts_releasing(r, alerts, None)
+    }
+
+    /// [`RecorderHandle::record_with_alerts`], with what of a reservation the record replaces.
+    pub fn record_with_alerts_releasing(
+        &self,
+        r: Record,
+        alerts: Vec<Alert>,
+        release: Option<Box<Release>>,
+    ) -> oneshot::Receiver<()> {
         let (done, on_disk) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Msg::Alerted(Box::new(r), alerts, done)).is_err() {
+        if self.tx.send(Msg::Alerted(Box::new(r), alerts, done, release)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("usage record with alerts handed to a stopped recorder");
         }
@@ -177,6 +195,8 @@ pub struct Recorder {
     /// dropped (see [`RecorderHandle::delete_user`]). In memory: nothing is in flight across
     /// a restart.
     erased: HashMap<Arc<str>, HashSet<String>>,
+    /// Cluster mode: told of every batch once it is on disk.
+    sink: Option<SettledSink>,
 }
 
 impl Recorder {
@@ -196,9 +216,16 @@ impl Recorder {
                 appended: None,
                 apply_due: None,
                 erased: HashMap::new(),
+                sink: None,
             },
             RecorderHandle { tx, stats },
         )
+    }
+
+    /// Sends the settlements of every batch written from now on to `sink` (cluster mode),
+    /// once the batch is on disk.
+    pub fn set_sink(&mut self, sink: SettledSink) {
+        self.sink = Some(sink);
     }
 
     /// Starts the recorder on its own thread; it runs until every handle is dropped.
@@ -249,6 +276,7 @@ impl Recorder {
 
     fn run_loop(mut self) {
         let mut buf: Vec<(Record, Vec<Alert>)> = Vec::with_capacity(1024);
+        let mut releases: Vec<Option<Box<Release>>> = Vec::new();
         let mut on_disk: Vec<oneshot::Sender<()>> = Vec::new();
         let mut barriers: Vec<oneshot::Sender<()>> = Vec::new();
         let mut written: Vec<oneshot::Sender<()>> = Vec::new();
@@ -257,15 +285,23 @@ impl Recorder {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Record(r) if self.of_erased_user(&r) => {}
-                    Msg::Record(r) => buf.push((*r, Vec::new())),
-                    Msg::Alerted(r, _, done) if self.of_erased_user(&r) => {
+                    Msg::Record(r, _) if self.of_erased_user(&r) => {}
+                    Msg::Record(r, rel) => {
+                        buf.push((*r, Vec::new()));
+                        if self.sink.is_some() {
+                            releases.push(rel);
+                        }
+                    }
+                    Msg::Alerted(r, _, done, _) if self.of_erased_user(&r) => {
                         // Its alerts go with it; the request that waits is let go.
                         let _ = done.send(());
                     }
-                    Msg::Alerted(r, a, done) => {
+                    Msg::Alerted(r, a, done, rel) => {
                         buf.push((*r, a));
                         on_disk.push(done);
+                        if self.sink.is_some() {
+                            releases.push(rel);
+                        }
                     }
                     Msg::Barrier(b) => barriers.push(b),
                     Msg::Written(w) => written.push(w),
@@ -289,7 +325,17 @@ impl Recorder {
                     }
                     rec.id = id;
                 }
+                let settled = self.sink.as_ref().map(|_| {
+                    buf.iter()
+                        .zip(releases.drain(..))
+                        .map(|((rec, _), rel)| Settled::of(rec, rel))
+                        .collect::<Vec<_>>()
+                });
                 self.append(&mut buf);
+                // Only now on disk: a settlement the pump loses is found again in the log.
+                if let (Some(sink), Some(settled)) = (&self.sink, settled) {
+                    sink(settled);
+                }
             }
             // Whoever waits reads sled next (alert delivery reads its outbox there), so what
             // they wait for is applied first.

@@ -138,7 +138,7 @@ async fn forward_inner(
     let (mut upstream_body, body_model, hard) = request_body(&call, body, max).await?;
     let bm = body_model.as_ref().map(|b| b.model.as_str());
     let worst = hard.as_ref().and_then(|h| worst_case(&call, bm, h));
-    let mut admitted = admit_phase(&call, bm, continued, worst)?;
+    let mut admitted = admit_phase(&call, bm, continued, worst).await?;
     if let (Some(h), Some(w), Some(cap)) = (hard, worst, admitted.output_cap)
         && call.route.has_output()
         && estimate::requested_cap(&h.value, h.dialect) != Some(cap)
@@ -327,7 +327,7 @@ fn with_cap(call: &Call<'_>, mut h: HardBody, cap: u64, headers: &mut http::Head
 
 /// Admission: nothing goes upstream before this passes. The chunks of an admitted upload are
 /// not refused halfway (its size was checked at its start).
-fn admit_phase(
+async fn admit_phase(
     call: &Call<'_>,
     body_model: Option<&str>,
     continued: bool,
@@ -341,6 +341,10 @@ fn admit_phase(
     let mut ask = call.route.ask(body_model);
     if let crate::admission::Ask::Generate { worst: w, .. } = &mut ask {
         *w = worst;
+    }
+    if let Some(c) = &call.proxy.cluster {
+        let (tiers, registry) = (&call.rt.tiers, &call.proxy.registry);
+        return Ok(c.quotas.admit(&c.redis, tiers, registry, call.key, &ask, now).await?);
     }
     Ok(admit(&call.rt.tiers, &call.proxy.registry, call.key, &ask, now)?)
 }
@@ -550,7 +554,7 @@ fn creates_now(call: &Call<'_>, rparts: &http::response::Parts) -> bool {
 /// A list of the caller's own resources, answered by the gateway (after admission, which rate
 /// limits it like any call).
 async fn list_phase(call: &Call<'_>, kind: Kind, query: Option<&str>) -> Result<Response<ProxyBody>, ApiError> {
-    let _admitted = admit_phase(call, None, false, None)?;
+    let _admitted = admit_phase(call, None, false, None).await?;
     let user = call
         .proxy
         .registry

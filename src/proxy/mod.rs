@@ -46,4 +46,6 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// The clock.
     pub clock: SharedClock,
+    /// Cluster mode: admission reserves in Redis.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }

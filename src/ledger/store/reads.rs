@@ -273,6 +273,27 @@ impl SledStore {
         Ok(())
     }
 
+    /// Every record applied with an id above `after`, oldest first (ids grow along the log, so
+    /// this walks back from the applied end only as far as `after`). Cluster mode replays these
+    /// into Redis after a crash or a Redis restart.
+    pub fn records_since(&self, after: u128) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        let mut frame = self.log.read_before(self.log.visible())?;
+        while let Some(fr) = frame {
+            // An erased record (a deleted user's) is not billed anywhere any more.
+            if !fr.erased {
+                let rec = decode_record(fr.record())?;
+                if rec.id <= after {
+                    break;
+                }
+                out.push(rec);
+            }
+            frame = self.log.read_before(fr.pos)?;
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// Number of records in the ledger (slow: reads the whole log; for tests and tools).
     pub fn count_records(&self) -> Result<u64, StoreError> {
         let mut n = 0;
