@@ -24,7 +24,9 @@ const LOCK: i64 = 0x676d_0001;
 /// Applies the migrations this database has not seen yet.
 pub async fn migrate(pg: &Pg) -> Result<(), ClusterError> {
     let mut client = pg.connect().await?;
-    client
+    // The lock first: two replicas creating the table at once collide even with IF NOT EXISTS.
+    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
+    let result = match client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS gm_schema_migrations (
                 version integer PRIMARY KEY,
@@ -32,9 +34,11 @@ pub async fn migrate(pg: &Pg) -> Result<(), ClusterError> {
                 applied_at timestamptz NOT NULL DEFAULT now()
             )",
         )
-        .await?;
-    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
-    let result = apply(&mut client).await;
+        .await
+    {
+        Ok(()) => apply(&mut client).await,
+        Err(e) => Err(e.into()),
+    };
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
     result?;
     unlock?;
