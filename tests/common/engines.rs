@@ -2,7 +2,7 @@
 //! free loopback ports, a TCP proxy that can lose a reply or cut connections, and gateway
 //! replicas as child processes (`gemini-meter serve`). Every engine that cannot be started
 //! panics with the reason: CI must fail, never skip.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -505,6 +505,17 @@ struct ProxyState {
     refuse: AtomicBool,
     dropped: AtomicU64,
     accepted: AtomicU64,
+    /// Client connections being piped now.
+    open: AtomicU64,
+}
+
+/// Counts a piped connection while it lives.
+struct OpenGuard(Arc<ProxyState>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `upstream`. Armed with [`DropProxy::drop_next_reply`],
@@ -567,15 +578,24 @@ impl DropProxy {
         self.state.refuse.store(refuse, Ordering::SeqCst);
     }
 
-    /// Closes every open connection (both sides).
+    /// Closes every open connection (both sides) without waiting.
     pub fn cut_all(&self) {
         self.cut.send_modify(|g| *g += 1);
     }
 
-    /// Refuses new connections and cuts the open ones: the engine is out of reach.
-    pub fn go_dark(&self) {
+    /// Connections being piped now.
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new connections and cuts the open ones: the engine is out of reach. Returns
+    /// once every connection is closed (nothing sent after this reaches the upstream).
+    pub async fn go_dark(&self) {
         self.set_refusing(true);
         self.cut_all();
+        while self.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Undoes [`DropProxy::go_dark`].
@@ -599,11 +619,17 @@ async fn accept_loop(
 ) {
     while let Ok((client, _)) = listener.accept().await {
         state.accepted.fetch_add(1, Ordering::SeqCst);
+        state.open.fetch_add(1, Ordering::SeqCst);
+        let guard = OpenGuard(state.clone());
+        // Subscribed before the refusal is read: a go_dark in between is seen by one or the
+        // other (it sets the refusal, then cuts).
+        let cut_rx = cut.subscribe();
         if state.refuse.load(Ordering::SeqCst) {
             drop(client);
+            drop(guard);
             continue;
         }
-        tokio::spawn(pipe(client, upstream, state.clone(), cut.subscribe()));
+        tokio::spawn(pipe(client, upstream, state.clone(), cut_rx, guard));
     }
 }
 
@@ -614,6 +640,7 @@ async fn pipe(
     upstream: SocketAddr,
     state: Arc<ProxyState>,
     mut cut: tokio::sync::watch::Receiver<u64>,
+    _open: OpenGuard,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
@@ -713,9 +740,14 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts a replica of `upstream` on these engines and waits until `/healthz` answers.
-    pub async fn start(upstream: SocketAddr, redis_url: &str, postgres_url: &str) -> Replica {
-        Self::start_with(ReplicaOptions::new(upstream, redis_url, postgres_url)).await
+    /// Starts a replica of `upstream` on these engines and waits until `/healthz` answers
+    /// (the future borrows nothing: `tokio::join!` several with temporary URLs).
+    pub fn start(
+        upstream: SocketAddr,
+        redis_url: &str,
+        postgres_url: &str,
+    ) -> impl std::future::Future<Output = Replica> + use<> {
+        Self::start_with(ReplicaOptions::new(upstream, redis_url, postgres_url))
     }
 
     /// Starts a replica as `opts` say and waits until `/healthz` answers.
