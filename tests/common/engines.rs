@@ -362,7 +362,7 @@ impl Postgres {
         // Settings in the file, so that a start after a stop or a kill needs no options.
         let conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\nshared_buffers = 32MB\n",
             self.port,
             self.dir.path().display()
         );
