@@ -407,7 +407,7 @@ async fn run_gateway(
     let addr = listener.local_addr()?;
     let recorder_task = recorder.spawn().context("starting the recorder thread")?;
     // Cluster mode: the settlement pump, the Redis watcher and the heartbeat.
-    gemini_meter::cluster::start(&app);
+    gemini_meter::cluster::start(&app).await;
     if reloadable {
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]

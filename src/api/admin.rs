@@ -188,6 +188,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             app.store.flush().await.map_err(storage)?;
             Ok(json_response(StatusCode::OK, &json!({"revoked": key_id})))
         }
+        (Method::GET, ["admin", "cluster"]) => super::cluster::status(app).await,
         (Method::GET, ["admin", "usage"]) => admin_usage(app, &req),
         (Method::GET, ["admin", "resources"]) => super::resources::list(app, &req).await,
         (Method::PUT, ["admin", "resources", collection, id]) => {

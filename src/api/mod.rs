@@ -4,6 +4,7 @@
 pub mod admin;
 mod alerts;
 pub mod audit;
+pub mod cluster;
 pub mod current;
 mod listing;
 pub mod openapi;

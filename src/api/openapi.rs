@@ -782,6 +782,13 @@ pub mod ops {
                   (status = 403, body = ErrorEnvelope), (status = 502, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
     pub fn delete_resource() {}
 
+    /// Cluster mode: the live replicas (version, config hash, shipping backlog) and the health
+    /// of Redis and PostgreSQL. 404 when the gateway runs alone.
+    #[utoipa::path(get, path = "/admin/cluster", tag = "admin", security(("admin_token" = [])),
+        responses((status = 200, body = Value), (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope),
+                  (status = 404, body = ErrorEnvelope)))]
+    pub fn cluster() {}
+
     /// Deletes records older than `storage.retention_months` now.
     #[utoipa::path(post, path = "/admin/retention/run", tag = "admin", security(("admin_token" = [])),
         responses((status = 200, body = RetentionRun), (status = 401, body = ErrorEnvelope), (status = 403, body = ErrorEnvelope)))]
@@ -828,7 +835,7 @@ impl Modify for Security {
         ops::create_user, ops::get_user, ops::patch_user, ops::delete_user, ops::create_key, ops::list_keys, ops::user_statement,
         ops::revoke_key, ops::admin_usage, ops::analytics_daily, ops::analytics_summary, ops::analytics_models,
         ops::analytics_top_users, ops::analytics_tags, ops::export, ops::alerts, ops::reload, ops::config_status, ops::retention_run,
-        ops::list_resources, ops::assign_resource, ops::delete_resource, ops::list_users, ops::user_usage, ops::audit,
+        ops::list_resources, ops::assign_resource, ops::delete_resource, ops::list_users, ops::user_usage, ops::audit, ops::cluster,
     ),
     modifiers(&Security),
     tags(
