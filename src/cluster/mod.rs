@@ -4,6 +4,7 @@
 //! replica's local record log), users, keys, upload sessions, resource ownership and alert
 //! marks. Without `[cluster]` (or with its Redis variable unset) none of this runs.
 
+pub mod ledger;
 pub mod pg;
 pub mod schema;
 
@@ -62,6 +63,8 @@ pub struct Cluster {
     pub redis: redis::aio::ConnectionManager,
     /// PostgreSQL: reconnects on demand.
     pub pg: Pg,
+    /// The ledger shipper's progress (backlog for `/healthz`, `/metrics`, the status).
+    pub shipping: Arc<ledger::ShipState>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -102,6 +105,7 @@ impl Cluster {
             replica: Arc::from(format!("r-{replica}")),
             redis,
             pg,
+            shipping: Arc::default(),
         })))
     }
 }
