@@ -142,9 +142,9 @@ pub async fn month_models(pg: &Pg, m: Month) -> Result<Vec<(String, Totals)>, Le
 pub async fn month_tag(pg: &Pg, m: Month, name: &str) -> Result<Vec<(String, Totals)>, LedgerError> {
     let (lo, hi) = month_bounds(m);
     let sql = format!(
-        "SELECT record->'metadata'->'tags'->>$3 AS v, {REQUEST_TOTALS} FROM gm_usage_records \
+        "SELECT * FROM (SELECT record->'metadata'->'tags'->>$3 AS v, {REQUEST_TOTALS} FROM gm_usage_records \
          WHERE created_at >= $1 AND created_at < $2 AND jsonb_typeof(record->'metadata'->'tags'->$3) = 'string' \
-         GROUP BY v ORDER BY v COLLATE \"C\""
+         GROUP BY v) t ORDER BY v COLLATE \"C\""
     );
     let rows = query(pg, &sql, &[&lo, &hi, &name]).await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, totals_at(r, 1)?))).collect()
