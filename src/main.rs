@@ -408,6 +408,8 @@ async fn run_gateway(
     let recorder_task = recorder.spawn().context("starting the recorder thread")?;
     // Cluster mode: the settlement pump, the Redis watcher and the heartbeat.
     gemini_meter::cluster::start(&app).await;
+    // Cluster mode: the local record log is shipped to the PostgreSQL ledger.
+    let shipper = gemini_meter::cluster::ledger::spawn_shipper(&app);
     if reloadable {
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]
@@ -431,6 +433,13 @@ async fn run_gateway(
     tracing::info!("draining done; flushing usage records");
     app.recorder.sync().await.context("flushing usage records")?;
     app.store.flush().await.context("flushing storage")?;
+    if let Some(shipper) = shipper {
+        // What is not shipped now waits on disk and ships at the next start.
+        if let Err(e) = gemini_meter::cluster::ledger::flush(&app, Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "records left unshipped at shutdown; they ship at the next start");
+        }
+        shipper.stop().await;
+    }
     drop(recorder_task);
     tracing::info!("stopped cleanly; every usage record is on disk");
     Ok(())

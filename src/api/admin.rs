@@ -16,6 +16,7 @@ use super::usage::{daily_rows, records_page};
 use super::{bounded, query_map, read_json};
 use crate::app::App;
 use crate::clock::{Month, rfc3339};
+use crate::cluster::ledger::reads as pg;
 use crate::error::{ApiError, json_response};
 use crate::identity::{IdentityError, valid_user_id};
 use crate::ledger::store::{RecordFilter, parse_cursor};
@@ -189,7 +190,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             Ok(json_response(StatusCode::OK, &json!({"revoked": key_id})))
         }
         (Method::GET, ["admin", "cluster"]) => super::cluster::status(app).await,
-        (Method::GET, ["admin", "usage"]) => admin_usage(app, &req),
+        (Method::GET, ["admin", "usage"]) => admin_usage(app, &req).await,
         (Method::GET, ["admin", "resources"]) => super::resources::list(app, &req).await,
         (Method::PUT, ["admin", "resources", collection, id]) => {
             super::resources::assign(app, &[collection, id], req).await
@@ -199,11 +200,18 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         }
         (Method::GET, ["admin", "analytics", "daily"]) => {
             let days = bounded(&query_map(&req), "days", 30, 366)?;
+            if let Some(c) = &app.cluster {
+                let body = crate::cluster::ledger::api::daily_rows(app, c, None, days).await?;
+                return Ok(json_response(StatusCode::OK, &body));
+            }
             Ok(json_response(StatusCode::OK, &daily_rows(app, None, days)?))
         }
         (Method::GET, ["admin", "analytics", "summary"]) => {
             let m = month_param(app, &req)?;
-            let (t, users) = app.store.month_summary(m).map_err(storage)?;
+            let (t, users) = match &app.cluster {
+                Some(c) => pg::month_summary(&c.pg, m).await?,
+                None => app.store.month_summary(m).map_err(storage)?,
+            };
             let mut v = t.to_json();
             v["month"] = json!(m.to_string());
             v["revenue"] = v["cost"].clone();
@@ -213,7 +221,10 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         }
         (Method::GET, ["admin", "analytics", "models"]) => {
             let m = month_param(app, &req)?;
-            let rows = app.store.month_models(m).map_err(storage)?;
+            let rows = match &app.cluster {
+                Some(c) => pg::month_models(&c.pg, m).await?,
+                None => app.store.month_models(m).map_err(storage)?,
+            };
             let data: Vec<Value> = rows.iter().map(|(model, t)| group_row("model", model, t)).collect();
             Ok(json_response(
                 StatusCode::OK,
@@ -225,7 +236,10 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             let m = month_param(app, &req)?;
             let limit = bounded(&q, "limit", 10, 1000)?;
             let by = q.get("by").map(String::as_str).unwrap_or("cost");
-            let mut rows = app.store.month_users(m).map_err(storage)?;
+            let mut rows = match &app.cluster {
+                Some(c) => pg::month_totals(&c.pg, m).await?,
+                None => app.store.month_users(m).map_err(storage)?,
+            };
             match by {
                 "cost" => rows.sort_by_key(|r| std::cmp::Reverse(r.1.cost)),
                 "tokens" => rows.sort_by_key(|r| std::cmp::Reverse(r.1.tokens)),
@@ -244,7 +258,10 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             let m = month_param(app, &req)?;
             let name = q.get("name").ok_or_else(|| ApiError::bad_request("name is required"))?;
             let limit = bounded(&q, "limit", 10, 1000)?;
-            let mut rows = app.store.month_tag(m, name).map_err(storage)?;
+            let mut rows = match &app.cluster {
+                Some(c) => pg::month_tag(&c.pg, m, name).await?,
+                None => app.store.month_tag(m, name).map_err(storage)?,
+            };
             rows.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(b.1.tokens.cmp(&a.1.tokens)));
             rows.truncate(limit);
             let data: Vec<Value> = rows.iter().map(|(v, t)| group_row("value", v, t)).collect();
@@ -253,7 +270,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
                 &json!({"month": m.to_string(), "name": name, "data": data}),
             ))
         }
-        (Method::GET, ["admin", "export"]) => export(app, &req),
+        (Method::GET, ["admin", "export"]) => export(app, &req).await,
         (Method::GET, ["admin", "alerts"]) => super::alerts::list(app, &req),
         (Method::GET, ["admin", "audit"]) => super::audit::list(app, &req),
         (Method::GET, ["admin", "users"]) => super::listing::users(app, &req),
@@ -372,7 +389,7 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
     ))
 }
 
-fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+async fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let q = query_map(req);
     let limit = bounded(&q, "limit", 50, 500)?;
     let time = |name: &str| -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
@@ -390,7 +407,7 @@ fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>
             }
         }
     };
-    let f = RecordFilter {
+    let mut f = RecordFilter {
         user_id: q.get("user_id").filter(|v| !v.is_empty()).cloned(),
         kind: match q.get("type").filter(|v| !v.is_empty()) {
             Some(t) => Some(
@@ -401,17 +418,23 @@ fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<ProxyBody>
         },
         from: time("from")?,
         to: time("to")?,
-        cursor: match q.get("cursor").filter(|c| !c.is_empty()) {
-            Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
-            None => None,
-        },
+        cursor: None,
+    };
+    if let Some(c) = &app.cluster {
+        let f = crate::cluster::ledger::api::page_filter(f, q.get("cursor"))?;
+        let body = crate::cluster::ledger::api::records_page(c, &f, limit).await?;
+        return Ok(json_response(StatusCode::OK, &body));
+    }
+    f.cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
+        None => None,
     };
     Ok(json_response(StatusCode::OK, &records_page(app, &f, limit)?))
 }
 
 /// Streams a month of records as CSV or JSON lines, in bounded memory: a blocking task walks
 /// the ledger and sends chunks through a small channel; a slow client slows the walk.
-fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+async fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
     let q = query_map(req);
     let m = month_param(app, req)?;
     let csv = match q.get("format").map(String::as_str).unwrap_or("csv") {
@@ -420,23 +443,56 @@ fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>
         _ => return Err(ApiError::bad_request("format must be csv or jsonl")),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
+    if let Some(c) = &app.cluster {
+        // Streamed from PostgreSQL with COPY; each record rendered as below.
+        let head = if csv { CSV_HEADER.to_string() } else { String::new() };
+        let render = move |buf: &mut String, raw: &[u8]| export_line(buf, raw, csv);
+        crate::cluster::ledger::export::start(&c.pg, m, head, render, tx).await?;
+    } else {
+        export_local(app, m, csv, tx);
+    }
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut resp = Response::new(ProxyBody::stream(StreamBody::new(stream)));
+    let (ctype, ext) = if csv {
+        ("text/csv; charset=utf-8", "csv")
+    } else {
+        ("application/x-ndjson", "jsonl")
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"usage-{m}.{ext}\"")) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// The header line of a CSV export.
+const CSV_HEADER: &str = "id,user_id,type,tokens,messages,bytes,cost,metadata,created_at\n";
+
+/// Adds a record (its stored JSON) to an export: a CSV row, or the JSON as one line.
+fn export_line(buf: &mut String, raw: &[u8], csv: bool) {
+    let Ok(v) = serde_json::from_slice::<Value>(raw) else {
+        return;
+    };
+    if csv {
+        csv_row(buf, &v);
+    } else {
+        buf.push_str(&String::from_utf8_lossy(raw));
+        buf.push('\n');
+    }
+}
+
+/// Streams a month of the local ledger into `tx` from a blocking task.
+fn export_local(app: &App, m: Month, csv: bool, tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>) {
     let store = app.store.clone();
     tokio::task::spawn_blocking(move || {
         let mut buf = String::with_capacity(64 * 1024);
         if csv {
-            buf.push_str("id,user_id,type,tokens,messages,bytes,cost,metadata,created_at\n");
+            buf.push_str(CSV_HEADER);
         }
         let mut open = true;
         let res = store.for_each_record_in(m, |raw| {
-            let Ok(v) = serde_json::from_slice::<Value>(raw) else {
-                return true;
-            };
-            if csv {
-                csv_row(&mut buf, &v);
-            } else {
-                buf.push_str(&String::from_utf8_lossy(raw));
-                buf.push('\n');
-            }
+            export_line(&mut buf, raw, csv);
             if buf.len() >= 60 * 1024 {
                 let chunk = Bytes::from(std::mem::take(&mut buf));
                 open = tx.blocking_send(Ok(Frame::data(chunk))).is_ok();
@@ -451,19 +507,6 @@ fn export(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<ProxyBody>
             let _ = tx.blocking_send(Ok(Frame::data(Bytes::from(buf))));
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let mut resp = Response::new(ProxyBody::stream(StreamBody::new(stream)));
-    let (ctype, ext) = if csv {
-        ("text/csv; charset=utf-8", "csv")
-    } else {
-        ("application/x-ndjson", "jsonl")
-    };
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"usage-{m}.{ext}\"")) {
-        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
-    }
-    Ok(resp)
 }
 
 fn csv_field(buf: &mut String, s: &str) {

@@ -73,16 +73,18 @@ fn health(app: &App) -> Response<ProxyBody> {
     let stats = &app.recorder.stats;
     let degraded = stats.degraded.load(std::sync::atomic::Ordering::Relaxed);
     let last_error = stats.last_error.lock().ok().and_then(|g| g.clone());
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "status": if degraded { "degraded" } else { "ok" },
-            "storage": {
-                "queued_records": stats.queued.load(std::sync::atomic::Ordering::Relaxed),
-                "last_error": last_error,
-            },
-        }),
-    )
+    let mut body = json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "storage": {
+            "queued_records": stats.queued.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": last_error,
+        },
+    });
+    if let Some(c) = &app.cluster {
+        // Cluster mode only: records waiting for PostgreSQL (served all the same).
+        body["cluster"] = c.shipping.to_json(app.clock.now());
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn metrics(app: &App) -> Response<ProxyBody> {
@@ -122,6 +124,9 @@ fn metrics(app: &App) -> Response<ProxyBody> {
         ),
     ] {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    }
+    if let Some(c) = &app.cluster {
+        c.shipping.render_metrics(&mut text, app.clock.now());
     }
     let mut resp = Response::new(ProxyBody::full(text));
     resp.headers_mut().insert(

@@ -27,10 +27,19 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
         (&Method::GET, "/api/usage/history") => {
+            if let Some(c) = &app.cluster {
+                let body = crate::cluster::ledger::api::history(c, user.id(), &query_map(&req)).await?;
+                return Ok(json_response(StatusCode::OK, &body));
+            }
             written(app).await;
             history(app, user, &req)
         }
         (&Method::GET, "/api/usage/daily") => {
+            if let Some(c) = &app.cluster {
+                let days = bounded(&query_map(&req), "days", 30, 366)?;
+                let body = crate::cluster::ledger::api::daily_rows(app, c, Some(user.id()), days).await?;
+                return Ok(json_response(StatusCode::OK, &body));
+            }
             written(app).await;
             daily(app, user, &req)
         }
@@ -120,6 +129,11 @@ pub fn daily_rows(app: &App, user: Option<&str>, days: usize) -> Result<Value, A
         .store
         .daily(user, since)
         .map_err(|e| ApiError::internal(format!("storage: {e}")))?;
+    Ok(render_daily(days, since, rows))
+}
+
+/// The body of a daily read: `{"days", "since", "data": [{"day", "type", …amounts}]}`.
+pub fn render_daily(days: usize, since: chrono::NaiveDate, rows: Vec<crate::ledger::store::DayRow>) -> Value {
     let data: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -134,7 +148,7 @@ pub fn daily_rows(app: &App, user: Option<&str>, days: usize) -> Result<Value, A
             })
         })
         .collect();
-    Ok(json!({"days": days, "since": since.format("%Y-%m-%d").to_string(), "data": data}))
+    json!({"days": days, "since": since.format("%Y-%m-%d").to_string(), "data": data})
 }
 
 /// Most records `GET /api/usage/breakdown` reads to group a month by model; past it the
@@ -148,6 +162,10 @@ async fn breakdown(app: &Arc<App>, user: &User, req: &Request<Incoming>) -> Resu
         Some(m) => Month::parse(m).ok_or_else(|| ApiError::bad_request("month must be YYYY-MM"))?,
         None => Month::of(app.clock.now()),
     };
+    if let Some(c) = &app.cluster {
+        let body = crate::cluster::ledger::api::breakdown(c, user.id(), month).await?;
+        return Ok(json_response(StatusCode::OK, &body));
+    }
     let (app, user_id) = (app.clone(), user.id().to_string());
     let body = tokio::task::spawn_blocking(move || breakdown_body(&app, &user_id, month, MODEL_SCAN_LIMIT))
         .await
@@ -224,12 +242,7 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
             by_type.entry(row.kind).or_default().add(&row.totals);
         }
     }
-    let mut total = Totals::default();
-    by_type.values().for_each(|t| total.add(t));
-
-    let mut by_model: HashMap<Option<String>, Totals> = HashMap::new();
-    let mut by_modality = ModalityRows::default();
-    let mut scanned = 0usize;
+    let mut by_model = ByModel::default();
     let mut complete = true;
     let mut f = RecordFilter {
         user_id: Some(user.to_string()),
@@ -238,39 +251,61 @@ pub fn breakdown_body(app: &App, user: &str, month: Month, scan_limit: usize) ->
         ..Default::default()
     };
     loop {
-        let want = 1000.min(scan_limit - scanned);
+        let want = 1000.min(scan_limit - by_model.scanned);
         if want == 0 {
             complete = false;
             break;
         }
         let page = app.store.records(&f, want + 1).map_err(storage)?;
         for (_, r) in page.iter().take(want) {
-            by_model
-                .entry(r.model().map(str::to_string))
-                .or_default()
-                .add(&Totals::of(r));
-            by_modality.add(r);
+            by_model.add(r);
         }
-        scanned += page.len().min(want);
         match page.get(want) {
             Some((pos, _)) => f.cursor = Some(*pos),
             None => break,
         }
     }
-    let mut models: Vec<(Option<String>, Totals)> = by_model.into_iter().collect();
-    models.sort_by(|a, b| {
-        b.1.cost
-            .cmp(&a.1.cost)
-            .then(b.1.tokens.cmp(&a.1.tokens))
-            .then(a.0.cmp(&b.0))
-    });
-    Ok(json!({
-        "month": month.to_string(),
-        "total": totals_row("type", Value::Null, &total),
-        "by_type": by_type.iter().map(|(k, t)| totals_row("type", json!(k), t)).collect::<Vec<_>>(),
-        "by_model": models.iter().map(|(m, t)| totals_row("model", json!(m), t)).collect::<Vec<_>>(),
-        "by_modality": by_modality.rows(),
-        "models_complete": complete,
-        "records_scanned": scanned,
-    }))
+    Ok(by_model.body(month, &by_type, complete))
+}
+
+/// The per-model and per-modality rows of a breakdown, fed one record at a time.
+#[derive(Default)]
+pub struct ByModel {
+    models: HashMap<Option<String>, Totals>,
+    modality: ModalityRows,
+    scanned: usize,
+}
+
+impl ByModel {
+    /// Adds a record.
+    pub fn add(&mut self, r: &Record) {
+        self.models
+            .entry(r.model().map(str::to_string))
+            .or_default()
+            .add(&Totals::of(r));
+        self.modality.add(r);
+        self.scanned += 1;
+    }
+
+    /// The breakdown's body (see [`breakdown_body`]) with `by_type` from the aggregates.
+    pub fn body(self, month: Month, by_type: &BTreeMap<String, Totals>, complete: bool) -> Value {
+        let mut total = Totals::default();
+        by_type.values().for_each(|t| total.add(t));
+        let mut models: Vec<(Option<String>, Totals)> = self.models.into_iter().collect();
+        models.sort_by(|a, b| {
+            b.1.cost
+                .cmp(&a.1.cost)
+                .then(b.1.tokens.cmp(&a.1.tokens))
+                .then(a.0.cmp(&b.0))
+        });
+        json!({
+            "month": month.to_string(),
+            "total": totals_row("type", Value::Null, &total),
+            "by_type": by_type.iter().map(|(k, t)| totals_row("type", json!(k), t)).collect::<Vec<_>>(),
+            "by_model": models.iter().map(|(m, t)| totals_row("model", json!(m), t)).collect::<Vec<_>>(),
+            "by_modality": self.modality.rows(),
+            "models_complete": complete,
+            "records_scanned": self.scanned,
+        })
+    }
 }

@@ -4,12 +4,13 @@
 //! replica's local record log), users, keys, upload sessions, resource ownership and alert
 //! marks. Without `[cluster]` (or with its Redis variable unset) none of this runs.
 
+pub mod ledger;
 pub mod pg;
 pub mod quota;
 pub mod schema;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::{ClusterConfig, Config};
@@ -71,8 +72,8 @@ pub struct Cluster {
     pub quotas: Arc<quota::Quotas>,
     /// Whether PostgreSQL answered the last check.
     pg_ok: AtomicBool,
-    /// Records written locally and not yet in PostgreSQL (kept by the shipper).
-    pub backlog: AtomicU64,
+    /// The ledger shipper's progress (backlog for `/healthz`, `/metrics`, the status).
+    pub shipping: Arc<ledger::ShipState>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -116,7 +117,7 @@ impl Cluster {
             redis,
             pg,
             pg_ok: AtomicBool::new(true),
-            backlog: AtomicU64::new(0),
+            shipping: Arc::default(),
         })))
     }
 
@@ -127,7 +128,7 @@ impl Cluster {
 
     /// Records not yet shipped to PostgreSQL.
     pub fn shipping_backlog(&self) -> u64 {
-        self.backlog.load(Ordering::Relaxed)
+        self.shipping.backlog()
     }
 
     /// Checks PostgreSQL (a `SELECT 1` within a second).

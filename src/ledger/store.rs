@@ -586,6 +586,11 @@ impl SledStore {
         Ok(self.db.open_tree(name)?)
     }
 
+    /// The record log, read as it is (cluster mode's shipper reads it from its own position).
+    pub fn record_log(&self) -> &Arc<RecordLog> {
+        &self.log
+    }
+
     /// Bytes the database occupies on disk (sled and the record log).
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0) + self.log.size_on_disk()

@@ -1,0 +1,83 @@
+//! The usage and admin API's reads in cluster mode: the same bodies as the embedded reads,
+//! from PostgreSQL; PostgreSQL unreachable answers 503 UNAVAILABLE.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Value, json};
+
+use super::reads::{self, PageFilter, format_cursor, parse_cursor};
+use crate::api::usage::{ByModel, MODEL_SCAN_LIMIT, render_daily};
+use crate::app::App;
+use crate::clock::Month;
+use crate::cluster::Cluster;
+use crate::error::ApiError;
+use crate::ledger::Totals;
+use crate::ledger::store::RecordFilter;
+
+/// A page filter from the embedded one (whose cursor is left unset) and the query's cursor.
+pub fn page_filter(f: RecordFilter, cursor: Option<&String>) -> Result<PageFilter, ApiError> {
+    Ok(PageFilter {
+        user_id: f.user_id,
+        kind: f.kind,
+        from: f.from,
+        to: f.to,
+        cursor: match cursor.filter(|c| !c.is_empty()) {
+            Some(c) => Some(parse_cursor(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?),
+            None => None,
+        },
+    })
+}
+
+/// One page of records, newest first, with the cursor of the next page (as
+/// `usage::records_page`).
+pub async fn records_page(c: &Cluster, f: &PageFilter, limit: usize) -> Result<Value, ApiError> {
+    let mut recs = reads::records(&c.pg, f, limit + 1).await?;
+    // One record past the page says there is more, and starts the next page.
+    let next = if recs.len() > limit {
+        recs.get(limit).map(format_cursor)
+    } else {
+        None
+    };
+    recs.truncate(limit);
+    Ok(json!({
+        "data": recs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+/// `GET /api/usage/history` for `user`.
+pub async fn history(c: &Cluster, user: &str, q: &HashMap<String, String>) -> Result<Value, ApiError> {
+    let limit = crate::api::bounded(q, "limit", 50, 500)?;
+    let f = RecordFilter {
+        user_id: Some(user.to_string()),
+        ..Default::default()
+    };
+    records_page(c, &page_filter(f, q.get("cursor"))?, limit).await
+}
+
+/// Per day and type totals for the last `days` days (one user or everyone), as
+/// `usage::daily_rows`.
+pub async fn daily_rows(app: &App, c: &Cluster, user: Option<&str>, days: usize) -> Result<Value, ApiError> {
+    let today = app.clock.now().date_naive();
+    let since = today - chrono::Duration::days(days as i64 - 1);
+    let rows = reads::daily(&c.pg, user, since).await?;
+    Ok(render_daily(days, since, rows))
+}
+
+/// The body of `GET /api/usage/breakdown` (as `usage::breakdown_body`).
+pub async fn breakdown(c: &Cluster, user: &str, month: Month) -> Result<Value, ApiError> {
+    let by_type: BTreeMap<String, Totals> = reads::user_month_by_type(&c.pg, user, month)
+        .await?
+        .into_iter()
+        .collect();
+    let f = PageFilter {
+        user_id: Some(user.to_string()),
+        from: Some(month.start()),
+        to: Some(month.next().start()),
+        ..Default::default()
+    };
+    let recs = reads::records(&c.pg, &f, MODEL_SCAN_LIMIT + 1).await?;
+    let mut by_model = ByModel::default();
+    recs.iter().take(MODEL_SCAN_LIMIT).for_each(|r| by_model.add(r));
+    Ok(by_model.body(month, &by_type, recs.len() <= MODEL_SCAN_LIMIT))
+}
