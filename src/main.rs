@@ -423,6 +423,10 @@ async fn run_gateway(
         }
     }
     spawn_retention(app.clone());
+    // Cluster mode: users, keys, uploads, ownership copied from PostgreSQL before serving.
+    let _shared = gemini_meter::cluster::shared::start(&app)
+        .await
+        .context("cluster mode: cannot load the shared users and keys")?;
     gemini_meter::alerts::spawn_delivery(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
     gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;

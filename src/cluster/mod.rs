@@ -6,6 +6,7 @@
 
 pub mod pg;
 pub mod schema;
+pub mod shared;
 
 use std::sync::Arc;
 use std::time::Duration;
