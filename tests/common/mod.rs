@@ -2,6 +2,7 @@
 //! temporary sled directory and a config file that tests may edit (hot reload).
 #![allow(dead_code)]
 
+pub mod engines;
 pub mod records;
 pub mod tls;
 
