@@ -411,7 +411,10 @@ async fn an_alert_fires_once_across_two_replicas() {
     assert_eq!(status_of_generate(&s.b, &key).await, 200);
     assert_eq!(status_of_generate(&s.a, &key).await, 200);
     assert_eq!(status_of_generate(&s.a, &key).await, 200);
-    eventually(&s, "the alert is delivered", || async { !hooks.lock().unwrap().is_empty() }).await;
+    eventually(&s, "the alert is delivered", || async {
+        !hooks.lock().unwrap().is_empty()
+    })
+    .await;
     eventually(&s, "no delivery left pending on either replica", || async {
         let (a, b) = (alerts_of(&s.a).await, alerts_of(&s.b).await);
         a["counts"]["pending"] == 0 && b["counts"]["pending"] == 0

@@ -746,6 +746,45 @@ mod tests {
     }
 
     #[test]
+    fn keys_imported_from_the_shared_store_are_idempotent_and_stay_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("d")).unwrap();
+        let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+        let month = Month::of(now);
+        let reg = Registry::load(store, month).unwrap();
+        reg.create_user("ann", "free", Some("a@example.com"), now, month)
+            .unwrap();
+        let (key, mut row) = new_key("ann", now).unwrap();
+        assert!(matches!(
+            reg.import_key(&KeyRow {
+                user_id: "nobody".into(),
+                ..row.clone()
+            }),
+            Err(IdentityError::NoUser(_))
+        ));
+        reg.import_key(&row).unwrap();
+        reg.import_key(&row).unwrap();
+        let e = reg.identify(&key).unwrap();
+        assert_eq!(reg.key_id(e), row.key_id);
+        assert_eq!(reg.key_rows().unwrap(), vec![row.clone()]);
+        let users = reg.user_rows().unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!(
+            (users[0].id.as_str(), users[0].email.as_deref(), users[0].created_at),
+            ("ann", Some("a@example.com"), now)
+        );
+        row.revoked_at = Some(now);
+        reg.import_key(&row).unwrap();
+        assert!(reg.identify(&key).is_none());
+        assert!(!reg.key_active(e));
+        // An active row arriving late does not bring a revoked key back.
+        row.revoked_at = None;
+        reg.import_key(&row).unwrap();
+        assert!(reg.identify(&key).is_none());
+        assert!(reg.key_rows().unwrap()[0].revoked_at.is_some());
+    }
+
+    #[test]
     fn keys_users_revoke_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(&dir.path().join("d")).unwrap();

@@ -255,8 +255,10 @@ pub(super) async fn apply_user_row(app: &App, u: &PgUser) -> Result<(), SharedEr
             }
             return Ok(());
         }
-        // Another incarnation of the id (deleted and created again elsewhere).
-        delete_local(app, &u.row.id).await?;
+        // Another incarnation of the id: deleted and created again elsewhere, or a user of the
+        // same id made on two replicas before cluster mode. Its keys go; its usage records
+        // stay (billing data is never dropped on a guess).
+        forget_local(app, &u.row.id)?;
     }
     let month = Month::of(app.clock.now());
     reg.create_user(&u.row.id, &u.row.tier, u.row.email.as_deref(), u.row.created_at, month)?;
@@ -278,15 +280,24 @@ pub(super) async fn apply_key_row(app: &App, cluster: &Cluster, k: &KeyRow) -> R
     }
 }
 
+/// Takes a user and their keys out of the registry here (not their usage records).
+fn forget_local(app: &App, id: &str) -> Result<Option<Vec<String>>, SharedError> {
+    match app.registry.delete_user(id) {
+        Ok(k) => {
+            app.alerts.forget(id);
+            Ok(Some(k))
+        }
+        Err(IdentityError::NoUser(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Deletes a user here as the embedded admin path does: keys, alert state, usage records.
 /// Returns the records deleted; a user not here is nothing to do.
 async fn delete_local(app: &App, id: &str) -> Result<u64, SharedError> {
-    let key_ids = match app.registry.delete_user(id) {
-        Ok(k) => k,
-        Err(IdentityError::NoUser(_)) => return Ok(0),
-        Err(e) => return Err(e.into()),
+    let Some(key_ids) = forget_local(app, id)? else {
+        return Ok(0);
     };
-    app.alerts.forget(id);
     app.recorder
         .delete_user(id, key_ids)
         .await
