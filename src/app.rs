@@ -199,4 +199,8 @@ impl crate::alerts::Gateway for App {
     fn alerts(&self) -> &Alerts {
         &self.alerts
     }
+
+    fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
 }

@@ -406,6 +406,10 @@ async fn run_gateway(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let recorder_task = recorder.spawn().context("starting the recorder thread")?;
+    // Cluster mode: users, keys, uploads, ownership copied from PostgreSQL before serving.
+    let _shared = gemini_meter::cluster::shared::start(&app)
+        .await
+        .context("cluster mode: cannot load the shared users and keys")?;
     // Cluster mode: the settlement pump, the Redis watcher and the heartbeat.
     gemini_meter::cluster::start(&app).await;
     // Cluster mode: the local record log is shipped to the PostgreSQL ledger.

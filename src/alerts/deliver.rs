@@ -10,6 +10,11 @@
 //! Delivery is at least once: if the process dies after a receiver accepted an alert but before
 //! the removal reached the disk (a few milliseconds), the alert is sent again after the
 //! restart, with the same delivery id, which receivers deduplicate on.
+//!
+//! In cluster mode each replica that saw a crossing holds its own copy of the alert; before the
+//! first send, the copy claims the alert's mark in PostgreSQL and only the claimant delivers
+//! (see [`crate::cluster::shared::alerts`]). The others move their copy out of the outbox
+//! unsent. PostgreSQL unreachable: the claim is retried later, nothing is sent meanwhile.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -59,6 +64,10 @@ pub trait Gateway: Send + Sync + 'static {
     fn clock(&self) -> &SharedClock;
     /// The alert state.
     fn alerts(&self) -> &Alerts;
+    /// Cluster mode's engines, whose alert marks decide which replica delivers.
+    fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        None
+    }
 }
 
 /// Starts the delivery task on the current tokio runtime. It holds the gateway only weakly and
@@ -78,6 +87,7 @@ struct Ctx {
     env: EnvLookup,
     metrics: Arc<AlertMetrics>,
     client: WebhookClient,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 async fn run<G: Gateway>(app: Weak<G>, wake: Arc<Notify>) {
@@ -122,6 +132,7 @@ async fn run<G: Gateway>(app: Weak<G>, wake: Arc<Notify>) {
                 env: app.alerts().env().clone(),
                 metrics: app.alerts().metrics.clone(),
                 client: client.clone(),
+                cluster: app.cluster().cloned(),
             };
             for d in due {
                 let id = d.id.clone();
@@ -155,9 +166,13 @@ async fn run<G: Gateway>(app: Weak<G>, wake: Arc<Notify>) {
 /// One attempt at one delivery, and its bookkeeping.
 async fn attempt(ctx: Ctx, mut d: Delivery) {
     let rt = ctx.live.load();
-    let result = match d.channel {
-        Channel::Webhook => webhook::send(&ctx.client, &rt.config.alerts, &ctx.env, &d).await,
-        Channel::Email => email::send(&rt.config, &ctx.env, &d).await,
+    let result = match claimed(&ctx, &mut d).await {
+        Some(Ok(())) => match d.channel {
+            Channel::Webhook => webhook::send(&ctx.client, &rt.config.alerts, &ctx.env, &d).await,
+            Channel::Email => email::send(&rt.config, &ctx.env, &d).await,
+        },
+        Some(Err(f)) => Err(f),
+        None => return,
     };
     let now = ctx.clock.now();
     let metrics = &ctx.metrics;
@@ -196,6 +211,32 @@ async fn attempt(ctx: Ctx, mut d: Delivery) {
     }
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "alerts: flush failed");
+    }
+}
+
+/// Cluster mode: whether this replica delivers `d`. `Some(Ok)`: send it (also outside cluster
+/// mode); `Some(Err)`: PostgreSQL failed, retry later; `None`: another replica's copy of the
+/// alert holds the mark, so this copy left the outbox unsent.
+async fn claimed(ctx: &Ctx, d: &mut Delivery) -> Option<Result<(), Failure>> {
+    let Some(cluster) = &ctx.cluster else {
+        return Some(Ok(()));
+    };
+    match crate::cluster::shared::alerts::claim(cluster, &d.alert).await {
+        Ok(true) => Some(Ok(())),
+        Err(e) => Some(Err(Failure::Retry(format!("alert mark not claimed: {e}")))),
+        Ok(false) => {
+            d.status = DeliveryStatus::Sent;
+            d.last_error = Some("delivered by another replica (it claimed the alert first)".into());
+            d.finished_at = Some(ctx.clock.now());
+            tracing::info!(delivery = %d.id, user = %d.alert.user_id, "alert delivered by another replica; this copy is dropped");
+            if let Err(e) = ctx.store.finish_delivery(d) {
+                tracing::error!(delivery = %d.id, error = %e, "alerts: cannot save a delivery's state");
+            }
+            if let Err(e) = ctx.store.flush().await {
+                tracing::error!(error = %e, "alerts: flush failed");
+            }
+            None
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use super::{bounded, query_map, read_json};
 use crate::app::App;
 use crate::clock::{Month, rfc3339};
 use crate::cluster::ledger::reads as pg;
+use crate::cluster::shared::{self, SharedError};
 use crate::error::{ApiError, json_response};
 use crate::identity::{IdentityError, valid_user_id};
 use crate::ledger::store::{RecordFilter, parse_cursor};
@@ -65,6 +66,17 @@ fn identity_error(e: IdentityError) -> ApiError {
         IdentityError::NoUser(id) => ApiError::not_found(format!("User {id} not found.")),
         IdentityError::NoKey(id) => ApiError::not_found(format!("Key {id} not found.")),
         IdentityError::BadId => ApiError::bad_request(e.to_string()),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+/// Cluster mode's admin writes: PostgreSQL unreachable is a 503 (nothing was changed).
+fn shared_error(e: SharedError) -> ApiError {
+    match e {
+        SharedError::Identity(e) => identity_error(e),
+        SharedError::Unavailable(why) => ApiError::unavailable(format!(
+            "The shared store (PostgreSQL) is unavailable; nothing was changed. {why}"
+        )),
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -132,16 +144,26 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
             known_tier(app, tier)?;
-            let u = app.registry.set_tier(&id, tier).map_err(identity_error)?;
+            let u = match &app.cluster {
+                Some(c) => shared::identity::set_tier(app, c, &id, tier)
+                    .await
+                    .map_err(shared_error)?,
+                None => app.registry.set_tier(&id, tier).map_err(identity_error)?,
+            };
             let body = app.registry.user_json(u);
             app.store.flush().await.map_err(storage)?;
             Ok(json_response(StatusCode::OK, &body))
         }
         (Method::DELETE, ["admin", "users", id]) => {
             let id = id.to_string();
-            let key_ids = app.registry.delete_user(&id).map_err(identity_error)?;
-            app.alerts.forget(&id);
-            let removed = app.recorder.delete_user(&id, key_ids).await.map_err(storage)?;
+            let removed = match &app.cluster {
+                Some(c) => shared::identity::delete_user(app, c, &id).await.map_err(shared_error)?,
+                None => {
+                    let key_ids = app.registry.delete_user(&id).map_err(identity_error)?;
+                    app.alerts.forget(&id);
+                    app.recorder.delete_user(&id, key_ids).await.map_err(storage)?
+                }
+            };
             app.store.flush().await.map_err(storage)?;
             // Their upstream resources are not deleted with them (a deletion upstream cannot be
             // undone): listed here and under /admin/resources?user=, for the operator to delete.
@@ -161,7 +183,13 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             ))
         }
         (Method::POST, ["admin", "users", id, "keys"]) => {
-            let (key, key_id) = app.registry.create_key(id, app.clock.now()).map_err(identity_error)?;
+            let now = app.clock.now();
+            let (key, key_id) = match &app.cluster {
+                Some(c) => shared::identity::create_key(app, c, id, now)
+                    .await
+                    .map_err(shared_error)?,
+                None => app.registry.create_key(id, now).map_err(identity_error)?,
+            };
             app.store.flush().await.map_err(storage)?;
             Ok(noted(
                 json_response(
@@ -185,7 +213,13 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             Ok(json_response(StatusCode::OK, &json!({"data": keys})))
         }
         (Method::DELETE, ["admin", "keys", key_id]) => {
-            app.registry.revoke(key_id, app.clock.now()).map_err(identity_error)?;
+            let now = app.clock.now();
+            match &app.cluster {
+                Some(c) => shared::identity::revoke(app, c, key_id, now)
+                    .await
+                    .map_err(shared_error)?,
+                None => app.registry.revoke(key_id, now).map_err(identity_error)?,
+            }
             app.store.flush().await.map_err(storage)?;
             Ok(json_response(StatusCode::OK, &json!({"revoked": key_id})))
         }
@@ -377,10 +411,15 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         Some(_) => return Err(ApiError::bad_request("email must be a string.")),
     };
     let now = app.clock.now();
-    let u = app
-        .registry
-        .create_user(id, tier, email, now, Month::of(now))
-        .map_err(identity_error)?;
+    let u = match &app.cluster {
+        Some(c) => shared::identity::create_user(app, c, id, tier, email, now)
+            .await
+            .map_err(shared_error)?,
+        None => app
+            .registry
+            .create_user(id, tier, email, now, Month::of(now))
+            .map_err(identity_error)?,
+    };
     let body = app.registry.user_json(u);
     app.store.flush().await.map_err(storage)?;
     Ok(noted(

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod pg;
 pub mod quota;
 pub mod schema;
+pub mod shared;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -16,7 +16,7 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[super::ledger::MIGRATION];
+pub const MIGRATIONS: &[Migration] = &[super::ledger::MIGRATION, super::shared::schema::MIGRATION];
 
 /// The advisory lock migrations run under (an arbitrary constant: "gm" and a version).
 const LOCK: i64 = 0x676d_0001;

@@ -6,4 +6,4 @@ pub mod registry;
 mod slots;
 
 pub use keys::{KeyHash, generate_key, hash_key};
-pub use registry::{IdentityError, KeyEntry, Registry, User, valid_user_id};
+pub use registry::{IdentityError, KeyEntry, KeyRow, Registry, User, UserRow, new_key, valid_user_id};

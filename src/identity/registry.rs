@@ -219,6 +219,39 @@ pub struct Registry {
     /// User id -> user slot.
     by_user_id: Index,
     hasher: RandomState,
+    /// Serializes changes to users and keys that come from the shared store (cluster mode) with
+    /// the admin writes that cause them, so a change is never applied twice at once.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// A key as stored (never its plaintext): what cluster mode copies between replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// The key's public id.
+    pub key_id: String,
+    /// Its user.
+    pub user_id: String,
+    /// SHA-256 of the key, hex.
+    pub hash: String,
+    /// The first characters of the key, shown in lists.
+    pub prefix: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A user as stored: what cluster mode copies between replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// The user id.
+    pub id: String,
+    /// The tier's name.
+    pub tier: String,
+    /// The email, if any.
+    pub email: Option<String>,
+    /// When the user was created (second precision).
+    pub created_at: DateTime<Utc>,
 }
 
 fn user_json(id: &str, tier: &str, email: Option<&str>, created_at: DateTime<Utc>) -> Value {
@@ -230,6 +263,20 @@ fn parse_time(v: &Value) -> DateTime<Utc> {
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_default()
+}
+
+/// A new key for `user_id`: its plaintext (shown once) and the row that is stored.
+pub fn new_key(user_id: &str, now: DateTime<Utc>) -> Result<(String, KeyRow), IdentityError> {
+    let key = generate_key()?;
+    let row = KeyRow {
+        key_id: format!("key_{}", random_base62(16)?),
+        user_id: user_id.to_string(),
+        hash: hex::encode(hash_key(&key)),
+        prefix: key.get(..7).unwrap_or_default().to_string(),
+        created_at: now,
+        revoked_at: None,
+    };
+    Ok((key, row))
 }
 
 fn digest_hash(h: &KeyHash) -> u64 {
@@ -252,6 +299,7 @@ impl Registry {
             by_key_id: Index::default(),
             by_user_id: Index::default(),
             hasher: RandomState::new(),
+            changes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -531,30 +579,106 @@ impl Registry {
 
     /// Issues a new key for a user; the plaintext is returned once and never stored.
     pub fn create_key(&self, user_id: &str, now: DateTime<Utc>) -> Result<(String, String), IdentityError> {
+        if self.find_user(user_id).is_none() {
+            return Err(IdentityError::NoUser(user_id.into()));
+        }
+        let (key, row) = new_key(user_id, now)?;
+        self.import_key(&row)?;
+        Ok((key, row.key_id))
+    }
+
+    /// Stores a key as `row` has it and indexes it while it is active (a revoked one is taken
+    /// out). Idempotent; a key revoked here stays revoked. The user must exist.
+    pub fn import_key(&self, row: &KeyRow) -> Result<(), IdentityError> {
         let slot = self
-            .find_user(user_id)
-            .ok_or_else(|| IdentityError::NoUser(user_id.into()))?;
-        let key = generate_key()?;
-        let key_id = format!("key_{}", random_base62(16)?);
-        let hash = hash_key(&key);
+            .find_user(&row.user_id)
+            .ok_or_else(|| IdentityError::NoUser(row.user_id.clone()))?;
+        let skey = format!("{}/{}", row.user_id, row.key_id);
+        let mut revoked_at = row.revoked_at.map(rfc3339);
+        if let Some(v) = self.store.keys().get(skey.as_bytes())? {
+            let j: Value = serde_json::from_slice(&v).map_err(corrupt)?;
+            if let Some(r) = j["revoked_at"].as_str() {
+                revoked_at = Some(r.to_string());
+            }
+        }
         let rec = json!({
-            "key_id": key_id,
-            "user_id": user_id,
-            "hash": hex::encode(hash),
-            "prefix": &key[..7],
-            "created_at": rfc3339(now),
-            "revoked_at": null,
+            "key_id": row.key_id,
+            "user_id": row.user_id,
+            "hash": row.hash,
+            "prefix": row.prefix,
+            "created_at": rfc3339(row.created_at),
+            "revoked_at": revoked_at,
         });
         self.store
             .keys()
-            .insert(format!("{user_id}/{key_id}").as_bytes(), rec.to_string().into_bytes())?;
-        let k = self.index_key(&key_id, hash, slot)?;
+            .insert(skey.as_bytes(), rec.to_string().into_bytes())?;
+        let indexed = self.find_key_id(&row.key_id);
+        if revoked_at.is_some() {
+            if let Some(k) = indexed {
+                self.unindex_key(k);
+            }
+            return Ok(());
+        }
+        if indexed.is_some() {
+            return Ok(());
+        }
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&row.hash, &mut hash).map_err(corrupt)?;
+        let k = self.index_key(&row.key_id, hash, slot)?;
         if self.users.get(slot).is_none_or(User::is_deleted) {
             // The user was deleted meanwhile: the key must not outlive them.
             self.unindex_key(k);
-            return Err(IdentityError::NoUser(user_id.into()));
+            return Err(IdentityError::NoUser(row.user_id.clone()));
         }
-        Ok((key, key_id))
+        Ok(())
+    }
+
+    /// Every stored user (cluster mode pushes the ones the shared store lacks).
+    pub fn user_rows(&self) -> Result<Vec<UserRow>, IdentityError> {
+        let mut out = Vec::new();
+        for kv in self.store.users().iter() {
+            let (_, v) = kv?;
+            let u: Value = serde_json::from_slice(&v).map_err(corrupt)?;
+            let (Some(id), Some(tier)) = (u["id"].as_str(), u["tier"].as_str()) else {
+                return Err(IdentityError::Corrupt("user record".into()));
+            };
+            out.push(UserRow {
+                id: id.to_string(),
+                tier: tier.to_string(),
+                email: u["email"].as_str().map(str::to_string),
+                created_at: parse_time(&u["created_at"]),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every stored key, revoked ones included, as rows (no plaintext exists to give).
+    pub fn key_rows(&self) -> Result<Vec<KeyRow>, IdentityError> {
+        let mut out = Vec::new();
+        for kv in self.store.keys().iter() {
+            let (_, v) = kv?;
+            let k: Value = serde_json::from_slice(&v).map_err(corrupt)?;
+            let (Some(key_id), Some(user_id), Some(hash)) =
+                (k["key_id"].as_str(), k["user_id"].as_str(), k["hash"].as_str())
+            else {
+                return Err(IdentityError::Corrupt("key record".into()));
+            };
+            out.push(KeyRow {
+                key_id: key_id.to_string(),
+                user_id: user_id.to_string(),
+                hash: hash.to_string(),
+                prefix: k["prefix"].as_str().unwrap_or_default().to_string(),
+                created_at: parse_time(&k["created_at"]),
+                revoked_at: k["revoked_at"].as_str().map(|_| parse_time(&k["revoked_at"])),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The lock that serializes shared-store changes (cluster mode) with the admin writes that
+    /// make them.
+    pub fn changes(&self) -> &tokio::sync::Mutex<()> {
+        &self.changes
     }
 
     /// A user's keys, without plaintext or hashes.
@@ -619,6 +743,45 @@ mod tests {
             "KeySlot: {}",
             std::mem::size_of::<KeySlot>()
         );
+    }
+
+    #[test]
+    fn keys_imported_from_the_shared_store_are_idempotent_and_stay_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("d")).unwrap();
+        let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+        let month = Month::of(now);
+        let reg = Registry::load(store, month).unwrap();
+        reg.create_user("ann", "free", Some("a@example.com"), now, month)
+            .unwrap();
+        let (key, mut row) = new_key("ann", now).unwrap();
+        assert!(matches!(
+            reg.import_key(&KeyRow {
+                user_id: "nobody".into(),
+                ..row.clone()
+            }),
+            Err(IdentityError::NoUser(_))
+        ));
+        reg.import_key(&row).unwrap();
+        reg.import_key(&row).unwrap();
+        let e = reg.identify(&key).unwrap();
+        assert_eq!(reg.key_id(e), row.key_id);
+        assert_eq!(reg.key_rows().unwrap(), vec![row.clone()]);
+        let users = reg.user_rows().unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!(
+            (users[0].id.as_str(), users[0].email.as_deref(), users[0].created_at),
+            ("ann", Some("a@example.com"), now)
+        );
+        row.revoked_at = Some(now);
+        reg.import_key(&row).unwrap();
+        assert!(reg.identify(&key).is_none());
+        assert!(!reg.key_active(e));
+        // An active row arriving late does not bring a revoked key back.
+        row.revoked_at = None;
+        reg.import_key(&row).unwrap();
+        assert!(reg.identify(&key).is_none());
+        assert!(reg.key_rows().unwrap()[0].revoked_at.is_some());
     }
 
     #[test]

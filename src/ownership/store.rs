@@ -1,15 +1,17 @@
 //! The ownership index: resource name → owner, in memory for the request path and in a sled
 //! tree for restarts. A creation is flushed to disk before its answer reaches the caller, so a
-//! name a caller holds is always one the index knows (also after `kill -9`).
+//! name a caller holds is always one the index knows (also after `kill -9`). In cluster mode
+//! ([`Owners::attach`]) every change also goes to PostgreSQL, which tells the other replicas.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use super::Kind;
+use crate::cluster::shared::owners::{PgResource, SharedOwners};
 
 /// Errors of the ownership store.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub struct Owners {
     /// Settlements claimed in this process (finished batches being billed).
     settling: dashmap::DashSet<String>,
     tree: sled::Tree,
+    /// Cluster mode: the index in PostgreSQL.
+    shared: OnceLock<Arc<SharedOwners>>,
 }
 
 fn stored_key(name: &str) -> Vec<u8> {
@@ -94,6 +98,7 @@ impl Owners {
             next_seq: AtomicU64::new(1),
             settling: dashmap::DashSet::new(),
             tree,
+            shared: OnceLock::new(),
         };
         let mut max_seq = 0;
         for item in owners.tree.scan_prefix(b"n/") {
@@ -149,20 +154,28 @@ impl Owners {
     /// Records `user` as the owner of `name` (a resource the upstream just created) and waits
     /// until that is on disk. The upstream's word wins over an older entry: a name is only
     /// re-created after the old resource is gone.
+    /// In cluster mode also in PostgreSQL before returning (a failure there is logged: this
+    /// replica still knows, and pushes it at its next resync).
     pub async fn record(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
-        self.put(user, kind, name)?;
+        let created_ms = now_ms();
+        self.put(user, kind, name, created_ms)?;
         self.tree.flush_async().await?;
+        if let Some(shared) = self.shared.get()
+            && let Err(e) = shared.record(name, user, created_ms).await
+        {
+            tracing::warn!(error = %e, "resource owner not shared; other replicas learn it at a resync");
+        }
         Ok(())
     }
 
     /// Writes an entry without waiting for the disk.
-    fn put(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
+    fn put(&self, user: &Arc<str>, kind: Kind, name: &str, created_ms: u64) -> Result<(), OwnershipError> {
         let e = OwnedEntry {
             name: name.to_string(),
             kind,
             user: user.clone(),
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-            created_ms: now_ms(),
+            created_ms,
         };
         let stored = Stored {
             user: user.to_string(),
@@ -177,7 +190,7 @@ impl Owners {
 
     /// Gives an existing (or unowned) resource to `user` (admin).
     pub async fn assign(&self, user: &Arc<str>, kind: Kind, name: &str) -> Result<(), OwnershipError> {
-        self.forget(name)?;
+        self.forget_local(name)?;
         self.record(user, kind, name).await
     }
 
@@ -194,6 +207,11 @@ impl Owners {
     pub async fn settled(&self, name: &str) -> Result<(), OwnershipError> {
         self.tree.insert(settled_key(name), &b"1"[..])?;
         self.tree.flush_async().await?;
+        if let Some(shared) = self.shared.get()
+            && let Err(e) = shared.settled(name).await
+        {
+            tracing::warn!(error = %e, "settled mark not shared; other replicas learn it at a resync");
+        }
         Ok(())
     }
 
@@ -206,6 +224,11 @@ impl Owners {
     pub async fn set_note(&self, name: &str, note: &[u8]) -> Result<(), OwnershipError> {
         self.tree.insert(note_key(name), note)?;
         self.tree.flush_async().await?;
+        if let Some(shared) = self.shared.get()
+            && let Err(e) = shared.set_note(name, note).await
+        {
+            tracing::warn!(error = %e, "resource note not shared; other replicas learn it at a resync");
+        }
         Ok(())
     }
 
@@ -214,8 +237,17 @@ impl Owners {
         self.tree.get(note_key(name)).ok().flatten().map(|v| v.to_vec())
     }
 
-    /// Forgets a resource (deleted upstream, or gone).
+    /// Forgets a resource (deleted upstream, or gone); in cluster mode PostgreSQL marks it
+    /// deleted too (in the background).
     pub fn forget(&self, name: &str) -> Result<(), OwnershipError> {
+        self.forget_local(name)?;
+        if let Some(shared) = self.shared.get() {
+            shared.forget(name.to_string());
+        }
+        Ok(())
+    }
+
+    fn forget_local(&self, name: &str) -> Result<(), OwnershipError> {
         if let Some((_, e)) = self.by_name.remove(name)
             && let Some(mut m) = self.by_user.get_mut(&e.user)
         {
@@ -223,6 +255,94 @@ impl Owners {
         }
         self.tree.remove(stored_key(name))?;
         Ok(())
+    }
+
+    /// Cluster mode: ownership is also kept in PostgreSQL (set once, at start).
+    pub fn attach(&self, shared: SharedOwners) {
+        let _ = self.shared.set(Arc::new(shared));
+    }
+
+    /// Makes the local copy of one resource match PostgreSQL's row (owner, settled mark,
+    /// note), without writing PostgreSQL back.
+    pub fn mirror(&self, r: &PgResource) -> Result<(), OwnershipError> {
+        if r.settled {
+            self.tree.insert(settled_key(&r.name), &b"1"[..])?;
+        }
+        if let Some(n) = &r.note {
+            self.tree.insert(note_key(&r.name), n.as_slice())?;
+        }
+        match (&r.user, r.deleted) {
+            (Some(u), false) if self.owner(&r.name).as_deref() != Some(u.as_str()) => {
+                let Some((kind, _)) = super::resource_of(&r.name) else {
+                    return Err(OwnershipError::Corrupt(r.name.clone()));
+                };
+                self.put(&Arc::from(u.as_str()), kind, &r.name, r.created_ms)
+            }
+            (_, true) => self.forget_local(&r.name),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cluster mode: a name this replica does not know is looked up in PostgreSQL (created
+    /// through another replica, its notification not here yet).
+    pub async fn fetch_shared(&self, name: &str) {
+        let Some(shared) = self.shared.get() else { return };
+        if self.by_name.contains_key(name) {
+            return;
+        }
+        match shared.get(name).await {
+            Ok(Some(r)) => {
+                if let Err(e) = self.mirror(&r) {
+                    tracing::warn!(error = %e, "shared resource not copied here");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "resource owner not looked up in PostgreSQL"),
+        }
+    }
+
+    /// Every resource known here, with its settled mark and note (a resync pushes the ones
+    /// PostgreSQL lacks).
+    pub fn rows(&self) -> Vec<PgResource> {
+        let mut out: std::collections::HashMap<String, PgResource> = self
+            .all()
+            .into_iter()
+            .map(|e| {
+                let r = PgResource {
+                    name: e.name.clone(),
+                    user: Some(e.user.to_string()),
+                    created_ms: e.created_ms,
+                    deleted: false,
+                    settled: false,
+                    note: None,
+                };
+                (e.name, r)
+            })
+            .collect();
+        for (prefix, settled) in [(&b"s/"[..], true), (&b"m/"[..], false)] {
+            for (k, v) in self.tree.scan_prefix(prefix).filter_map(Result::ok) {
+                let name = String::from_utf8_lossy(k.get(2..).unwrap_or_default()).into_owned();
+                let r = out.entry(name.clone()).or_insert_with(|| PgResource {
+                    name,
+                    user: None,
+                    created_ms: 0,
+                    deleted: false,
+                    settled: false,
+                    note: None,
+                });
+                if settled {
+                    r.settled = true;
+                } else {
+                    r.note = Some(v.to_vec());
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The PostgreSQL side, in cluster mode.
+    pub fn shared(&self) -> Option<&Arc<SharedOwners>> {
+        self.shared.get()
     }
 
     /// Up to `limit` of `user`'s resources of the kinds `want` accepts, newest first, older

@@ -112,6 +112,7 @@ async fn forward_inner(
     if content_length(&parts.headers).is_some_and(|n| n > max) {
         return Err(ApiError::too_large(max));
     }
+    proxy.prefetch_shared(&route, path).await;
     let (key, continued) = identify(proxy, &route, &parts.headers, query)?;
     let adopts = owned_phase(proxy, &decision, key, &mut parts, path)?;
     let tags = take_tags(&mut parts.headers);
@@ -451,7 +452,7 @@ async fn answer(
             surfaces::bill_images(call.proxy, call.key, call.tags.clone(), model, &mut rparts, rbody).await?
         }
         (Answer::UploadStart { declared }, _) => {
-            upload_started(&call, &mut rparts, declared, gateway_base.as_deref());
+            upload_started(&call, &mut rparts, declared, gateway_base.as_deref()).await;
             ProxyBody::stream(rbody)
         }
         (Answer::UploadBytes { upload_id }, _) => {
@@ -596,7 +597,12 @@ async fn metered_body(
 }
 
 /// An upload session started: remember whose it is, and point its URL at the gateway.
-fn upload_started(call: &Call<'_>, rparts: &mut http::response::Parts, declared: Option<u64>, base: Option<&str>) {
+async fn upload_started(
+    call: &Call<'_>,
+    rparts: &mut http::response::Parts,
+    declared: Option<u64>,
+    base: Option<&str>,
+) {
     if !rparts.status.is_success() {
         return;
     }
@@ -610,7 +616,7 @@ fn upload_started(call: &Call<'_>, rparts: &mut http::response::Parts, declared:
     };
     let p = call.proxy;
     if let Some(id) = url.split_once('?').and_then(|(_, q)| query_param(q, "upload_id")) {
-        p.uploads.insert(id, call.key, declared, &p.registry);
+        p.uploads.insert(id, call.key, declared, &p.registry).await;
     }
     let prefix = call.rt.config.upstream.base_url.path();
     if let Some(base) = base

@@ -2,16 +2,18 @@
 //! chunk requests (python-genai sends them without a key) are billed to the right user.
 //! Sessions are also kept in sled (under a hash of the upload id, which is a bearer
 //! capability), so an upload survives a restart of the gateway. Billing of the bytes an upload
-//! request sent upstream lives here too.
+//! request sent upstream lives here too. In cluster mode a session is also kept in PostgreSQL
+//! ([`UploadSessions::attach`]), so another replica can finish it.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde_json::{Value, json};
 
 use super::body::RequestTally;
+use crate::cluster::shared::uploads::SharedUploads;
 use crate::identity::{KeyEntry, Registry, hash_key};
 use crate::ledger::{Details, FileUpload, Record, Status, Tags};
 use crate::metering::pricing::upload_cost;
@@ -36,11 +38,30 @@ pub struct UploadSession {
 pub struct UploadSessions {
     map: DashMap<String, Arc<UploadSession>>,
     tree: sled::Tree,
+    /// Cluster mode: the sessions in PostgreSQL.
+    shared: OnceLock<Arc<SharedUploads>>,
+}
+
+/// A stored session, as cluster mode pushes it to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// Hex SHA-256 of the upload id.
+    pub upload_hash: String,
+    /// The key that started it.
+    pub key_id: String,
+    /// The size declared at start.
+    pub declared: Option<u64>,
+    /// Its age in seconds.
+    pub age_secs: u64,
+}
+
+fn upload_hash(upload_id: &str) -> String {
+    hex::encode(hash_key(upload_id))
 }
 
 fn stored_key(upload_id: &str) -> Vec<u8> {
     let mut k = b"upload/".to_vec();
-    k.extend_from_slice(hex::encode(hash_key(upload_id)).as_bytes());
+    k.extend_from_slice(upload_hash(upload_id).as_bytes());
     k
 }
 
@@ -57,11 +78,54 @@ impl UploadSessions {
         Self {
             map: DashMap::new(),
             tree,
+            shared: OnceLock::new(),
         }
     }
 
-    /// Remembers a session.
-    pub fn insert(&self, upload_id: String, key: KeyEntry, declared: Option<u64>, registry: &Registry) {
+    /// Cluster mode: sessions are also kept in PostgreSQL (set once, at start).
+    pub fn attach(&self, shared: SharedUploads) {
+        let _ = self.shared.set(Arc::new(shared));
+    }
+
+    /// The PostgreSQL side, in cluster mode.
+    pub fn shared(&self) -> Option<&Arc<SharedUploads>> {
+        self.shared.get()
+    }
+
+    /// Every session kept on disk that is not stale (cluster mode pushes them to PostgreSQL).
+    pub fn stored(&self) -> Vec<StoredSession> {
+        let now = unix_now();
+        self.tree
+            .scan_prefix(b"upload/")
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let v: Value = serde_json::from_slice(&v).ok()?;
+                let age = now.saturating_sub(v["started"].as_u64()?);
+                (age < SESSION_TTL.as_secs()).then_some(())?;
+                Some(StoredSession {
+                    upload_hash: String::from_utf8_lossy(k.get(7..)?).into_owned(),
+                    key_id: v["key_id"].as_str()?.to_string(),
+                    declared: v["declared"].as_u64(),
+                    age_secs: age,
+                })
+            })
+            .collect()
+    }
+
+    /// Remembers a session; in cluster mode also in PostgreSQL before returning, so another
+    /// replica knows it by the time the caller has the upload URL.
+    pub async fn insert(&self, upload_id: String, key: KeyEntry, declared: Option<u64>, registry: &Registry) {
+        if let Some(shared) = self.shared.get()
+            && let Err(e) = shared
+                .insert(&upload_hash(&upload_id), registry.key_id(key), declared, 0)
+                .await
+        {
+            tracing::warn!(error = %e, "upload session not shared; only this replica can finish it");
+        }
+        self.insert_local(upload_id, key, declared, registry);
+    }
+
+    fn insert_local(&self, upload_id: String, key: KeyEntry, declared: Option<u64>, registry: &Registry) {
         if self.map.len() > 10_000 {
             self.map.retain(|_, s| s.started.elapsed() < SESSION_TTL);
         }
@@ -108,6 +172,41 @@ impl UploadSessions {
     pub fn remove(&self, upload_id: &str) {
         self.map.remove(upload_id);
         let _ = self.tree.remove(stored_key(upload_id));
+        if let Some(shared) = self.shared.get() {
+            shared.remove(upload_hash(upload_id));
+        }
+    }
+
+    /// Cluster mode: a session not known here is looked up in PostgreSQL (started through
+    /// another replica) and, when found and its key is known here, kept locally, so the
+    /// synchronous [`UploadSessions::get`] finds it.
+    pub async fn fetch_shared(&self, upload_id: &str, registry: &Registry) {
+        let Some(shared) = self.shared.get() else { return };
+        if self.get(upload_id, registry).is_some() {
+            return;
+        }
+        let s = match shared.get(&upload_hash(upload_id)).await {
+            Ok(Some(s)) if s.age_secs < SESSION_TTL.as_secs() => s,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "upload session not looked up in PostgreSQL");
+                return;
+            }
+        };
+        let Some(key) = registry.entry_by_key_id(&s.key_id) else {
+            return;
+        };
+        let started = Instant::now()
+            .checked_sub(Duration::from_secs(s.age_secs))
+            .unwrap_or_else(Instant::now);
+        self.map.insert(
+            upload_id.to_string(),
+            Arc::new(UploadSession {
+                key,
+                declared: s.declared,
+                started,
+            }),
+        );
     }
 }
 
@@ -127,6 +226,19 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
 }
 
 impl super::Proxy {
+    /// Cluster mode: before a request is identified, what another replica may have recorded
+    /// and this one not heard of yet is looked up in PostgreSQL: the upload session it
+    /// continues, the owner of the resource its path names. A no-op outside cluster mode and
+    /// on a local hit.
+    pub async fn prefetch_shared(&self, route: &super::route::Route, path: &str) {
+        if let Some(upload_id) = route.upload_session() {
+            self.uploads.fetch_shared(upload_id, &self.registry).await;
+        }
+        if let Some((_, name)) = crate::ownership::resource_of(super::tenancy::rest_of(path)) {
+            self.owners.fetch_shared(&name).await;
+        }
+    }
+
     /// Records the file bytes an upload request sent upstream (billed when it accepted them).
     /// Waits (without blocking) for an alert the record fired to reach the disk.
     pub async fn record_upload(
