@@ -24,6 +24,14 @@ enforcement = "hard"
 min_output_tokens = 1
 "#;
 
+struct PrintOnPanic(std::path::PathBuf);
+
+impl Drop for PrintOnPanic {
+    fn drop(&mut self) {
+        eprintln!("PG LOG:\n{}", std::fs::read_to_string(&self.0).unwrap_or_default());
+    }
+}
+
 async fn mock() -> MockServer {
     MockServer::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
         .await
@@ -32,7 +40,11 @@ async fn mock() -> MockServer {
 
 async fn two(mock: &MockServer, redis_url: &str, pg: &Postgres) -> (Replica, Replica) {
     let o = ReplicaOptions::new(mock.addr, redis_url, &pg.url()).extra(TIERS);
-    tokio::join!(Replica::start_with(o.clone()), Replica::start_with(o))
+    let log = pg.log();
+    let guard = PrintOnPanic(log);
+    let r = tokio::join!(Replica::start_with(o.clone()), Replica::start_with(o));
+    std::mem::forget(guard);
+    r
 }
 
 /// Waits until the replica knows the key (keys are shared through PostgreSQL within a second).
@@ -49,7 +61,7 @@ async fn known(r: &Replica, key: &str) {
         if s == 200 {
             return;
         }
-        assert!(Instant::now() < deadline, "key unknown on the other replica: {s}");
+        assert!(Instant::now() < deadline, "key unknown on the other replica: {s}\n{}", tail(r));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -104,6 +116,13 @@ async fn ledger(pg: &Postgres, user: &str, expect_messages: Option<u64>) -> (u64
     }
 }
 
+/// The last lines a replica printed (for failure messages).
+fn tail(r: &Replica) -> String {
+    let out = r.output();
+    let lines: Vec<&str> = out.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 async fn current(r: &Replica, key: &str) -> Value {
     reqwest::Client::new()
         .get(r.url("/api/usage/current"))
@@ -130,7 +149,13 @@ async fn two_replicas_admit_exactly_fifty_of_four_hundred_every_round() {
         let statuses = burst(&bases, &key, 400).await;
         let ok = statuses.iter().filter(|s| **s == 200).count();
         let refused = statuses.iter().filter(|s| **s == 403).count();
-        assert_eq!((ok, refused), (50, 350), "round {round}: {statuses:?}");
+        assert_eq!(
+            (ok, refused),
+            (50, 350),
+            "round {round}: {statuses:?}\nA: {}\nB: {}",
+            tail(&a),
+            tail(&b)
+        );
         let (records, messages, _) = ledger(&pg, &user, Some(50)).await;
         // Each admitted call is a message_sent and an ai_response record.
         assert_eq!((records, messages), (100, 50), "round {round}: the ledger");

@@ -83,6 +83,7 @@ fn health(app: &App) -> Response<ProxyBody> {
     if let Some(c) = &app.cluster {
         // Cluster mode only: records waiting for PostgreSQL (served all the same).
         body["cluster"] = c.shipping.to_json(app.clock.now());
+        body["cluster"]["redis"] = json!(c.quotas.health_name());
     }
     json_response(StatusCode::OK, &body)
 }
@@ -127,6 +128,7 @@ fn metrics(app: &App) -> Response<ProxyBody> {
     }
     if let Some(c) = &app.cluster {
         c.shipping.render_metrics(&mut text, app.clock.now());
+        c.quotas.render_metrics(&mut text);
     }
     let mut resp = Response::new(ProxyBody::full(text));
     resp.headers_mut().insert(

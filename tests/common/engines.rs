@@ -350,7 +350,7 @@ impl Postgres {
         self.dir.path().join("data")
     }
 
-    fn log(&self) -> PathBuf {
+    pub fn log(&self) -> PathBuf {
         self.dir.path().join("postgres.log")
     }
 

@@ -193,6 +193,20 @@ impl Quotas {
         tracing::warn!("Redis failed during admission or settlement; checking it");
     }
 
+    /// Appends the counters' metrics (Prometheus text).
+    pub fn render_metrics(&self, out: &mut String) {
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let up = u64::from(self.ready());
+        for (name, kind, help, v) in [
+            ("gm_cluster_redis_ready", "gauge", "1 while the shared counters in Redis are usable.", up),
+            ("gm_cluster_admission_round_trips_total", "counter", "Redis round trips made by admissions.", load(&self.admit_trips)),
+            ("gm_cluster_settlement_round_trips_total", "counter", "Redis round trips (pipelines) made by the settlement pump.", load(&self.settle_trips)),
+            ("gm_cluster_settlements_total", "counter", "Records settled in Redis.", load(&self.settled)),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+    }
+
     fn next_res_id(&self) -> String {
         format!("{}.{:x}", self.replica, self.seq.fetch_add(1, Ordering::Relaxed))
     }
