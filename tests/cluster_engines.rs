@@ -210,3 +210,47 @@ async fn migrations_run_concurrently_on_a_fresh_database_all_succeed_once() {
         expected
     );
 }
+
+/// The load tool's cluster target, tiny: it starts its own engines and one replica (two once
+/// keys are shared between replicas), drives them, and meters every request. No figure is
+/// judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_runs_replicas_on_engines_it_starts() {
+    let opts = gemini_meter_loadtest::Options {
+        mode: gemini_meter_loadtest::Mode::Both,
+        concurrency: 4,
+        duration: std::time::Duration::from_millis(500),
+        rounds: 1,
+        warmup: std::time::Duration::ZERO,
+        chunks: 3,
+        chunk_delay: std::time::Duration::ZERO,
+        ttfb: std::time::Duration::ZERO,
+        users: 2,
+        no_nginx: true,
+        no_hyper: true,
+        gateway_workers: None,
+        binary: env!("CARGO_BIN_EXE_gemini-meter").into(),
+        callgrind: None,
+        tls: false,
+    };
+    let report = gemini_meter_loadtest::run_with_replicas(&opts, 1).await.unwrap();
+    let v = report.json();
+    for k in v["kinds"].as_array().unwrap() {
+        let names: Vec<&str> = k["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["target"].as_str())
+            .collect();
+        assert_eq!(names, ["direct", "gateway", "cluster"], "{k}");
+        let cluster = &k["targets"][2];
+        assert!(cluster["ok"].as_u64().unwrap() > 0, "{cluster}");
+        assert_eq!(cluster["errors"]["total"], 0, "{cluster}");
+        assert!(cluster["cpu_per_request_us"].as_f64().is_some(), "{cluster}");
+    }
+    let c = &v["cluster"];
+    assert_eq!(c["replicas"], 1, "{c}");
+    assert_eq!(c["metering"]["pass"], true, "{c}");
+    assert_eq!(c["clean_exit"], true, "{c}");
+    assert!(report.metering_pass(), "{v}");
+}
