@@ -254,3 +254,24 @@ async fn the_load_tool_runs_replicas_on_engines_it_starts() {
     assert_eq!(c["clean_exit"], true, "{c}");
     assert!(report.metering_pass(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_with_sigkill_restarts_on_its_port_and_data() {
+    let mut fleet = common::engines::Fleet::start(1, "").await;
+    let r = &mut fleet.replicas[0];
+    let (addr, data) = (r.addr(), r.data_dir());
+    let pid = r.pid().unwrap();
+    r.kill9();
+    assert!(r.pid().is_none());
+    assert!(reqwest::get(r.url("/healthz")).await.is_err(), "killed, yet it answers");
+    r.restart().await;
+    assert_ne!(r.pid().unwrap(), pid);
+    assert_eq!((r.addr(), r.data_dir()), (addr, data));
+    assert_eq!(
+        reqwest::get(r.url("/healthz")).await.unwrap().status(),
+        200,
+        "{}",
+        r.output()
+    );
+    assert!(r.stop().await, "no clean exit on SIGTERM: {}", r.output());
+}

@@ -211,7 +211,7 @@ impl Cluster {
     pub async fn shipping_lag(&self, records: u64) -> Result<Duration, String> {
         let started = tokio::time::Instant::now();
         loop {
-            let v = self.engines.sql_value("SELECT count(*) FROM usage_records").await?;
+            let v = self.engines.sql_value("SELECT count(*) FROM gm_usage_records").await?;
             let have: u64 = v.parse().map_err(|_| format!("count(*) answered {v:?}"))?;
             if have >= records {
                 return Ok(started.elapsed());
