@@ -210,3 +210,68 @@ async fn migrations_run_concurrently_on_a_fresh_database_all_succeed_once() {
         expected
     );
 }
+
+/// The load tool's cluster target, tiny: it starts its own engines and one replica (two once
+/// keys are shared between replicas), drives them, and meters every request. No figure is
+/// judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_runs_replicas_on_engines_it_starts() {
+    let opts = gemini_meter_loadtest::Options {
+        mode: gemini_meter_loadtest::Mode::Both,
+        concurrency: 4,
+        duration: std::time::Duration::from_millis(500),
+        rounds: 1,
+        warmup: std::time::Duration::ZERO,
+        chunks: 3,
+        chunk_delay: std::time::Duration::ZERO,
+        ttfb: std::time::Duration::ZERO,
+        users: 2,
+        no_nginx: true,
+        no_hyper: true,
+        gateway_workers: None,
+        binary: env!("CARGO_BIN_EXE_gemini-meter").into(),
+        callgrind: None,
+        tls: false,
+    };
+    let report = gemini_meter_loadtest::run_with_replicas(&opts, 1).await.unwrap();
+    let v = report.json();
+    for k in v["kinds"].as_array().unwrap() {
+        let names: Vec<&str> = k["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["target"].as_str())
+            .collect();
+        assert_eq!(names, ["direct", "gateway", "cluster"], "{k}");
+        let cluster = &k["targets"][2];
+        assert!(cluster["ok"].as_u64().unwrap() > 0, "{cluster}");
+        assert_eq!(cluster["errors"]["total"], 0, "{cluster}");
+        assert!(cluster["cpu_per_request_us"].as_f64().is_some(), "{cluster}");
+    }
+    let c = &v["cluster"];
+    assert_eq!(c["replicas"], 1, "{c}");
+    assert_eq!(c["metering"]["pass"], true, "{c}");
+    assert_eq!(c["clean_exit"], true, "{c}");
+    assert!(report.metering_pass(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_with_sigkill_restarts_on_its_port_and_data() {
+    let mut fleet = common::engines::Fleet::start(1, "").await;
+    let r = &mut fleet.replicas[0];
+    let (addr, data) = (r.addr(), r.data_dir());
+    let pid = r.pid().unwrap();
+    r.kill9();
+    assert!(r.pid().is_none());
+    assert!(reqwest::get(r.url("/healthz")).await.is_err(), "killed, yet it answers");
+    r.restart().await;
+    assert_ne!(r.pid().unwrap(), pid);
+    assert_eq!((r.addr(), r.data_dir()), (addr, data));
+    assert_eq!(
+        reqwest::get(r.url("/healthz")).await.unwrap().status(),
+        200,
+        "{}",
+        r.output()
+    );
+    assert!(r.stop().await, "no clean exit on SIGTERM: {}", r.output());
+}

@@ -1024,3 +1024,51 @@ fn read_all(out: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<
         s
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// A whole cluster
+
+/// The mock upstream (in this process), one Redis, one PostgreSQL and `n` replicas on them:
+/// the usual start of a cluster test.
+pub struct Fleet {
+    /// The mock upstream the replicas forward to.
+    pub mock: gemini_meter_mock::MockServer,
+    /// The shared Redis.
+    pub redis: Redis,
+    /// The shared PostgreSQL.
+    pub pg: Postgres,
+    /// The replicas, started one after the other (the first runs the migrations).
+    pub replicas: Vec<Replica>,
+}
+
+impl Fleet {
+    /// Starts everything; `extra` TOML goes into every replica's config (e.g. tiers).
+    pub async fn start(n: usize, extra: &str) -> Fleet {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let opts = gemini_meter_mock::MockOptions {
+            api_key: Some(UPSTREAM_KEY.into()),
+            ..gemini_meter_mock::MockOptions::default()
+        };
+        let mock = gemini_meter_mock::MockServer::start("127.0.0.1:0".parse().expect("address"), opts)
+            .await
+            .expect("start the mock upstream");
+        let redis = Redis::start();
+        let pg = Postgres::start();
+        let mut replicas = Vec::with_capacity(n);
+        for _ in 0..n {
+            let o = ReplicaOptions::new(mock.addr, &redis.url(), &pg.url()).extra(extra);
+            replicas.push(Replica::start_with(o).await);
+        }
+        Fleet {
+            mock,
+            redis,
+            pg,
+            replicas,
+        }
+    }
+
+    /// Options for one more replica on the same engines (e.g. behind a [`DropProxy`]).
+    pub fn options(&self, extra: &str) -> ReplicaOptions {
+        ReplicaOptions::new(self.mock.addr, &self.redis.url(), &self.pg.url()).extra(extra)
+    }
+}
