@@ -111,6 +111,10 @@ enum Command {
         /// one (needs the openssl command line).
         #[arg(long)]
         tls: bool,
+        /// Also drive N gateway replicas in cluster mode (the "cluster" target), on a Redis and
+        /// a PostgreSQL the tool starts itself (needs redis-server and PostgreSQL 15+ installed).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        replicas: usize,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -251,6 +255,7 @@ fn main() -> ExitCode {
                 gateway_workers,
                 callgrind,
                 tls,
+                replicas,
                 json,
             } => {
                 let secs = |v: f64, flag: &str| {
@@ -278,14 +283,14 @@ fn main() -> ExitCode {
                     callgrind,
                     tls,
                 };
-                let report = gemini_meter_loadtest::run(&opts).await?;
+                let report = gemini_meter_loadtest::run_with_replicas(&opts, replicas).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report.json())?);
                 } else {
                     print!("{}", report.table());
                 }
                 // Missed performance targets are figures; an unmetered request is a failure.
-                if !report.metering.pass {
+                if !report.metering_pass() {
                     anyhow::bail!("metering check failed: the ledger does not match the requests sent");
                 }
                 Ok(())
