@@ -133,7 +133,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
                 .user(id)
                 .ok_or_else(|| ApiError::not_found(format!("User {id} not found.")))?;
             let mut v = app.registry.user_json(u);
-            v["current"] = super::current::current(app, u);
+            v["current"] = super::current::current_shared(app, u).await;
             Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["admin", "users", id]) => {

@@ -28,8 +28,7 @@ pub async fn status(app: &Arc<App>) -> Result<Response<ProxyBody>, ApiError> {
             Vec::new()
         }
     };
-    let hashes: std::collections::BTreeSet<&str> =
-        replicas.iter().filter_map(|r| r["config_hash"].as_str()).collect();
+    let hashes: std::collections::BTreeSet<&str> = replicas.iter().filter_map(|r| r["config_hash"].as_str()).collect();
     let v = json!({
         "mode": "cluster",
         "replica": &*c.replica,
@@ -48,10 +47,16 @@ async fn replicas(c: &Cluster) -> Result<Vec<Value>, redis::RedisError> {
     let names: Vec<String> = redis::cmd("SMEMBERS").arg(REPLICAS).query_async(&mut conn).await?;
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        let h: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(heartbeat_key(&name)).query_async(&mut conn).await?;
+        let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(heartbeat_key(&name))
+            .query_async(&mut conn)
+            .await?;
         if h.is_empty() {
-            let _: i64 = redis::cmd("SREM").arg(REPLICAS).arg(&name).query_async(&mut conn).await?;
+            let _: i64 = redis::cmd("SREM")
+                .arg(REPLICAS)
+                .arg(&name)
+                .query_async(&mut conn)
+                .await?;
             continue;
         }
         let get = |k: &str| h.get(k).cloned().unwrap_or_default();

@@ -17,6 +17,15 @@ fn pct(used: Decimal, limit: Decimal) -> Value {
     json!(p.to_f64().unwrap_or(0.0))
 }
 
+/// [`current`], in cluster mode with the totals read from Redis first (every replica's usage);
+/// with Redis unreachable, the last totals this replica saw.
+pub async fn current_shared(app: &App, user: &User) -> Value {
+    if let Some(c) = &app.cluster {
+        c.quotas.refresh(&c.redis, user, Month::of(app.clock.now())).await;
+    }
+    current(app, user)
+}
+
 /// The `current` body: this month's totals against the plan.
 pub fn current(app: &App, user: &User) -> Value {
     let now = app.clock.now();

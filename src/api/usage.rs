@@ -25,7 +25,10 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
     let key = authenticate(app, &req)?;
     let user = app.registry.user_of(key).ok_or_else(ApiError::invalid_key)?;
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/api/usage/current") => Ok(json_response(StatusCode::OK, &current(app, user))),
+        (&Method::GET, "/api/usage/current") => Ok(json_response(
+            StatusCode::OK,
+            &super::current::current_shared(app, user).await,
+        )),
         (&Method::GET, "/api/usage/history") => {
             if let Some(c) = &app.cluster {
                 let body = crate::cluster::ledger::api::history(c, user.id(), &query_map(&req)).await?;

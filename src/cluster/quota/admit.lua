@@ -9,8 +9,9 @@
 -- Returns {status, why, cap, m, t, b, c, rt, rc, retry_ms, held_t, held_c}
 --   status 1 admitted, 0 refused (why: quota), 2 rate limited (why: rpm|tpm)
 local q, r, rz = KEYS[1], KEYS[2], KEYS[3]
--- Whole numbers as Redis takes them (a Lua number would be written as 1.5e+16).
-local function i(x) return string.format('%.0f', x) end
+-- Whole numbers as Redis takes them (a Lua number would be written as 1.5e+16, and -0 is
+-- not an integer to Redis).
+local function i(x) if x == 0 then return '0' end return string.format('%.0f', x) end
 local function field(name)
   return tonumber(redis.call('HGET', q, name) or 0)
 end

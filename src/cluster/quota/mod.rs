@@ -20,7 +20,9 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::admission::{Admitted, Ask, RateLimit, Refusal, Remote, Reservation, Tiers, check_model, refusal_of, tier_of};
+use crate::admission::{
+    Admitted, Ask, RateLimit, Refusal, Remote, Reservation, Tiers, check_model, refusal_of, tier_of,
+};
 use crate::clock::Month;
 use crate::identity::{KeyEntry, Registry, User};
 use crate::ledger::{Held, Quota, Reserved, Settled, Totals};
@@ -58,11 +60,15 @@ pub struct Quotas {
     pub settle_trips: AtomicU64,
     /// Settlements applied to Redis.
     pub settled: AtomicU64,
+    /// The Redis `run_id` the counters were last found good under.
+    run_id: parking_lot::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Quotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Quotas").field("replica", &self.replica).finish_non_exhaustive()
+        f.debug_struct("Quotas")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,6 +154,7 @@ impl Quotas {
             admit_trips: AtomicU64::new(0),
             settle_trips: AtomicU64::new(0),
             settled: AtomicU64::new(0),
+            run_id: parking_lot::Mutex::new(None),
         })
     }
 
@@ -158,6 +165,40 @@ impl Quotas {
 
     fn take_pump_rx(&self) -> Option<UnboundedReceiver<Vec<Settled>>> {
         self.pump_rx.lock().ok()?.take()
+    }
+
+    /// The Redis `run_id` the counters are good under.
+    pub fn known_run_id(&self) -> Option<String> {
+        self.run_id.lock().clone()
+    }
+
+    fn set_known_run_id(&self, id: String) {
+        *self.run_id.lock() = Some(id);
+    }
+
+    /// Whether Redis still runs under the `run_id` the counters were built for (asked before a
+    /// retry: a Redis restarted empty must not take a reservation before it is rebuilt).
+    async fn same_redis(&self, redis: &redis::aio::ConnectionManager) -> bool {
+        let mut conn = redis.clone();
+        match watch::run_id(&mut conn).await {
+            Ok(id) => self.known_run_id().as_deref() == Some(id.as_str()),
+            Err(_) => false,
+        }
+    }
+
+    /// Waits a little for a Redis found down to be checked again by the watcher (a dropped
+    /// connection is back within a few hundred ms); true once admission may run.
+    async fn ready_soon(&self) -> bool {
+        for _ in 0..50 {
+            if self.ready() {
+                return true;
+            }
+            if self.health.load(Ordering::Acquire) != DOWN {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.ready()
     }
 
     /// True while admission may run.
@@ -198,10 +239,30 @@ impl Quotas {
         let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let up = u64::from(self.ready());
         for (name, kind, help, v) in [
-            ("gm_cluster_redis_ready", "gauge", "1 while the shared counters in Redis are usable.", up),
-            ("gm_cluster_admission_round_trips_total", "counter", "Redis round trips made by admissions.", load(&self.admit_trips)),
-            ("gm_cluster_settlement_round_trips_total", "counter", "Redis round trips (pipelines) made by the settlement pump.", load(&self.settle_trips)),
-            ("gm_cluster_settlements_total", "counter", "Records settled in Redis.", load(&self.settled)),
+            (
+                "gm_cluster_redis_ready",
+                "gauge",
+                "1 while the shared counters in Redis are usable.",
+                up,
+            ),
+            (
+                "gm_cluster_admission_round_trips_total",
+                "counter",
+                "Redis round trips made by admissions.",
+                load(&self.admit_trips),
+            ),
+            (
+                "gm_cluster_settlement_round_trips_total",
+                "counter",
+                "Redis round trips (pipelines) made by the settlement pump.",
+                load(&self.settle_trips),
+            ),
+            (
+                "gm_cluster_settlements_total",
+                "counter",
+                "Records settled in Redis.",
+                load(&self.settled),
+            ),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
@@ -246,11 +307,13 @@ impl Quotas {
             let (t, r) = user.usage.snapshot_reserved(month);
             return Ok(admitted(month, now, None, Some((user.tier_id(), t, r)), None));
         }
-        if !self.ready() {
+        if !self.ready_soon().await {
             return Err(Refusal::StoreUnavailable { retry_secs: 1 });
         }
         let res = self.next_res_id();
-        let reply = self.call_admit(redis, user, registry, key, tr, &Plan { mode, ask }, &res, month).await?;
+        let reply = self
+            .call_admit(redis, user, registry, key, tr, &Plan { mode, ask }, &res, month)
+            .await?;
         self.admitted(registry, key, user, tr, ask, month, now, res, reply)
     }
 
@@ -304,7 +367,15 @@ impl Quotas {
         // A reply lost on the way (the connection dropped after the script ran) is asked again
         // with the same reservation id: the script answers the stored verdict, counted once.
         let mut last = None;
-        for _ in 0..3 {
+        for pause in [0u64, 20, 100, 300] {
+            if pause > 0 {
+                // The connection manager reconnects in the background meanwhile; the retry
+                // goes only to the same Redis (one restarted empty is rebuilt first).
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                if !self.same_redis(redis).await {
+                    continue;
+                }
+            }
             self.admit_trips.fetch_add(1, Ordering::Relaxed);
             let mut conn = redis.clone();
             match inv.invoke_async::<AdmitReply>(&mut conn).await {
@@ -362,7 +433,11 @@ impl Quotas {
                 tokens: u64::try_from(reply.held[0]).unwrap_or(0),
                 cost: self.money.decimal(reply.held[1]),
             };
-            let tpm_charged = if tr.tier.tokens_per_minute.is_some() { held.tokens } else { 0 };
+            let tpm_charged = if tr.tier.tokens_per_minute.is_some() {
+                held.tokens
+            } else {
+                0
+            };
             let remote = Remote {
                 id: Arc::from(res),
                 user: user.id_arc(),
@@ -374,6 +449,25 @@ impl Quotas {
         let output_cap = (hard && reply.cap >= 0).then(|| u64::try_from(reply.cap).unwrap_or(0));
         let quota = Some((user.tier_id(), used, reserved));
         Ok(admitted(month, now, reservation, quota, output_cap))
+    }
+
+    /// Reads `user`'s counters of `month` from Redis into the local ones (what
+    /// `/api/usage/current` shows in cluster mode: every replica's usage, not this one's view).
+    pub async fn refresh(&self, redis: &redis::aio::ConnectionManager, user: &User, month: Month) -> bool {
+        let mut conn = redis.clone();
+        let got: Result<Vec<Option<i64>>, _> = redis::cmd("HMGET")
+            .arg(q_key(user.id(), month))
+            .arg(&["m", "t", "b", "c", "rt", "rc"])
+            .query_async(&mut conn)
+            .await;
+        match got {
+            Ok(v) if v.len() == 6 => {
+                let f = |i: usize| v.get(i).copied().flatten().unwrap_or(0);
+                self.mirror(user, month, &[f(0), f(1), f(2), f(3)], &[f(4), f(5)]);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sets `user`'s local counters to what Redis answered; returns them.

@@ -45,7 +45,12 @@ fn model_scales(m: &ModelPrice, out: &mut Vec<u32>) {
     }
     let discount = m.batch_discount.map_or(0, scale_of);
     out.extend(rates.iter().map(|r| scale_of(*r) + 6 + discount));
-    out.extend([m.per_image, m.per_second, m.grounding_per_request].into_iter().flatten().map(scale_of));
+    out.extend(
+        [m.per_image, m.per_second, m.grounding_per_request]
+            .into_iter()
+            .flatten()
+            .map(scale_of),
+    );
 }
 
 impl Money {

@@ -89,7 +89,6 @@ impl Pump {
             }
         }
     }
-
 }
 
 impl Shared {

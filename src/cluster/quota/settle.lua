@@ -7,7 +7,7 @@
 --       14 reservation id
 -- Returns {applied, m, t, b, c, rt, rc}
 local q, r, rz, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local function i(x) return string.format('%.0f', x) end
+local function i(x) if x == 0 then return '0' end return string.format('%.0f', x) end
 local function state(applied)
   local h = redis.call('HMGET', q, 'm', 't', 'b', 'c', 'rt', 'rc')
   return {applied, tonumber(h[1] or 0), tonumber(h[2] or 0), tonumber(h[3] or 0), tonumber(h[4] or 0),

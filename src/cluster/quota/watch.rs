@@ -13,8 +13,8 @@ use redis::aio::ConnectionManager;
 
 use super::pump::{Shared, applied_key};
 use super::{DOWN, MONTH_TTL_SECS, READY, REBUILDING, q_key, w_key};
-use crate::cluster::Cluster;
 use crate::clock::Month;
+use crate::cluster::Cluster;
 
 /// How often Redis is checked.
 const EVERY: Duration = Duration::from_millis(200);
@@ -35,7 +35,6 @@ pub fn heartbeat_key(replica: &str) -> String {
 pub struct Watcher {
     pub(super) shared: Arc<Shared>,
     pub(super) cluster: Arc<Cluster>,
-    known: Option<String>,
     started: chrono::DateTime<Utc>,
 }
 
@@ -45,7 +44,6 @@ impl Watcher {
         Watcher {
             shared,
             cluster,
-            known: None,
             started: Utc::now(),
         }
     }
@@ -58,6 +56,14 @@ impl Watcher {
         loop {
             tick.tick().await;
             self.check().await;
+            // Down: checked again soon, so a dropped connection costs little.
+            for _ in 0..3 {
+                if self.shared.quotas.ready() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.check().await;
+            }
             if beat.elapsed() >= Duration::from_secs(1) {
                 beat = Instant::now();
                 self.heartbeat().await;
@@ -78,7 +84,7 @@ impl Watcher {
                 return;
             }
         };
-        if self.known.as_deref() == Some(run_id.as_str()) {
+        if q.known_run_id().as_deref() == Some(run_id.as_str()) {
             q.set_health(READY);
             return;
         }
@@ -96,7 +102,7 @@ impl Watcher {
             tracing::warn!(error = %e, "replaying the record log into Redis failed; retried");
             return;
         }
-        self.known = Some(run_id);
+        q.set_known_run_id(run_id);
         q.set_health(READY);
     }
 
@@ -115,7 +121,9 @@ impl Watcher {
         if got.is_none() {
             return false;
         }
-        tracing::warn!("Redis does not hold counters built for its run id (restarted empty or failed over): rebuilding this month's from the ledger");
+        tracing::warn!(
+            "Redis does not hold counters built for its run id (restarted empty or failed over): rebuilding this month's from the ledger"
+        );
         let result = self.rebuild(conn, run_id).await;
         let _: Result<i64, _> = redis::cmd("DEL").arg(LOCK).query_async(conn).await;
         match result {
@@ -190,7 +198,13 @@ impl Watcher {
             pipe.cmd("SET").arg(applied_key(&replica)).arg(id).ignore();
         }
         let generation = crate::identity::keys::random_base62(8).unwrap_or_default();
-        pipe.cmd("HSET").arg(META).arg("run_id").arg(run_id).arg("gen").arg(generation).ignore();
+        pipe.cmd("HSET")
+            .arg(META)
+            .arg("run_id")
+            .arg(run_id)
+            .arg("gen")
+            .arg(generation)
+            .ignore();
         let () = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
         Ok(sums.len())
     }
@@ -226,10 +240,13 @@ impl Watcher {
 }
 
 /// Redis's `run_id` (`INFO server`).
-async fn run_id(conn: &mut ConnectionManager) -> Result<String, redis::RedisError> {
-    let info: String = tokio::time::timeout(Duration::from_secs(1), redis::cmd("INFO").arg("server").query_async(conn))
-        .await
-        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "INFO timed out")))??;
+pub async fn run_id(conn: &mut ConnectionManager) -> Result<String, redis::RedisError> {
+    let info: String = tokio::time::timeout(
+        Duration::from_secs(1),
+        redis::cmd("INFO").arg("server").query_async(conn),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "INFO timed out")))??;
     Ok(info
         .lines()
         .find_map(|l| l.strip_prefix("run_id:"))
