@@ -319,6 +319,13 @@ fn check_config(path: &Path) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            // Cluster mode counts money in Redis as integers: the limits must fit.
+            if cfg.cluster.is_some()
+                && let Err(e) = gemini_meter::cluster::quota::Money::for_config(&cfg)
+            {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
             println!(
                 "{}: valid ({} tiers, {} priced models)",
                 path.display(),
