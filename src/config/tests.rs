@@ -835,3 +835,19 @@ fn enforcement_and_minimum_are_checked() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn cluster_section_defaults_and_problems() {
+    assert_eq!(parse("").unwrap().cluster, None);
+    let c = parse("[cluster]\n").unwrap().cluster.unwrap();
+    assert_eq!(c.redis_url_env, "GEMINI_METER_REDIS_URL");
+    assert_eq!(c.postgres_url_env, "GEMINI_METER_DATABASE_URL");
+    assert_eq!(c.on_redis_unavailable, super::OnRedisUnavailable::Deny);
+    assert_problem(
+        "[cluster]\non_redis_unavailable = \"allow\"\n",
+        "cluster.on_redis_unavailable",
+        "the only choice is \"deny\"",
+    );
+    assert_problem("[cluster]\nredis_url_env = \"1X\"\n", "cluster.redis_url_env", "environment variable name");
+    assert_problem("[cluster]\nredis = \"x\"\n", "cluster.redis", "unknown field");
+}
