@@ -2,6 +2,7 @@
 //! shipped exactly once (across a shipper restart with its position lost, and PostgreSQL
 //! stopped and started again), deleted users' records kept out, and the reads from PostgreSQL
 //! equal the embedded reads of the same records, byte for byte.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -145,8 +146,9 @@ impl Node {
 
 /// A record of type `kind` for `user` at `at`, with tags and amounts varying with `i`.
 fn record(i: usize, user: &str, kind: RecordKind, at: DateTime<Utc>) -> Record {
-    let tags = json!({"chat-id": format!("c{}", i % 3), "team": if i % 2 == 0 { "a" } else { "b,\"quoted\"" }});
-    let model = if i % 4 == 0 {
+    let tags =
+        json!({"chat-id": format!("c{}", i % 3), "team": if i.is_multiple_of(2) { "a" } else { "b,\"quoted\"" }});
+    let model = if i.is_multiple_of(4) {
         "gemini-2.5-flash-lite"
     } else {
         "gemini-2.5-flash"
@@ -161,7 +163,7 @@ fn record(i: usize, user: &str, kind: RecordKind, at: DateTime<Utc>) -> Record {
         ),
         RecordKind::AiResponse => (
             json!({"model": model, "prompt_tokens": 10 + i, "output_tokens": 5, "thoughts_tokens": 0,
-                   "cached_tokens": 0, "response_bytes": 100 + i, "stream": i % 2 == 0, "format": "json",
+                   "cached_tokens": 0, "response_bytes": 100 + i, "stream": i.is_multiple_of(2), "format": "json",
                    "upstream_status": 200, "status": "ok", "token_source": "upstream", "key_id": "key_x",
                    "duration_ms": 3, "tags": tags}),
             15 + i as u64,
