@@ -424,11 +424,21 @@ async fn run_gateway(
     }
     spawn_retention(app.clone());
     gemini_meter::alerts::spawn_delivery(&app);
+    // Cluster mode: the local record log shipped to PostgreSQL.
+    let shipper = gemini_meter::cluster::ledger::spawn_shipper(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
     gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");
     app.recorder.sync().await.context("flushing usage records")?;
     app.store.flush().await.context("flushing storage")?;
+    if let Some(shipper) = shipper {
+        // Bounded: with PostgreSQL down the records stay on disk and ship at the next start.
+        if let Err(e) = gemini_meter::cluster::ledger::flush(&app, Duration::from_secs(10)).await {
+            tracing::warn!(error = %e, "records not shipped to PostgreSQL yet; they ship at the next start");
+        }
+        shipper.stop().await;
+        app.store.flush().await.context("flushing storage")?;
+    }
     drop(recorder_task);
     tracing::info!("stopped cleanly; every usage record is on disk");
     Ok(())

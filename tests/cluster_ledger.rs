@@ -375,3 +375,58 @@ async fn reads_from_postgres_equal_the_embedded_reads_of_the_same_records() {
         assert_eq!(a, b, "{path} differs");
     }
 }
+
+/// `n` generate calls at once; returns how many got 200.
+async fn load(r: &common::engines::Replica, key: &str, n: usize) -> usize {
+    let calls = (0..n).map(|_| r.generate(key, "gemini-2.5-flash"));
+    let answers = futures_util::future::join_all(calls).await;
+    answers.iter().filter(|a| a.status() == 200).count()
+}
+
+async fn health(r: &common::engines::Replica) -> Value {
+    reqwest::get(r.url("/healthz")).await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_then_the_replica_killed_every_record_reaches_postgres_once() {
+    use gemini_meter_mock::{MockOptions, MockServer};
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let opts = MockOptions {
+        api_key: Some(common::UPSTREAM_KEY.into()),
+        ..MockOptions::default()
+    };
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+    let mut r = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let key = r.user_with_key("ivy", "unlimited").await;
+    let mut ok = load(&r, &key, 40).await;
+    assert_eq!(ok, 40);
+    pg.stop();
+    // Nothing is refused while PostgreSQL is down.
+    assert_eq!(load(&r, &key, 40).await, 40);
+    ok += 40;
+    // Every record handed to the recorder is in the log, then the process dies.
+    let deadline = std::time::Instant::now() + FLUSH;
+    while health(&r).await["storage"]["queued_records"] != 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.kill9();
+    pg.start_again();
+    r.restart().await;
+    let want = 2 * ok as u64;
+    let deadline = std::time::Instant::now() + FLUSH;
+    loop {
+        let (n, _) = pg_count(&pg, "");
+        let h = health(&r).await;
+        if n >= want && h["cluster"]["shipping_backlog"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} of {want} shipped; {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pg_count(&pg, ""), (want, want));
+    let messages = pg.query("SELECT sum(messages) FROM gm_usage_records WHERE user_id = 'ivy'");
+    assert_eq!(messages[0][0], ok.to_string());
+    assert!(r.stop().await, "{}", r.output());
+}
