@@ -464,6 +464,15 @@ fn spawn_retention(app: Arc<App>) {
             let months = app.live.load().config.storage.retention_months;
             let cutoff = Month::of(app.clock.now()).minus(months).start();
             let result = app.recorder.retention(cutoff).await;
+            if let Some(c) = &app.cluster {
+                match gemini_meter::cluster::ledger::retention(c, cutoff).await {
+                    Ok(dropped) if !dropped.is_empty() => {
+                        tracing::info!(?dropped, "retention: ledger partitions dropped")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention in PostgreSQL failed"),
+                }
+            }
             match &result {
                 Ok(n) if *n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
                 Ok(_) => {}

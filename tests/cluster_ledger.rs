@@ -300,6 +300,24 @@ async fn a_deleted_users_records_waiting_in_the_log_are_not_shipped_after_the_de
     n.app.recorder.record(r);
     ledger::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, "WHERE user_id = 'erin'"), (1, 1));
+
+    // Retention drops the partitions of whole months before the cutoff.
+    let start = Month::of(Utc::now()).start();
+    let old = pg.query(&format!(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'gm_usage_records' \
+         AND c.relname < '{}' ORDER BY 1",
+        ledger::schema::partition_name(Month::of(start))
+    ));
+    let c = n.app.cluster.clone().unwrap();
+    let mut dropped = ledger::retention(&c, start).await.unwrap();
+    dropped.sort();
+    assert_eq!(dropped, old.into_iter().map(|r| r[0].clone()).collect::<Vec<_>>());
+    assert_eq!(
+        pg_count(&pg, &format!("WHERE created_at < '{}'", start.to_rfc3339())),
+        (0, 0)
+    );
+    assert!(pg_count(&pg, "").0 > 0);
     n.stop().await;
 }
 

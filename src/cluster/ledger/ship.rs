@@ -24,10 +24,11 @@ use tokio::sync::{Notify, watch};
 use super::LedgerError;
 use super::schema::ensure_partition;
 use crate::app::App;
-use crate::clock::Month;
+use crate::clock::{Month, SharedClock};
 use crate::cluster::Cluster;
 use crate::ledger::log::RecordLog;
 use crate::ledger::{Record, SledStore};
+use crate::runtime::Live;
 
 /// Key of the shipped position in the store's `meta` tree (u64, big-endian).
 pub const POSITION_KEY: &[u8] = b"cluster/shipped";
@@ -165,6 +166,8 @@ pub fn spawn_shipper(app: &Arc<App>) -> Option<ShipperHandle> {
     let (stop, stopped) = watch::channel(false);
     let shipper = Shipper {
         store: app.store.clone(),
+        live: app.live.clone(),
+        clock: app.clock.clone(),
         cluster,
         pos: 0,
         counted_to: 0,
@@ -287,6 +290,9 @@ fn count_from(log: &RecordLog, from: u64) -> Result<(u64, u64), LedgerError> {
 
 struct Shipper {
     store: SledStore,
+    /// The config (for the retention period).
+    live: Arc<Live>,
+    clock: SharedClock,
     cluster: Arc<Cluster>,
     /// Shipped through here.
     pos: u64,
@@ -318,9 +324,12 @@ impl Shipper {
         let mut backoff = TICK;
         while !*stop.borrow() {
             let wait = match self.step().await {
-                Ok(true) => continue,
-                Ok(false) => {
+                Ok(more) => {
+                    *state.last_error.lock() = None;
                     backoff = TICK;
+                    if more {
+                        continue;
+                    }
                     TICK
                 }
                 Err(e) => {
@@ -328,6 +337,8 @@ impl Shipper {
                     tracing::warn!(error = %e, backlog = state.backlog(), "shipping to PostgreSQL failed; retrying");
                     *state.last_error.lock() = Some(e.to_string());
                     self.conn = None;
+                    // A partition dropped by retention meanwhile is created again.
+                    self.partitions.clear();
                     let w = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     w
@@ -345,12 +356,17 @@ impl Shipper {
     async fn step(&mut self) -> Result<bool, LedgerError> {
         let log = self.store.record_log().clone();
         let from = self.pos;
-        let batch = blocking({
+        let mut batch = blocking({
             let log = log.clone();
             move || read_batch(&log, from)
         })
         .await?;
         self.count_backlog(&log, &batch).await?;
+        let read = batch.records.len();
+        // Records past the retention period are not shipped: retention drops their month.
+        let months = self.live.load().config.storage.retention_months;
+        let cutoff = Month::of(self.clock.now()).minus(months).start();
+        batch.records.retain(|(r, _)| r.created_at >= cutoff);
         if !batch.records.is_empty() {
             tokio::time::timeout(PG_TIMEOUT, self.insert(&batch))
                 .await
@@ -358,11 +374,10 @@ impl Shipper {
             let state = &self.cluster.shipping;
             state.shipped.fetch_add(batch.records.len() as u64, Relaxed);
             state.batches.fetch_add(1, Relaxed);
-            *state.last_error.lock() = None;
-            self.counted = self.counted.saturating_sub(batch.records.len() as u64);
         }
+        self.counted = self.counted.saturating_sub(read as u64);
         self.advance(batch.end)?;
-        Ok(batch.records.len() >= MAX_BATCH)
+        Ok(read >= MAX_BATCH)
     }
 
     /// Updates the backlog and the oldest record's time from the frames written since the last
