@@ -382,6 +382,10 @@ async fn reads_from_postgres_equal_the_embedded_reads_of_the_same_records() {
     ledger::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (240, 240));
     let from_pg = collect(&n, &key).await;
+    let bad = n.get("/api/usage/history?cursor=0000000000000001", Some(&key)).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    let bad = n.get("/admin/usage?cursor=zz", None).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
     n.stop().await;
 
     let e = node(dir.path(), None).await;
@@ -447,4 +451,63 @@ async fn postgres_stopped_under_load_then_the_replica_killed_every_record_reache
     let messages = pg.query("SELECT sum(messages) FROM gm_usage_records WHERE user_id = 'ivy'");
     assert_eq!(messages[0][0], ok.to_string());
     assert!(r.stop().await, "{}", r.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_ship_to_one_ledger_and_each_reads_all_of_it() {
+    use gemini_meter_mock::{MockOptions, MockServer};
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let opts = MockOptions {
+        api_key: Some(common::UPSTREAM_KEY.into()),
+        ..MockOptions::default()
+    };
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+    let a = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let b = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let ka = a.user_with_key("jo", "unlimited").await;
+    let kb = b.user_with_key("kim", "unlimited").await;
+    assert_eq!(load(&a, &ka, 15).await, 15);
+    assert_eq!(load(&b, &kb, 25).await, 25);
+    let deadline = std::time::Instant::now() + FLUSH;
+    while pg_count(&pg, "").0 < 80 {
+        assert!(std::time::Instant::now() < deadline, "not shipped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pg_count(&pg, ""), (80, 80));
+    let replicas = pg.query("SELECT count(DISTINCT replica) FROM gm_usage_records");
+    assert_eq!(replicas[0][0], "2");
+    for r in [&a, &b] {
+        let page: Value = r
+            .admin(reqwest::Method::GET, "/admin/usage?limit=500")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["data"].as_array().unwrap().len(), 80);
+        let top: Value = r
+            .admin(reqwest::Method::GET, "/admin/analytics/top-users?by=messages")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(top["data"][0]["user_id"], "kim", "{top}");
+        assert_eq!(top["data"][0]["messages"], 25);
+        assert_eq!(top["data"][1]["messages"], 15);
+    }
+    // A caller's own history on the replica they used: every one of their records.
+    let mine: Value = reqwest::Client::new()
+        .get(a.url("/api/usage/history?limit=500"))
+        .header("x-goog-api-key", &ka)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["data"].as_array().unwrap().len(), 30);
 }
