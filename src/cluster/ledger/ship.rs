@@ -152,10 +152,17 @@ pub struct ShipperHandle {
 }
 
 impl ShipperHandle {
-    /// Stops the shipper (after its current step) and waits for it.
-    pub async fn stop(self) {
+    /// Stops the shipper after its current step, or aborts it after 5 s (a transaction cut
+    /// short is rolled back and its position not moved: the batch ships at the next start).
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = self.task.await;
+        }
     }
 }
 
@@ -514,5 +521,26 @@ impl Rows {
             &self.record,
             &self.replica,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_and_the_age_of_its_oldest_record_show_while_records_wait() {
+        let s = ShipState::default();
+        let now = Utc::now();
+        assert_eq!(s.oldest_age(now), None);
+        assert_eq!(s.to_json(now)["oldest_unshipped_seconds"], serde_json::Value::Null);
+        s.backlog.store(3, Relaxed);
+        s.oldest_ms.store(now.timestamp_millis() - 2500, Relaxed);
+        assert_eq!(s.oldest_age(now), Some(Duration::from_millis(2500)));
+        assert_eq!(s.to_json(now)["shipping_backlog"], 3);
+        let mut m = String::new();
+        s.render_metrics(&mut m, now);
+        assert!(m.contains("\ngm_cluster_shipping_backlog 3\n"), "{m}");
+        assert!(m.contains("\ngm_cluster_shipping_oldest_seconds 2.5\n"), "{m}");
     }
 }
