@@ -329,6 +329,7 @@ impl Shipper {
             Err(e) => tracing::error!(error = %e, "shipper: cannot read its position; shipping from the start"),
         }
         let mut backoff = TICK;
+        let mut handle_kept = true;
         while !*stop.borrow() {
             let wait = match self.step().await {
                 Ok(more) => {
@@ -354,7 +355,8 @@ impl Shipper {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = state.wake.notified() => {}
-                _ = stop.changed() => {}
+                // A dropped handle leaves the shipper running (detached), not spinning.
+                changed = stop.changed(), if handle_kept => handle_kept = changed.is_ok(),
             }
         }
     }
