@@ -444,17 +444,20 @@ async fn run_gateway(
     }
     spawn_retention(app.clone());
     gemini_meter::alerts::spawn_delivery(&app);
+    // Cluster mode: the local record log shipped to PostgreSQL.
+    let shipper = gemini_meter::cluster::ledger::spawn_shipper(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
     gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");
     app.recorder.sync().await.context("flushing usage records")?;
     app.store.flush().await.context("flushing storage")?;
     if let Some(shipper) = shipper {
-        // What is not shipped now waits on disk and ships at the next start.
-        if let Err(e) = gemini_meter::cluster::ledger::flush(&app, Duration::from_secs(5)).await {
-            tracing::warn!(error = %e, "records left unshipped at shutdown; they ship at the next start");
+        // Bounded: with PostgreSQL down the records stay on disk and ship at the next start.
+        if let Err(e) = gemini_meter::cluster::ledger::flush(&app, Duration::from_secs(10)).await {
+            tracing::warn!(error = %e, "records not shipped to PostgreSQL yet; they ship at the next start");
         }
         shipper.stop().await;
+        app.store.flush().await.context("flushing storage")?;
     }
     drop(recorder_task);
     tracing::info!("stopped cleanly; every usage record is on disk");
@@ -481,6 +484,15 @@ fn spawn_retention(app: Arc<App>) {
             let months = app.live.load().config.storage.retention_months;
             let cutoff = Month::of(app.clock.now()).minus(months).start();
             let result = app.recorder.retention(cutoff).await;
+            if let Some(c) = &app.cluster {
+                match gemini_meter::cluster::ledger::retention(c, cutoff).await {
+                    Ok(dropped) if !dropped.is_empty() => {
+                        tracing::info!(?dropped, "retention: ledger partitions dropped")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention in PostgreSQL failed"),
+                }
+            }
             match &result {
                 Ok(n) if *n > 0 => tracing::info!(deleted = n, "retention: old records deleted"),
                 Ok(_) => {}

@@ -2,6 +2,7 @@
 //! shipped exactly once (across a shipper restart with its position lost, and PostgreSQL
 //! stopped and started again), deleted users' records kept out, and the reads from PostgreSQL
 //! equal the embedded reads of the same records, byte for byte.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -145,8 +146,9 @@ impl Node {
 
 /// A record of type `kind` for `user` at `at`, with tags and amounts varying with `i`.
 fn record(i: usize, user: &str, kind: RecordKind, at: DateTime<Utc>) -> Record {
-    let tags = json!({"chat-id": format!("c{}", i % 3), "team": if i % 2 == 0 { "a" } else { "b,\"quoted\"" }});
-    let model = if i % 4 == 0 {
+    let tags =
+        json!({"chat-id": format!("c{}", i % 3), "team": if i.is_multiple_of(2) { "a" } else { "b,\"quoted\"" }});
+    let model = if i.is_multiple_of(4) {
         "gemini-2.5-flash-lite"
     } else {
         "gemini-2.5-flash"
@@ -161,7 +163,7 @@ fn record(i: usize, user: &str, kind: RecordKind, at: DateTime<Utc>) -> Record {
         ),
         RecordKind::AiResponse => (
             json!({"model": model, "prompt_tokens": 10 + i, "output_tokens": 5, "thoughts_tokens": 0,
-                   "cached_tokens": 0, "response_bytes": 100 + i, "stream": i % 2 == 0, "format": "json",
+                   "cached_tokens": 0, "response_bytes": 100 + i, "stream": i.is_multiple_of(2), "format": "json",
                    "upstream_status": 200, "status": "ok", "token_source": "upstream", "key_id": "key_x",
                    "duration_ms": 3, "tags": tags}),
             15 + i as u64,
@@ -298,6 +300,24 @@ async fn a_deleted_users_records_waiting_in_the_log_are_not_shipped_after_the_de
     n.app.recorder.record(r);
     ledger::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, "WHERE user_id = 'erin'"), (1, 1));
+
+    // Retention drops the partitions of whole months before the cutoff.
+    let start = Month::of(Utc::now()).start();
+    let old = pg.query(&format!(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'gm_usage_records' \
+         AND c.relname < '{}' ORDER BY 1",
+        ledger::schema::partition_name(Month::of(start))
+    ));
+    let c = n.app.cluster.clone().unwrap();
+    let mut dropped = ledger::retention(&c, start).await.unwrap();
+    dropped.sort();
+    assert_eq!(dropped, old.into_iter().map(|r| r[0].clone()).collect::<Vec<_>>());
+    assert_eq!(
+        pg_count(&pg, &format!("WHERE created_at < '{}'", start.to_rfc3339())),
+        (0, 0)
+    );
+    assert!(pg_count(&pg, "").0 > 0);
     n.stop().await;
 }
 
@@ -362,6 +382,10 @@ async fn reads_from_postgres_equal_the_embedded_reads_of_the_same_records() {
     ledger::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (240, 240));
     let from_pg = collect(&n, &key).await;
+    let bad = n.get("/api/usage/history?cursor=0000000000000001", Some(&key)).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    let bad = n.get("/admin/usage?cursor=zz", None).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
     n.stop().await;
 
     let e = node(dir.path(), None).await;
@@ -372,4 +396,118 @@ async fn reads_from_postgres_equal_the_embedded_reads_of_the_same_records() {
         assert!(!b.is_empty() && b != "[]", "{path}: nothing to compare");
         assert_eq!(a, b, "{path} differs");
     }
+}
+
+/// `n` generate calls at once; returns how many got 200.
+async fn load(r: &common::engines::Replica, key: &str, n: usize) -> usize {
+    let calls = (0..n).map(|_| r.generate(key, "gemini-2.5-flash"));
+    let answers = futures_util::future::join_all(calls).await;
+    answers.iter().filter(|a| a.status() == 200).count()
+}
+
+async fn health(r: &common::engines::Replica) -> Value {
+    reqwest::get(r.url("/healthz")).await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_then_the_replica_killed_every_record_reaches_postgres_once() {
+    use gemini_meter_mock::{MockOptions, MockServer};
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let opts = MockOptions {
+        api_key: Some(common::UPSTREAM_KEY.into()),
+        ..MockOptions::default()
+    };
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+    let mut r = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let key = r.user_with_key("ivy", "unlimited").await;
+    let mut ok = load(&r, &key, 40).await;
+    assert_eq!(ok, 40);
+    pg.stop();
+    // Nothing is refused while PostgreSQL is down.
+    assert_eq!(load(&r, &key, 40).await, 40);
+    ok += 40;
+    // Every record handed to the recorder is in the log, then the process dies.
+    let deadline = std::time::Instant::now() + FLUSH;
+    while health(&r).await["storage"]["queued_records"] != 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.kill9();
+    pg.start_again();
+    r.restart().await;
+    let want = 2 * ok as u64;
+    let deadline = std::time::Instant::now() + FLUSH;
+    loop {
+        let (n, _) = pg_count(&pg, "");
+        let h = health(&r).await;
+        if n >= want && h["cluster"]["shipping_backlog"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} of {want} shipped; {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pg_count(&pg, ""), (want, want));
+    let messages = pg.query("SELECT sum(messages) FROM gm_usage_records WHERE user_id = 'ivy'");
+    assert_eq!(messages[0][0], ok.to_string());
+    assert!(r.stop().await, "{}", r.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_ship_to_one_ledger_and_each_reads_all_of_it() {
+    use gemini_meter_mock::{MockOptions, MockServer};
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let opts = MockOptions {
+        api_key: Some(common::UPSTREAM_KEY.into()),
+        ..MockOptions::default()
+    };
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), opts).await.unwrap();
+    let a = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let b = common::engines::Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    let ka = a.user_with_key("jo", "unlimited").await;
+    let kb = b.user_with_key("kim", "unlimited").await;
+    assert_eq!(load(&a, &ka, 15).await, 15);
+    assert_eq!(load(&b, &kb, 25).await, 25);
+    let deadline = std::time::Instant::now() + FLUSH;
+    while pg_count(&pg, "").0 < 80 {
+        assert!(std::time::Instant::now() < deadline, "not shipped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pg_count(&pg, ""), (80, 80));
+    let replicas = pg.query("SELECT count(DISTINCT replica) FROM gm_usage_records");
+    assert_eq!(replicas[0][0], "2");
+    for r in [&a, &b] {
+        let page: Value = r
+            .admin(reqwest::Method::GET, "/admin/usage?limit=500")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["data"].as_array().unwrap().len(), 80);
+        let top: Value = r
+            .admin(reqwest::Method::GET, "/admin/analytics/top-users?by=messages")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(top["data"][0]["user_id"], "kim", "{top}");
+        assert_eq!(top["data"][0]["messages"], 25);
+        assert_eq!(top["data"][1]["messages"], 15);
+    }
+    // A caller's own history on the replica they used: every one of their records.
+    let mine: Value = reqwest::Client::new()
+        .get(a.url("/api/usage/history?limit=500"))
+        .header("x-goog-api-key", &ka)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["data"].as_array().unwrap().len(), 30);
 }

@@ -44,6 +44,21 @@ pub struct Health {
     pub status: String,
     /// The recorder's state.
     pub storage: HealthStorage,
+    /// Cluster mode only: the ledger's shipping to PostgreSQL.
+    pub cluster: Option<HealthCluster>,
+}
+
+/// The cluster part of [`Health`] (cluster mode only).
+#[derive(ToSchema)]
+pub struct HealthCluster {
+    /// Usage records written on this replica and not shipped to PostgreSQL yet.
+    pub shipping_backlog: u64,
+    /// Age of the oldest of them, in seconds (null when none waits).
+    pub oldest_unshipped_seconds: Option<f64>,
+    /// Records this process shipped.
+    pub records_shipped: u64,
+    /// The shipper's last PostgreSQL error, cleared by its next success.
+    pub last_error: Option<String>,
 }
 
 /// The storage part of [`Health`].

@@ -31,6 +31,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         )),
         (&Method::GET, "/api/usage/history") => {
             if let Some(c) = &app.cluster {
+                crate::cluster::ledger::ship_written(app, WRITTEN_WAIT).await;
                 let body = crate::cluster::ledger::api::history(c, user.id(), &query_map(&req)).await?;
                 return Ok(json_response(StatusCode::OK, &body));
             }
@@ -39,6 +40,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Pr
         }
         (&Method::GET, "/api/usage/daily") => {
             if let Some(c) = &app.cluster {
+                crate::cluster::ledger::ship_written(app, WRITTEN_WAIT).await;
                 let days = bounded(&query_map(&req), "days", 30, 366)?;
                 let body = crate::cluster::ledger::api::daily_rows(app, c, Some(user.id()), days).await?;
                 return Ok(json_response(StatusCode::OK, &body));
@@ -166,6 +168,7 @@ async fn breakdown(app: &Arc<App>, user: &User, req: &Request<Incoming>) -> Resu
         None => Month::of(app.clock.now()),
     };
     if let Some(c) = &app.cluster {
+        crate::cluster::ledger::ship_written(app, WRITTEN_WAIT).await;
         let body = crate::cluster::ledger::api::breakdown(c, user.id(), month).await?;
         return Ok(json_response(StatusCode::OK, &body));
     }

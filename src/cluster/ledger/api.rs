@@ -70,14 +70,27 @@ pub async fn breakdown(c: &Cluster, user: &str, month: Month) -> Result<Value, A
         .await?
         .into_iter()
         .collect();
-    let f = PageFilter {
+    let mut f = PageFilter {
         user_id: Some(user.to_string()),
         from: Some(month.start()),
         to: Some(month.next().start()),
         ..Default::default()
     };
-    let recs = reads::records(&c.pg, &f, MODEL_SCAN_LIMIT + 1).await?;
     let mut by_model = ByModel::default();
-    recs.iter().take(MODEL_SCAN_LIMIT).for_each(|r| by_model.add(r));
-    Ok(by_model.body(month, &by_type, recs.len() <= MODEL_SCAN_LIMIT))
+    let mut scanned = 0;
+    // In pages, as the embedded read does: the aggregates are kept, not the records.
+    let complete = loop {
+        let want = 1000.min(MODEL_SCAN_LIMIT - scanned);
+        if want == 0 {
+            break false;
+        }
+        let page = reads::records(&c.pg, &f, want + 1).await?;
+        page.iter().take(want).for_each(|r| by_model.add(r));
+        scanned += page.len().min(want);
+        match page.get(want) {
+            Some(next) => f.cursor = Some(reads::position(next)),
+            None => break true,
+        }
+    };
+    Ok(by_model.body(month, &by_type, complete))
 }

@@ -14,7 +14,7 @@ pub mod reads;
 pub mod schema;
 pub mod ship;
 
-pub use reads::{delete_user, month_totals};
+pub use reads::{delete_user, month_totals, month_totals_with};
 pub use schema::MIGRATION;
 pub use ship::{ShipState, ShipperHandle, flush, spawn_shipper, unshipped_records};
 
@@ -63,5 +63,25 @@ impl From<LedgerError> for ApiError {
                 "The usage ledger (PostgreSQL) is unavailable; try again later. ({e})"
             )),
         }
+    }
+}
+
+/// Retention in PostgreSQL: drops the partitions of the months before `cutoff`'s month (the
+/// local log's retention takes the records before `cutoff`; the shipper skips such records).
+/// Returns the partitions dropped. Every replica may run it; it is idempotent.
+pub async fn retention(
+    cluster: &crate::cluster::Cluster,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<String>, LedgerError> {
+    let client = cluster.pg.client().await?;
+    schema::drop_partitions_before(&client, crate::clock::Month::of(cutoff)).await
+}
+
+/// Best effort before a caller's own read in cluster mode: ships what this replica wrote so
+/// far (bounded by `wait`), so the caller sees the records of the answers they already got
+/// from this replica. Records on other replicas follow within a shipping tick.
+pub async fn ship_written(app: &crate::app::App, wait: std::time::Duration) {
+    if let Err(e) = ship::flush(app, wait).await {
+        tracing::debug!(error = %e, "read before this replica's records were shipped");
     }
 }

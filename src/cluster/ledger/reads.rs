@@ -204,6 +204,11 @@ pub fn format_cursor(r: &Record) -> String {
     format!("{:016x}{}", r.created_at.timestamp_millis(), r.id_string())
 }
 
+/// Where a page that starts at `r` starts (what [`format_cursor`] renders).
+pub fn position(r: &Record) -> (DateTime<Utc>, String) {
+    (r.created_at, r.id_string())
+}
+
 /// Parses [`format_cursor`]; `None` when it is not one.
 pub fn parse_cursor(s: &str) -> Option<(DateTime<Utc>, String)> {
     if s.len() != 48 || !s.is_ascii() {

@@ -24,10 +24,11 @@ use tokio::sync::{Notify, watch};
 use super::LedgerError;
 use super::schema::ensure_partition;
 use crate::app::App;
-use crate::clock::Month;
+use crate::clock::{Month, SharedClock};
 use crate::cluster::Cluster;
 use crate::ledger::log::RecordLog;
 use crate::ledger::{Record, SledStore};
+use crate::runtime::Live;
 
 /// Key of the shipped position in the store's `meta` tree (u64, big-endian).
 pub const POSITION_KEY: &[u8] = b"cluster/shipped";
@@ -151,10 +152,17 @@ pub struct ShipperHandle {
 }
 
 impl ShipperHandle {
-    /// Stops the shipper (after its current step) and waits for it.
-    pub async fn stop(self) {
+    /// Stops the shipper after its current step, or aborts it after 5 s (a transaction cut
+    /// short is rolled back and its position not moved: the batch ships at the next start).
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = self.task.await;
+        }
     }
 }
 
@@ -165,6 +173,8 @@ pub fn spawn_shipper(app: &Arc<App>) -> Option<ShipperHandle> {
     let (stop, stopped) = watch::channel(false);
     let shipper = Shipper {
         store: app.store.clone(),
+        live: app.live.clone(),
+        clock: app.clock.clone(),
         cluster,
         pos: 0,
         counted_to: 0,
@@ -287,6 +297,9 @@ fn count_from(log: &RecordLog, from: u64) -> Result<(u64, u64), LedgerError> {
 
 struct Shipper {
     store: SledStore,
+    /// The config (for the retention period).
+    live: Arc<Live>,
+    clock: SharedClock,
     cluster: Arc<Cluster>,
     /// Shipped through here.
     pos: u64,
@@ -316,11 +329,15 @@ impl Shipper {
             Err(e) => tracing::error!(error = %e, "shipper: cannot read its position; shipping from the start"),
         }
         let mut backoff = TICK;
+        let mut handle_kept = true;
         while !*stop.borrow() {
             let wait = match self.step().await {
-                Ok(true) => continue,
-                Ok(false) => {
+                Ok(more) => {
+                    *state.last_error.lock() = None;
                     backoff = TICK;
+                    if more {
+                        continue;
+                    }
                     TICK
                 }
                 Err(e) => {
@@ -328,6 +345,8 @@ impl Shipper {
                     tracing::warn!(error = %e, backlog = state.backlog(), "shipping to PostgreSQL failed; retrying");
                     *state.last_error.lock() = Some(e.to_string());
                     self.conn = None;
+                    // A partition dropped by retention meanwhile is created again.
+                    self.partitions.clear();
                     let w = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     w
@@ -336,7 +355,8 @@ impl Shipper {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = state.wake.notified() => {}
-                _ = stop.changed() => {}
+                // A dropped handle leaves the shipper running (detached), not spinning.
+                changed = stop.changed(), if handle_kept => handle_kept = changed.is_ok(),
             }
         }
     }
@@ -345,12 +365,17 @@ impl Shipper {
     async fn step(&mut self) -> Result<bool, LedgerError> {
         let log = self.store.record_log().clone();
         let from = self.pos;
-        let batch = blocking({
+        let mut batch = blocking({
             let log = log.clone();
             move || read_batch(&log, from)
         })
         .await?;
         self.count_backlog(&log, &batch).await?;
+        let read = batch.records.len();
+        // Records past the retention period are not shipped: retention drops their month.
+        let months = self.live.load().config.storage.retention_months;
+        let cutoff = Month::of(self.clock.now()).minus(months).start();
+        batch.records.retain(|(r, _)| r.created_at >= cutoff);
         if !batch.records.is_empty() {
             tokio::time::timeout(PG_TIMEOUT, self.insert(&batch))
                 .await
@@ -358,11 +383,10 @@ impl Shipper {
             let state = &self.cluster.shipping;
             state.shipped.fetch_add(batch.records.len() as u64, Relaxed);
             state.batches.fetch_add(1, Relaxed);
-            *state.last_error.lock() = None;
-            self.counted = self.counted.saturating_sub(batch.records.len() as u64);
         }
+        self.counted = self.counted.saturating_sub(read as u64);
         self.advance(batch.end)?;
-        Ok(batch.records.len() >= MAX_BATCH)
+        Ok(read >= MAX_BATCH)
     }
 
     /// Updates the backlog and the oldest record's time from the frames written since the last
@@ -499,5 +523,26 @@ impl Rows {
             &self.record,
             &self.replica,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_and_the_age_of_its_oldest_record_show_while_records_wait() {
+        let s = ShipState::default();
+        let now = Utc::now();
+        assert_eq!(s.oldest_age(now), None);
+        assert_eq!(s.to_json(now)["oldest_unshipped_seconds"], serde_json::Value::Null);
+        s.backlog.store(3, Relaxed);
+        s.oldest_ms.store(now.timestamp_millis() - 2500, Relaxed);
+        assert_eq!(s.oldest_age(now), Some(Duration::from_millis(2500)));
+        assert_eq!(s.to_json(now)["shipping_backlog"], 3);
+        let mut m = String::new();
+        s.render_metrics(&mut m, now);
+        assert!(m.contains("\ngm_cluster_shipping_backlog 3\n"), "{m}");
+        assert!(m.contains("\ngm_cluster_shipping_oldest_seconds 2.5\n"), "{m}");
     }
 }
