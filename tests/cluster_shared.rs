@@ -438,3 +438,93 @@ async fn an_alert_fires_once_across_two_replicas() {
         vec![vec!["al".to_string(), "messages".to_string(), "50".to_string()]]
     );
 }
+
+const LITE: &str = r#"
+[pricing.models."gemini-2.5-flash-lite"]
+input_per_million = "0.10"
+output_per_million = "0.40"
+batch_discount = "0.5"
+"#;
+
+/// Every record of the key's user one replica shows, by id.
+async fn history(r: &Replica, key: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/usage/history?limit=500&cursor={c}"),
+            None => "/api/usage/history?limit=500".to_string(),
+        };
+        let page: Value = http()
+            .get(r.url(&path))
+            .header("x-goog-api-key", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.extend(page["data"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_finished_through_both_replicas_at_once_is_billed_once() {
+    let s = Site::start(LITE).await;
+    let key = s.a.user_with_key("batcher", "unlimited").await;
+    eventually(&s, "key on B", || async { status_of_generate(&s.b, &key).await == 200 }).await;
+    let reqs: Vec<Value> = (0..3)
+        .map(|i| json!({"request": {"contents": [{"parts": [{"text": format!("question {i}")}]}]}}))
+        .collect();
+    let r = http()
+        .post(s.a.url("/v1beta/models/gemini-2.5-flash-lite:batchGenerateContent"))
+        .header("x-goog-api-key", &key)
+        .json(&json!({"batch": {"displayName": "three", "inputConfig": {"requests": {"requests": reqs}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let name = v["name"].as_str().unwrap().to_string();
+    // Read through both replicas at once, again and again, until it is done on both.
+    let mut done = 0;
+    for _ in 0..10 {
+        let (ra, rb) = tokio::join!(get_json(&s.a, &name, &key), get_json(&s.b, &name, &key));
+        done = [&ra, &rb].iter().filter(|v| v["done"] == true).count();
+        if done == 2 {
+            break;
+        }
+    }
+    assert_eq!(done, 2, "the mock finishes a batch after a few reads");
+    // The records of both replicas, by id (whether each shows its own or the shared ledger).
+    let mut ids = std::collections::BTreeSet::new();
+    for r in [&s.a, &s.b] {
+        for rec in history(r, &key).await {
+            if rec["type"] == "ai_response" && rec["metadata"]["model"] == "gemini-2.5-flash-lite" {
+                ids.insert(rec["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(ids.len(), 3, "one record per inlined response, once: {ids:?}");
+    let rows = s.pg.query(&format!(
+        "SELECT settled, settling IS NULL FROM gm_resources WHERE name = '{}'",
+        name.to_lowercase()
+    ));
+    assert_eq!(rows, vec![vec!["t".to_string(), "t".to_string()]]);
+}
+
+async fn get_json(r: &Replica, name: &str, key: &str) -> Value {
+    http()
+        .get(r.url(&format!("/v1beta/{name}")))
+        .header("x-goog-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or(Value::Null)
+}
