@@ -528,3 +528,92 @@ async fn get_json(r: &Replica, name: &str, key: &str) -> Value {
         .await
         .unwrap_or(Value::Null)
 }
+
+/// A gateway in this process on `data` (embedded, or in cluster mode on these engines).
+async fn open_in_process(
+    mock: SocketAddr,
+    data: &std::path::Path,
+    engines: Option<(&Redis, &Postgres)>,
+) -> std::sync::Arc<gemini_meter::app::App> {
+    use gemini_meter::runtime::EnvLookup;
+    let mut text = common::base_config(mock, data, "");
+    let mut vars = vec![
+        ("GM_TEST_UPSTREAM_KEY".to_string(), common::UPSTREAM_KEY.to_string()),
+        ("GM_TEST_ADMIN_TOKEN".to_string(), common::ADMIN_TOKEN.to_string()),
+    ];
+    if let Some((redis, pg)) = engines {
+        text.push_str(common::engines::CLUSTER_SECTION);
+        vars.push(("GEMINI_METER_REDIS_URL".into(), redis.url()));
+        vars.push(("GEMINI_METER_DATABASE_URL".into(), pg.url()));
+    }
+    let env: EnvLookup =
+        std::sync::Arc::new(move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    let config = gemini_meter::config::Config::parse(&text, "test").unwrap();
+    let clock = std::sync::Arc::new(gemini_meter::clock::SystemClock::default());
+    let cluster = gemini_meter::cluster::Cluster::connect(&config, &env).await.unwrap();
+    let (app, _recorder) = gemini_meter::app::App::open_with(config, None, clock, env, cluster).unwrap();
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_before_cluster_mode_are_pushed_at_the_first_resync() {
+    use gemini_meter::clock::Month;
+    use gemini_meter::ownership::Kind;
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Embedded: a user, an active key, a revoked key, an owned file.
+    let (key, revoked) = {
+        let app = open_in_process(mock.addr, &data, None).await;
+        let now = chrono::Utc::now();
+        app.registry
+            .create_user("old", "free", Some("old@example.com"), now, Month::of(now))
+            .unwrap();
+        let (key, _) = app.registry.create_key("old", now).unwrap();
+        let (revoked, revoked_id) = app.registry.create_key("old", now).unwrap();
+        app.registry.revoke(&revoked_id, now).unwrap();
+        app.proxy
+            .owners
+            .record(&std::sync::Arc::from("old"), Kind::File, "files/oldfile")
+            .await
+            .unwrap();
+        app.store.flush().await.unwrap();
+        (key, revoked)
+    };
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    // The same data in cluster mode: the first resync pushes what PostgreSQL lacks.
+    let app = open_in_process(mock.addr, &data, Some((&redis, &pg))).await;
+    let listener = gemini_meter::cluster::shared::start(&app).await.unwrap();
+    assert!(listener.is_some());
+    assert_eq!(
+        pg.query("SELECT id, tier, email, deleted FROM gm_users"),
+        vec![vec![
+            "old".to_string(),
+            "free".into(),
+            "old@example.com".into(),
+            "f".into()
+        ]]
+    );
+    let keys = pg.query("SELECT hash, revoked_at IS NULL FROM gm_keys ORDER BY 2");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let hex_of = |k: &str| hex::encode(gemini_meter::identity::hash_key(k));
+    assert_eq!(keys[0], vec![hex_of(&revoked), "f".to_string()]);
+    assert_eq!(keys[1], vec![hex_of(&key), "t".to_string()]);
+    let dump = pg.query("SELECT * FROM gm_keys").concat().join(" ");
+    assert!(!dump.contains(&key), "a plaintext key reached PostgreSQL");
+    assert_eq!(
+        pg.query("SELECT user_id FROM gm_resources WHERE name = 'files/oldfile'"),
+        vec![vec!["old".to_string()]]
+    );
+    // Another replica, started on the shared store, knows them.
+    let b = Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    assert_eq!(status_of_generate(&b, &key).await, 200);
+    assert_eq!(status_of_generate(&b, &revoked).await, 401);
+    let other = b.user_with_key("new", "free").await;
+    assert_eq!(get_file(&b, "files/oldfile", &other).await, 403);
+    drop(b);
+    drop(app);
+}
