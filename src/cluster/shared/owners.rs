@@ -2,6 +2,7 @@
 //! note, so a resource created through one replica is its owner's through every replica.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_postgres::Row;
 
@@ -47,12 +48,17 @@ fn of_row(r: &Row) -> Result<PgResource, SharedError> {
 #[derive(Debug)]
 pub struct SharedOwners {
     cluster: Arc<Cluster>,
+    /// A write failed: the listener resyncs the resources at its next check.
+    dirty: AtomicBool,
 }
 
 impl SharedOwners {
     /// Ownership kept in `cluster`'s PostgreSQL.
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        SharedOwners { cluster }
+        SharedOwners {
+            cluster,
+            dirty: AtomicBool::new(false),
+        }
     }
 
     /// Runs one upsert-and-notify statement with `$1` the name.
@@ -61,10 +67,20 @@ impl SharedOwners {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<(), SharedError> {
-        let c = client(&self.cluster).await?;
         let q = format!("WITH r AS ({sql} RETURNING name) SELECT pg_notify('gm_changes', 'resource:' || name) FROM r");
-        c.execute(&q, params).await.map_err(|e| failed(&self.cluster, e))?;
-        Ok(())
+        let res = match client(&self.cluster).await {
+            Ok(c) => c.execute(&q, params).await.map_err(|e| failed(&self.cluster, e)),
+            Err(e) => Err(e),
+        };
+        if res.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        res.map(|_| ())
+    }
+
+    /// True once after a write failed (the caller resyncs the resources).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
     }
 
     /// Records `user` as the owner of `name` (the upstream's word wins, as locally).
