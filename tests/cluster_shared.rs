@@ -312,17 +312,20 @@ async fn uploads_and_resources_are_shared() {
     let file: Value = r.json().await.unwrap();
     let name = file["file"]["name"].as_str().unwrap().to_string();
     assert_eq!(s.mock.stats.snapshot()["upload_bytes"], 2000);
-    // The bytes were billed to the user on B.
-    let cur: Value = http()
-        .get(s.b.url("/api/usage/current"))
-        .header("x-goog-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(cur["current_month"]["bytes"], 2000, "{cur}");
+    // The bytes were billed to the user on B (settled into shared counters asynchronously).
+    eventually(&s, "upload bytes billed", || async {
+        let cur: Value = http()
+            .get(s.b.url("/api/usage/current"))
+            .header("x-goog-api-key", &key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cur["current_month"]["bytes"] == 2000
+    })
+    .await;
     // The file finished on B is its owner's on A too, and nobody else's.
     assert_eq!(get_file(&s.b, &name, &key).await, 200);
     assert_eq!(get_file(&s.a, &name, &key).await, 200);
@@ -408,9 +411,18 @@ async fn an_alert_fires_once_across_two_replicas() {
     eventually(&s, "key on B", || async { status_of_generate(&s.b, &key).await == 200 }).await;
     // Two on each replica: with counters local to each replica both cross 50 % of 4 messages;
     // with shared counters one does. Either way: one webhook.
-    assert_eq!(status_of_generate(&s.b, &key).await, 200);
-    assert_eq!(status_of_generate(&s.a, &key).await, 200);
-    assert_eq!(status_of_generate(&s.a, &key).await, 200);
+    for r in [&s.b, &s.a, &s.a] {
+        let resp = r.generate(&key, MODEL).await;
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{body}\n--- A:\n{}\n--- B:\n{}",
+            s.a.output(),
+            s.b.output()
+        );
+    }
     eventually(&s, "the alert is delivered", || async {
         !hooks.lock().unwrap().is_empty()
     })
@@ -500,15 +512,34 @@ async fn a_batch_read_finished_through_both_replicas_at_once_is_billed_once() {
         }
     }
     assert_eq!(done, 2, "the mock finishes a batch after a few reads");
-    // The records of both replicas, by id (whether each shows its own or the shared ledger).
-    let mut ids = std::collections::BTreeSet::new();
-    for r in [&s.a, &s.b] {
-        for rec in history(r, &key).await {
-            if rec["type"] == "ai_response" && rec["metadata"]["model"] == "gemini-2.5-flash-lite" {
-                ids.insert(rec["id"].as_str().unwrap().to_string());
+    // The records of both replicas, by id (whether each shows its own or the shared ledger),
+    // once every record is written and, in cluster mode, shipped.
+    let ids = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    eventually(&s, "batch records written and shipped", || async {
+        let mut got = std::collections::BTreeSet::new();
+        let mut backlog = 0;
+        for r in [&s.a, &s.b] {
+            let h: Value = http()
+                .get(r.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            backlog += h["cluster"]["shipping_backlog"].as_u64().unwrap_or(0);
+            for rec in history(r, &key).await {
+                if rec["type"] == "ai_response" && rec["metadata"]["model"] == "gemini-2.5-flash-lite" {
+                    got.insert(rec["id"].as_str().unwrap().to_string());
+                }
             }
         }
-    }
+        let done = backlog == 0 && got.len() >= 3;
+        *ids.borrow_mut() = got;
+        done
+    })
+    .await;
+    let ids = ids.into_inner();
     assert_eq!(ids.len(), 3, "one record per inlined response, once: {ids:?}");
     let rows = s.pg.query(&format!(
         "SELECT settled, settling IS NULL FROM gm_resources WHERE name = '{}'",
