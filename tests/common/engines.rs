@@ -2,7 +2,7 @@
 //! free loopback ports, a TCP proxy that can lose a reply or cut connections, and gateway
 //! replicas as child processes (`gemini-meter serve`). Every engine that cannot be started
 //! panics with the reason: CI must fail, never skip.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -362,7 +362,7 @@ impl Postgres {
         // Settings in the file, so that a start after a stop or a kill needs no options.
         let conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\nshared_buffers = 32MB\n",
             self.port,
             self.dir.path().display()
         );
@@ -505,6 +505,17 @@ struct ProxyState {
     refuse: AtomicBool,
     dropped: AtomicU64,
     accepted: AtomicU64,
+    /// Client connections being piped now.
+    open: AtomicU64,
+}
+
+/// Counts a piped connection while it lives.
+struct OpenGuard(Arc<ProxyState>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `upstream`. Armed with [`DropProxy::drop_next_reply`],
@@ -567,15 +578,24 @@ impl DropProxy {
         self.state.refuse.store(refuse, Ordering::SeqCst);
     }
 
-    /// Closes every open connection (both sides).
+    /// Closes every open connection (both sides) without waiting.
     pub fn cut_all(&self) {
         self.cut.send_modify(|g| *g += 1);
     }
 
-    /// Refuses new connections and cuts the open ones: the engine is out of reach.
-    pub fn go_dark(&self) {
+    /// Connections being piped now.
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new connections and cuts the open ones: the engine is out of reach. Returns
+    /// once every connection is closed (nothing sent after this reaches the upstream).
+    pub async fn go_dark(&self) {
         self.set_refusing(true);
         self.cut_all();
+        while self.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Undoes [`DropProxy::go_dark`].
@@ -599,11 +619,17 @@ async fn accept_loop(
 ) {
     while let Ok((client, _)) = listener.accept().await {
         state.accepted.fetch_add(1, Ordering::SeqCst);
+        state.open.fetch_add(1, Ordering::SeqCst);
+        let guard = OpenGuard(state.clone());
+        // Subscribed before the refusal is read: a go_dark in between is seen by one or the
+        // other (it sets the refusal, then cuts).
+        let cut_rx = cut.subscribe();
         if state.refuse.load(Ordering::SeqCst) {
             drop(client);
+            drop(guard);
             continue;
         }
-        tokio::spawn(pipe(client, upstream, state.clone(), cut.subscribe()));
+        tokio::spawn(pipe(client, upstream, state.clone(), cut_rx, guard));
     }
 }
 
@@ -614,6 +640,7 @@ async fn pipe(
     upstream: SocketAddr,
     state: Arc<ProxyState>,
     mut cut: tokio::sync::watch::Receiver<u64>,
+    _open: OpenGuard,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
@@ -713,9 +740,14 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts a replica of `upstream` on these engines and waits until `/healthz` answers.
-    pub async fn start(upstream: SocketAddr, redis_url: &str, postgres_url: &str) -> Replica {
-        Self::start_with(ReplicaOptions::new(upstream, redis_url, postgres_url)).await
+    /// Starts a replica of `upstream` on these engines and waits until `/healthz` answers
+    /// (the future borrows nothing: `tokio::join!` several with temporary URLs).
+    pub fn start(
+        upstream: SocketAddr,
+        redis_url: &str,
+        postgres_url: &str,
+    ) -> impl std::future::Future<Output = Replica> + use<> {
+        Self::start_with(ReplicaOptions::new(upstream, redis_url, postgres_url))
     }
 
     /// Starts a replica as `opts` say and waits until `/healthz` answers.
@@ -991,4 +1023,52 @@ fn read_all(out: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<
         }
         s
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole cluster
+
+/// The mock upstream (in this process), one Redis, one PostgreSQL and `n` replicas on them:
+/// the usual start of a cluster test.
+pub struct Fleet {
+    /// The mock upstream the replicas forward to.
+    pub mock: gemini_meter_mock::MockServer,
+    /// The shared Redis.
+    pub redis: Redis,
+    /// The shared PostgreSQL.
+    pub pg: Postgres,
+    /// The replicas, started one after the other (the first runs the migrations).
+    pub replicas: Vec<Replica>,
+}
+
+impl Fleet {
+    /// Starts everything; `extra` TOML goes into every replica's config (e.g. tiers).
+    pub async fn start(n: usize, extra: &str) -> Fleet {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let opts = gemini_meter_mock::MockOptions {
+            api_key: Some(UPSTREAM_KEY.into()),
+            ..gemini_meter_mock::MockOptions::default()
+        };
+        let mock = gemini_meter_mock::MockServer::start("127.0.0.1:0".parse().expect("address"), opts)
+            .await
+            .expect("start the mock upstream");
+        let redis = Redis::start();
+        let pg = Postgres::start();
+        let mut replicas = Vec::with_capacity(n);
+        for _ in 0..n {
+            let o = ReplicaOptions::new(mock.addr, &redis.url(), &pg.url()).extra(extra);
+            replicas.push(Replica::start_with(o).await);
+        }
+        Fleet {
+            mock,
+            redis,
+            pg,
+            replicas,
+        }
+    }
+
+    /// Options for one more replica on the same engines (e.g. behind a [`DropProxy`]).
+    pub fn options(&self, extra: &str) -> ReplicaOptions {
+        ReplicaOptions::new(self.mock.addr, &self.redis.url(), &self.pg.url()).extra(extra)
+    }
 }

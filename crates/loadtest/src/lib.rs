@@ -14,7 +14,9 @@
 mod admin;
 mod callgrind;
 mod client;
+mod cluster;
 mod configs;
+mod engines;
 mod procs;
 mod report;
 mod run;
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 pub use callgrind::{Callgrind, CallgrindStatus, Count};
 pub use report::Report;
-pub use run::run;
+pub use run::{run, run_with_replicas};
 pub use tls::{TlsFigures, TlsRow};
 
 /// Which calls to drive.

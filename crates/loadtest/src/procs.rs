@@ -116,7 +116,7 @@ impl Launch<'_> {
 
 /// Spawns `cmd` with piped output, and waits (up to `within`) until a line contains `ready`;
 /// returns the child and the rest of that line after `ready`.
-async fn spawn_until(
+pub(crate) async fn spawn_until(
     name: &'static str,
     mut cmd: Command,
     ready: &'static str,
@@ -248,7 +248,21 @@ pub async fn start_gateway(
     upstream_key: &str,
     workers: Option<usize>,
 ) -> Result<(Proc, SocketAddr), LoadError> {
+    start_gateway_env(binary, launch, config, admin_token, upstream_key, workers, &[]).await
+}
+
+/// [`start_gateway`] with more environment variables (a replica's engine URLs).
+pub async fn start_gateway_env(
+    binary: &Path,
+    launch: Launch<'_>,
+    config: &Path,
+    admin_token: &str,
+    upstream_key: &str,
+    workers: Option<usize>,
+    env: &[(String, String)],
+) -> Result<(Proc, SocketAddr), LoadError> {
     let mut cmd = launch.command(binary);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.arg("serve")
         .arg("--config")
         .arg(config)

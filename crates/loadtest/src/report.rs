@@ -17,6 +17,9 @@ pub enum Target {
     Direct,
     /// The gateway in front of the mock.
     Gateway,
+    /// `--replicas N`: N gateways in cluster mode (one Redis, one PostgreSQL), the load spread
+    /// over them; its CPU is the replicas' and the engines'.
+    Cluster,
     /// nginx in front of the mock.
     Nginx,
     /// A plain hyper proxy (the gateway's HTTP server and client, no metering) in front of the
@@ -30,6 +33,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Gateway => "gateway",
+            Target::Cluster => "cluster",
             Target::Nginx => "nginx",
             Target::Hyper => "hyper",
         }
@@ -142,6 +146,105 @@ pub struct Report {
     pub callgrind: Option<CallgrindStatus>,
     /// `--tls`: what TLS costs.
     pub tls: Option<super::tls::TlsFigures>,
+    /// `--replicas N`: the cluster's own figures.
+    pub cluster: Option<ClusterReport>,
+}
+
+/// The cluster target's figures beyond its rows (`--replicas N`).
+#[derive(Debug, Clone)]
+pub struct ClusterReport {
+    /// Replicas.
+    pub replicas: usize,
+    /// CPU of the replicas and each engine, and Redis commands, per call kind.
+    pub kinds: Vec<super::cluster::ClusterKind>,
+    /// The metering check, through the first replica (month totals of the whole cluster).
+    pub metering: Metering,
+    /// From the end of the run until PostgreSQL's ledger held every record, or why unknown.
+    pub shipping_lag: Result<Duration, String>,
+    /// Every replica exited 0 on SIGTERM.
+    pub clean_exit: bool,
+}
+
+impl ClusterReport {
+    fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "cluster: {} replicas on one Redis and one PostgreSQL (connections spread evenly; its cpu/req counts replicas and engines)",
+            self.replicas
+        );
+        for k in &self.kinds {
+            let per = |d: Duration| opt_us(k.per_request(d));
+            let _ = writeln!(
+                s,
+                "  {:<6} per request: replicas {} µs, redis {} µs, postgres {} µs; redis commands {}",
+                k.kind.as_str(),
+                per(k.used.replicas_cpu),
+                per(k.used.redis_cpu),
+                per(k.used.postgres_cpu),
+                k.redis_per_request().map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+            );
+        }
+        let m = &self.metering;
+        let _ = writeln!(
+            s,
+            "  metering: {} successful requests ({} failed); month totals: {} messages, {} records{}: {}",
+            m.tool_ok,
+            m.tool_failed,
+            m.ledger_messages,
+            m.ledger_records,
+            m.expected_records
+                .map_or_else(String::new, |r| format!(" (expected {r})")),
+            if m.pass { "PASS" } else { "FAIL" }
+        );
+        if let Some(e) = &m.error {
+            let _ = writeln!(s, "  metering check could not read the totals: {e}");
+        }
+        let lag = match &self.shipping_lag {
+            Ok(d) => format!("{:.2} s after the run", d.as_secs_f64()),
+            Err(e) => format!("not measured: {e}"),
+        };
+        let _ = writeln!(s, "  ledger in PostgreSQL complete: {lag}");
+        let _ = writeln!(
+            s,
+            "  replicas exited cleanly on SIGTERM: {}",
+            if self.clean_exit { "yes" } else { "NO" }
+        );
+        s
+    }
+
+    fn json(&self) -> Value {
+        let kinds: Vec<Value> = self
+            .kinds
+            .iter()
+            .map(|k| {
+                let us = |d: Duration| k.per_request(d).map(|d| d.as_secs_f64() * 1e6);
+                json!({
+                    "kind": k.kind.as_str(),
+                    "requests": k.requests,
+                    "cpu_per_request_us": {
+                        "replicas": us(k.used.replicas_cpu), "redis": us(k.used.redis_cpu),
+                        "postgres": us(k.used.postgres_cpu), "total": us(k.used.total_cpu()),
+                    },
+                    "redis_commands_per_request": k.redis_per_request(),
+                })
+            })
+            .collect();
+        let m = &self.metering;
+        json!({
+            "replicas": self.replicas,
+            "kinds": kinds,
+            "metering": {
+                "tool_ok": m.tool_ok, "tool_failed": m.tool_failed, "ledger_messages": m.ledger_messages,
+                "ledger_records": m.ledger_records, "expected_records": m.expected_records,
+                "catch_up_s": m.catch_up.as_secs_f64(), "pass": m.pass, "error": m.error,
+            },
+            "shipping_lag_s": self.shipping_lag.as_ref().ok().map(Duration::as_secs_f64),
+            "shipping_lag_error": self.shipping_lag.as_ref().err(),
+            "clean_exit": self.clean_exit,
+        })
+    }
 }
 
 /// One of the targets, judged.
@@ -168,6 +271,11 @@ fn opt_us(d: Option<Duration>) -> String {
 }
 
 impl Report {
+    /// Every metered request is in its ledger: the gateway's, and the cluster's when it ran.
+    pub fn metering_pass(&self) -> bool {
+        self.metering.pass && self.cluster.as_ref().is_none_or(|c| c.metering.pass)
+    }
+
     /// The targets, judged from this run.
     pub fn checks(&self) -> Vec<Check> {
         let mut out = Vec::new();
@@ -398,6 +506,9 @@ impl Report {
             };
             let _ = writeln!(s, "  {:<48} {:<40} {verdict}", c.what, c.measured);
         }
+        if let Some(c) = &self.cluster {
+            s.push_str(&c.table());
+        }
         if let Some(t) = &self.tls {
             s.push_str(&t.table());
         }
@@ -485,6 +596,7 @@ impl Report {
             "checks": checks,
             "callgrind": self.callgrind.as_ref().map(CallgrindStatus::json),
             "tls": self.tls.as_ref().map(super::tls::TlsFigures::json),
+            "cluster": self.cluster.as_ref().map(ClusterReport::json),
         })
     }
 }

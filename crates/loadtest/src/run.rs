@@ -10,8 +10,9 @@ use http::HeaderValue;
 
 use super::admin::{Admin, Summary};
 use super::client::{Phase, run_phase};
+use super::cluster::{Cluster, ClusterKind};
 use super::procs::{self, Launch, Proc};
-use super::report::{KindReport, Metering, NginxStatus, Report, Target, TargetReport};
+use super::report::{ClusterReport, KindReport, Metering, NginxStatus, Report, Target, TargetReport};
 use super::stats::Tally;
 use super::{CallKind, LoadError, Options, configs};
 
@@ -28,6 +29,52 @@ const METERING_SETTLE: Duration = Duration::from_millis(500);
 /// When a process cannot be started, the admin API fails, or the options cannot work. Failed
 /// requests are not errors: they are counted in the report.
 pub async fn run(opts: &Options) -> Result<Report, LoadError> {
+    run_with_replicas(opts, 0).await
+}
+
+/// A target's address and the keys its workers send.
+type Targets = Vec<(Target, SocketAddr, Arc<Vec<HeaderValue>>)>;
+
+/// Successful and failed requests through the metered targets, warm-up included: each ledger
+/// must hold exactly its target's successes.
+#[derive(Debug, Default)]
+struct Counts {
+    gateway_ok: u64,
+    gateway_failed: u64,
+    cluster_ok: u64,
+    cluster_failed: u64,
+}
+
+impl Counts {
+    fn add(&mut self, target: Target, t: &Tally) {
+        match target {
+            Target::Gateway => {
+                self.gateway_ok += t.ok;
+                self.gateway_failed += t.errors.total();
+            }
+            Target::Cluster => {
+                self.cluster_ok += t.ok;
+                self.cluster_failed += t.errors.total();
+            }
+            Target::Direct | Target::Nginx | Target::Hyper => {}
+        }
+    }
+}
+
+/// The processes whose CPU each target's rows show.
+struct Pids {
+    gateway: u32,
+    nginx: Option<u32>,
+    hyper: Option<u32>,
+}
+
+/// [`run`], plus (when `replicas` > 0) a "cluster" target: that many gateways in cluster mode
+/// on a Redis and a PostgreSQL the tool starts, the load spread over them.
+///
+/// # Errors
+/// As [`run`]; also when an engine or a replica cannot be started, or a key made on one replica
+/// does not work on the others.
+pub async fn run_with_replicas(opts: &Options, replicas: usize) -> Result<Report, LoadError> {
     validate(opts)?;
     let dir = tempfile::Builder::new()
         .prefix("gemini-meter-loadtest-")
@@ -39,130 +86,50 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
     let config_path = dir.path().join("gemini-meter.toml");
     std::fs::write(&config_path, configs::gateway_toml(mock_addr, &dir.path().join("data")))
         .map_err(LoadError::io("writing the gateway config"))?;
-    let (gateway, gw_addr) = procs::start_gateway(
-        &opts.binary,
-        Launch::Direct,
-        &config_path,
-        &secret,
-        "loadtest-upstream-key",
-        opts.gateway_workers,
-    )
-    .await?;
-    let admin = Admin::new(gw_addr, secret);
-    let mut keys = Vec::with_capacity(opts.users);
-    for i in 0..opts.users {
-        let key = admin.user_with_key(&format!("load-{i}"), configs::TIER).await?;
-        keys.push(HeaderValue::from_str(&key).map_err(|e| LoadError::Admin(format!("key is not a header: {e}")))?);
-    }
-    let gw_keys = Arc::new(keys);
-    let (nginx, nginx_status) = start_nginx(opts, dir.path(), mock_addr).await;
-    let hyper = if opts.no_hyper {
-        None
-    } else {
-        Some(procs::start_passthrough(&opts.binary, Launch::Direct, mock_addr).await?)
-    };
-
-    let mut targets: Vec<(Target, SocketAddr, Arc<Vec<HeaderValue>>)> = vec![
+    let (gateway, gw_addr, admin, keys) = start_embedded(opts, &config_path, &secret).await?;
+    let mut targets: Targets = vec![
         (Target::Direct, mock_addr, Arc::new(Vec::new())),
-        (Target::Gateway, gw_addr, gw_keys),
+        (Target::Gateway, gw_addr, Arc::new(keys)),
     ];
-    if let Some((_, addr)) = &nginx {
-        targets.push((Target::Nginx, *addr, Arc::new(Vec::new())));
-    }
-    if let Some((_, addr)) = &hyper {
-        targets.push((Target::Hyper, *addr, Arc::new(Vec::new())));
-    }
+    let cluster = if replicas > 0 {
+        let c = Cluster::start(opts, dir.path(), mock_addr, &secret, replicas).await?;
+        let keys = c.users(opts.users).await?;
+        targets.push((Target::Cluster, c.addrs()[0], Arc::new(keys)));
+        Some(c)
+    } else {
+        None
+    };
+    let (nginx, nginx_status, hyper) = start_references(opts, dir.path(), mock_addr, &mut targets).await?;
 
     let rss_start = procs::rss_bytes(gateway.pid()).unwrap_or(0);
     let peak = Arc::new(AtomicU64::new(rss_start));
     let sampler = spawn_rss_sampler(gateway.pid(), peak.clone());
 
-    // Every successful gateway request, warm-up included: the ledger must hold exactly these.
-    let mut gateway_ok = 0u64;
-    let mut gateway_failed = 0u64;
-    let mut kinds = Vec::new();
-    for &kind in opts.mode.kinds() {
-        let phase = |addr: SocketAddr, keys: &Arc<Vec<HeaderValue>>, duration: Duration| Phase {
-            addr,
-            kind,
-            keys: keys.clone(),
-            concurrency: opts.concurrency,
-            duration,
-            chunks: opts.chunks,
-            stagger: match kind {
-                CallKind::Sse => opts.chunk_delay,
-                CallKind::Unary => Duration::ZERO,
-            },
-            requests: None,
-            tls: None,
-            fresh: false,
-        };
-        if !opts.warmup.is_zero() {
-            for (target, addr, keys) in &targets {
-                tracing::info!("{} warm-up: {}", kind.as_str(), target.as_str());
-                let t = run_phase(&phase(*addr, keys, opts.warmup)).await;
-                if *target == Target::Gateway {
-                    gateway_ok += t.ok;
-                    gateway_failed += t.errors.total();
-                }
-            }
-        }
-        let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
-        // CPU time of each target's process over the measured rounds (none for direct).
-        let mut cpu: Vec<Option<Duration>> = targets.iter().map(|_| None).collect();
-        for round in 1..=opts.rounds {
-            for (i, (target, addr, keys)) in targets.iter().enumerate() {
-                tracing::info!("{} round {round}/{}: {}", kind.as_str(), opts.rounds, target.as_str());
-                let cpu_pid = match target {
-                    Target::Gateway => Some(gateway.pid()),
-                    Target::Nginx => nginx.as_ref().map(|(p, _)| p.pid()),
-                    Target::Hyper => hyper.as_ref().map(|(p, _)| p.pid()),
-                    Target::Direct => None,
-                };
-                let before = cpu_pid.map(tree_cpu);
-                let t = run_phase(&phase(*addr, keys, opts.duration)).await;
-                if let (Some(pid), Some(b), Some(slot)) = (cpu_pid, before, cpu.get_mut(i)) {
-                    *slot = Some(slot.unwrap_or_default() + tree_cpu(pid).saturating_sub(b));
-                }
-                if *target == Target::Gateway {
-                    gateway_ok += t.ok;
-                    gateway_failed += t.errors.total();
-                }
-                tallies[i].merge(&t);
-            }
-        }
-        kinds.push(kind_report(kind, &targets, tallies, cpu));
-    }
-
-    let tls = if opts.tls {
-        let plain = super::tls::Plain {
-            pid: gateway.pid(),
-            addr: gw_addr,
-            keys: &targets[1].2,
-        };
-        Some(super::tls::measure(opts, mock_addr, dir.path(), plain, &mut gateway_ok, &mut gateway_failed).await)
-    } else {
-        None
+    let pid_of = |p: &Option<(Proc, SocketAddr)>| p.as_ref().map(|(p, _)| p.pid());
+    let (nginx_pid, hyper_pid) = (pid_of(&nginx), pid_of(&hyper));
+    let pids = Pids {
+        gateway: gateway.pid(),
+        nginx: nginx_pid,
+        hyper: hyper_pid,
     };
+    let measured = measure_all(opts, &targets, &pids, cluster.as_ref(), mock_addr, dir.path()).await;
+    let Measured {
+        kinds,
+        cluster_kinds,
+        tls,
+        counts,
+    } = measured;
 
     // A gateway that died under load is a finding, not a reason to lose every figure measured.
-    let metering = match check_metering(&admin, gateway_ok, gateway_failed).await {
-        Ok(m) => m,
-        Err(e) => Metering {
-            tool_ok: gateway_ok,
-            tool_failed: gateway_failed,
-            error: Some(format!("{e}; gateway output: {}", gateway.tail())),
-            ..Metering::default()
-        },
+    let metering = metering_of(&admin, counts.gateway_ok, counts.gateway_failed, || gateway.tail()).await;
+    let cluster_report = match cluster {
+        Some(c) => Some(cluster_figures(c, cluster_kinds, &counts).await),
+        None => None,
     };
     sampler.abort();
     let rss_end = procs::rss_bytes(gateway.pid()).unwrap_or(0);
     let rss_peak = peak.load(Ordering::Relaxed).max(rss_end);
-
-    if let Some((p, _)) = nginx {
-        p.stop().await;
-    }
-    if let Some((p, _)) = hyper {
+    for (p, _) in nginx.into_iter().chain(hyper) {
         p.stop().await;
     }
     let gateway_clean_exit = gateway.stop().await;
@@ -183,7 +150,205 @@ pub async fn run(opts: &Options) -> Result<Report, LoadError> {
         gateway_clean_exit,
         callgrind,
         tls,
+        cluster: cluster_report,
     })
+}
+
+/// What the rounds measured, over every call kind (and `--tls`).
+struct Measured {
+    kinds: Vec<KindReport>,
+    cluster_kinds: Vec<ClusterKind>,
+    tls: Option<super::tls::TlsFigures>,
+    counts: Counts,
+}
+
+/// Every call kind's rounds over `targets`, then the TLS comparison when asked for.
+async fn measure_all(
+    opts: &Options,
+    targets: &Targets,
+    pids: &Pids,
+    cluster: Option<&Cluster>,
+    mock_addr: SocketAddr,
+    dir: &std::path::Path,
+) -> Measured {
+    let mut counts = Counts::default();
+    let mut kinds = Vec::new();
+    let mut cluster_kinds = Vec::new();
+    for &kind in opts.mode.kinds() {
+        let (k, c) = measure_kind(opts, kind, targets, pids, cluster, &mut counts).await;
+        kinds.push(k);
+        cluster_kinds.extend(c);
+    }
+    let tls = if opts.tls {
+        let plain = super::tls::Plain {
+            pid: pids.gateway,
+            addr: targets[1].1,
+            keys: &targets[1].2,
+        };
+        let (ok, failed) = (&mut counts.gateway_ok, &mut counts.gateway_failed);
+        Some(super::tls::measure(opts, mock_addr, dir, plain, ok, failed).await)
+    } else {
+        None
+    };
+    Measured {
+        kinds,
+        cluster_kinds,
+        tls,
+        counts,
+    }
+}
+
+/// The unmetered proxies the gateway is compared with, added to `targets`: nginx (when wanted
+/// and installed; else why not) and the plain hyper proxy (unless left out).
+async fn start_references(
+    opts: &Options,
+    dir: &std::path::Path,
+    mock: SocketAddr,
+    targets: &mut Targets,
+) -> Result<(Option<(Proc, SocketAddr)>, NginxStatus, Option<(Proc, SocketAddr)>), LoadError> {
+    let (nginx, nginx_status) = start_nginx(opts, dir, mock).await;
+    let hyper = if opts.no_hyper {
+        None
+    } else {
+        Some(procs::start_passthrough(&opts.binary, Launch::Direct, mock).await?)
+    };
+    if let Some((_, addr)) = &nginx {
+        targets.push((Target::Nginx, *addr, Arc::new(Vec::new())));
+    }
+    if let Some((_, addr)) = &hyper {
+        targets.push((Target::Hyper, *addr, Arc::new(Vec::new())));
+    }
+    Ok((nginx, nginx_status, hyper))
+}
+
+/// The embedded gateway on `config`, and the load users made through its admin API: the
+/// process, its address, its admin client and the users' keys.
+async fn start_embedded(
+    opts: &Options,
+    config: &std::path::Path,
+    secret: &str,
+) -> Result<(Proc, SocketAddr, Admin, Vec<HeaderValue>), LoadError> {
+    let (gateway, addr) = procs::start_gateway(
+        &opts.binary,
+        Launch::Direct,
+        config,
+        secret,
+        "loadtest-upstream-key",
+        opts.gateway_workers,
+    )
+    .await?;
+    let admin = Admin::new(addr, secret.to_string());
+    let mut keys = Vec::with_capacity(opts.users);
+    for i in 0..opts.users {
+        let key = admin.user_with_key(&format!("load-{i}"), configs::TIER).await?;
+        keys.push(HeaderValue::from_str(&key).map_err(|e| LoadError::Admin(format!("key is not a header: {e}")))?);
+    }
+    Ok((gateway, addr, admin, keys))
+}
+
+/// The metering check of one gateway (or cluster) through `admin`; a failure to read the
+/// ledger is reported with `tail` (the process's last output).
+async fn metering_of(admin: &Admin, ok: u64, failed: u64, tail: impl FnOnce() -> String) -> Metering {
+    match check_metering(admin, ok, failed).await {
+        Ok(m) => m,
+        Err(e) => Metering {
+            tool_ok: ok,
+            tool_failed: failed,
+            error: Some(format!("{e}; output: {}", tail())),
+            ..Metering::default()
+        },
+    }
+}
+
+/// The cluster's metering check, shipping lag and clean stop.
+async fn cluster_figures(c: Cluster, kinds: Vec<ClusterKind>, counts: &Counts) -> ClusterReport {
+    let metering = metering_of(&c.admin, counts.cluster_ok, counts.cluster_failed, || c.tails()).await;
+    // Two records (message_sent, ai_response) per successful call.
+    let shipping_lag = c.shipping_lag(2 * counts.cluster_ok).await;
+    let replicas = c.replica_count();
+    let clean_exit = c.stop().await;
+    ClusterReport {
+        replicas,
+        kinds,
+        metering,
+        shipping_lag,
+        clean_exit,
+    }
+}
+
+/// Warm-up and measured rounds of one call kind over every target, interleaved.
+async fn measure_kind(
+    opts: &Options,
+    kind: CallKind,
+    targets: &Targets,
+    pids: &Pids,
+    cluster: Option<&Cluster>,
+    counts: &mut Counts,
+) -> (KindReport, Option<ClusterKind>) {
+    let phase = |addr: SocketAddr, keys: &Arc<Vec<HeaderValue>>, duration: Duration| Phase {
+        addr,
+        kind,
+        keys: keys.clone(),
+        concurrency: opts.concurrency,
+        duration,
+        chunks: opts.chunks,
+        stagger: match kind {
+            CallKind::Sse => opts.chunk_delay,
+            CallKind::Unary => Duration::ZERO,
+        },
+        requests: None,
+        tls: None,
+        fresh: false,
+    };
+    if !opts.warmup.is_zero() {
+        for (target, addr, keys) in targets {
+            tracing::info!("{} warm-up: {}", kind.as_str(), target.as_str());
+            let t = drive(*target, &phase(*addr, keys, opts.warmup), cluster).await;
+            counts.add(*target, &t);
+        }
+    }
+    let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
+    // CPU time of each target's processes over the measured rounds (none for direct).
+    let mut cpu: Vec<Option<Duration>> = targets.iter().map(|_| None).collect();
+    let mut cluster_kind = cluster.map(|_| ClusterKind::new(kind));
+    for round in 1..=opts.rounds {
+        for (i, (target, addr, keys)) in targets.iter().enumerate() {
+            tracing::info!("{} round {round}/{}: {}", kind.as_str(), opts.rounds, target.as_str());
+            let cpu_pid = match target {
+                Target::Gateway => Some(pids.gateway),
+                Target::Nginx => pids.nginx,
+                Target::Hyper => pids.hyper,
+                Target::Direct | Target::Cluster => None,
+            };
+            let before = cpu_pid.map(tree_cpu);
+            let cluster_before = match (target, cluster) {
+                (Target::Cluster, Some(c)) => Some(c.usage().await),
+                _ => None,
+            };
+            let t = drive(*target, &phase(*addr, keys, opts.duration), cluster).await;
+            if let (Some(pid), Some(b), Some(slot)) = (cpu_pid, before, cpu.get_mut(i)) {
+                *slot = Some(slot.unwrap_or_default() + tree_cpu(pid).saturating_sub(b));
+            }
+            if let (Some(c), Some(b), Some(ck), Some(slot)) =
+                (cluster, cluster_before, cluster_kind.as_mut(), cpu.get_mut(i))
+            {
+                let a = c.usage().await;
+                ck.add_phase(&b, &a, t.ok + t.errors.total());
+                *slot = Some(slot.unwrap_or_default() + a.total_cpu().saturating_sub(b.total_cpu()));
+            }
+            counts.add(*target, &t);
+            tallies[i].merge(&t);
+        }
+    }
+    (kind_report(kind, targets, tallies, cpu), cluster_kind)
+}
+
+/// One phase against `target`: the cluster's spread over its replicas, any other as is.
+async fn drive(target: Target, phase: &Phase, cluster: Option<&Cluster>) -> Tally {
+    match (target, cluster) {
+        (Target::Cluster, Some(c)) => c.run_spread(phase).await,
+        _ => run_phase(phase).await,
+    }
 }
 
 fn validate(opts: &Options) -> Result<(), LoadError> {
@@ -264,7 +429,7 @@ async fn start_nginx(
 }
 
 /// CPU time of a process and its direct children (nginx's workers).
-fn tree_cpu(pid: u32) -> Duration {
+pub(crate) fn tree_cpu(pid: u32) -> Duration {
     let own = procs::cpu_time(pid).unwrap_or_default();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     children
@@ -289,12 +454,7 @@ fn spawn_rss_sampler(pid: u32, peak: Arc<AtomicU64>) -> tokio::task::JoinHandle<
     })
 }
 
-fn kind_report(
-    kind: CallKind,
-    targets: &[(Target, SocketAddr, Arc<Vec<HeaderValue>>)],
-    tallies: Vec<Tally>,
-    cpu: Vec<Option<Duration>>,
-) -> KindReport {
+fn kind_report(kind: CallKind, targets: &Targets, tallies: Vec<Tally>, cpu: Vec<Option<Duration>>) -> KindReport {
     let per_request = |cpu: Duration, t: &Tally| {
         let n = t.ok + t.errors.total();
         (n > 0).then(|| cpu / u32::try_from(n).unwrap_or(u32::MAX))
