@@ -312,17 +312,20 @@ async fn uploads_and_resources_are_shared() {
     let file: Value = r.json().await.unwrap();
     let name = file["file"]["name"].as_str().unwrap().to_string();
     assert_eq!(s.mock.stats.snapshot()["upload_bytes"], 2000);
-    // The bytes were billed to the user on B.
-    let cur: Value = http()
-        .get(s.b.url("/api/usage/current"))
-        .header("x-goog-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(cur["current_month"]["bytes"], 2000, "{cur}");
+    // The bytes were billed to the user on B (settled into shared counters asynchronously).
+    eventually(&s, "upload bytes billed", || async {
+        let cur: Value = http()
+            .get(s.b.url("/api/usage/current"))
+            .header("x-goog-api-key", &key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cur["current_month"]["bytes"] == 2000
+    })
+    .await;
     // The file finished on B is its owner's on A too, and nobody else's.
     assert_eq!(get_file(&s.b, &name, &key).await, 200);
     assert_eq!(get_file(&s.a, &name, &key).await, 200);
@@ -408,9 +411,18 @@ async fn an_alert_fires_once_across_two_replicas() {
     eventually(&s, "key on B", || async { status_of_generate(&s.b, &key).await == 200 }).await;
     // Two on each replica: with counters local to each replica both cross 50 % of 4 messages;
     // with shared counters one does. Either way: one webhook.
-    assert_eq!(status_of_generate(&s.b, &key).await, 200);
-    assert_eq!(status_of_generate(&s.a, &key).await, 200);
-    assert_eq!(status_of_generate(&s.a, &key).await, 200);
+    for r in [&s.b, &s.a, &s.a] {
+        let resp = r.generate(&key, MODEL).await;
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{body}\n--- A:\n{}\n--- B:\n{}",
+            s.a.output(),
+            s.b.output()
+        );
+    }
     eventually(&s, "the alert is delivered", || async {
         !hooks.lock().unwrap().is_empty()
     })
@@ -437,4 +449,202 @@ async fn an_alert_fires_once_across_two_replicas() {
         rows,
         vec![vec!["al".to_string(), "messages".to_string(), "50".to_string()]]
     );
+}
+
+const LITE: &str = r#"
+[pricing.models."gemini-2.5-flash-lite"]
+input_per_million = "0.10"
+output_per_million = "0.40"
+batch_discount = "0.5"
+"#;
+
+/// Every record of the key's user one replica shows, by id.
+async fn history(r: &Replica, key: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/usage/history?limit=500&cursor={c}"),
+            None => "/api/usage/history?limit=500".to_string(),
+        };
+        let page: Value = http()
+            .get(r.url(&path))
+            .header("x-goog-api-key", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.extend(page["data"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_finished_through_both_replicas_at_once_is_billed_once() {
+    let s = Site::start(LITE).await;
+    let key = s.a.user_with_key("batcher", "unlimited").await;
+    eventually(&s, "key on B", || async { status_of_generate(&s.b, &key).await == 200 }).await;
+    let reqs: Vec<Value> = (0..3)
+        .map(|i| json!({"request": {"contents": [{"parts": [{"text": format!("question {i}")}]}]}}))
+        .collect();
+    let r = http()
+        .post(s.a.url("/v1beta/models/gemini-2.5-flash-lite:batchGenerateContent"))
+        .header("x-goog-api-key", &key)
+        .json(&json!({"batch": {"displayName": "three", "inputConfig": {"requests": {"requests": reqs}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let name = v["name"].as_str().unwrap().to_string();
+    // Read through both replicas at once, again and again, until it is done on both.
+    let mut done = 0;
+    for _ in 0..10 {
+        let (ra, rb) = tokio::join!(get_json(&s.a, &name, &key), get_json(&s.b, &name, &key));
+        done = [&ra, &rb].iter().filter(|v| v["done"] == true).count();
+        if done == 2 {
+            break;
+        }
+    }
+    assert_eq!(done, 2, "the mock finishes a batch after a few reads");
+    // The records of both replicas, by id (whether each shows its own or the shared ledger),
+    // once every record is written and, in cluster mode, shipped.
+    let ids = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    eventually(&s, "batch records written and shipped", || async {
+        let mut got = std::collections::BTreeSet::new();
+        let mut backlog = 0;
+        for r in [&s.a, &s.b] {
+            let h: Value = http()
+                .get(r.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            backlog += h["cluster"]["shipping_backlog"].as_u64().unwrap_or(0);
+            for rec in history(r, &key).await {
+                if rec["type"] == "ai_response" && rec["metadata"]["model"] == "gemini-2.5-flash-lite" {
+                    got.insert(rec["id"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        let done = backlog == 0 && got.len() >= 3;
+        *ids.borrow_mut() = got;
+        done
+    })
+    .await;
+    let ids = ids.into_inner();
+    assert_eq!(ids.len(), 3, "one record per inlined response, once: {ids:?}");
+    let rows = s.pg.query(&format!(
+        "SELECT settled, settling IS NULL FROM gm_resources WHERE name = '{}'",
+        name.to_lowercase()
+    ));
+    assert_eq!(rows, vec![vec!["t".to_string(), "t".to_string()]]);
+}
+
+async fn get_json(r: &Replica, name: &str, key: &str) -> Value {
+    http()
+        .get(r.url(&format!("/v1beta/{name}")))
+        .header("x-goog-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or(Value::Null)
+}
+
+/// A gateway in this process on `data` (embedded, or in cluster mode on these engines).
+async fn open_in_process(
+    mock: SocketAddr,
+    data: &std::path::Path,
+    engines: Option<(&Redis, &Postgres)>,
+) -> std::sync::Arc<gemini_meter::app::App> {
+    use gemini_meter::runtime::EnvLookup;
+    let mut text = common::base_config(mock, data, "");
+    let mut vars = vec![
+        ("GM_TEST_UPSTREAM_KEY".to_string(), common::UPSTREAM_KEY.to_string()),
+        ("GM_TEST_ADMIN_TOKEN".to_string(), common::ADMIN_TOKEN.to_string()),
+    ];
+    if let Some((redis, pg)) = engines {
+        text.push_str(common::engines::CLUSTER_SECTION);
+        vars.push(("GEMINI_METER_REDIS_URL".into(), redis.url()));
+        vars.push(("GEMINI_METER_DATABASE_URL".into(), pg.url()));
+    }
+    let env: EnvLookup =
+        std::sync::Arc::new(move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    let config = gemini_meter::config::Config::parse(&text, "test").unwrap();
+    let clock = std::sync::Arc::new(gemini_meter::clock::SystemClock::default());
+    let cluster = gemini_meter::cluster::Cluster::connect(&config, &env).await.unwrap();
+    let (app, _recorder) = gemini_meter::app::App::open_with(config, None, clock, env, cluster).unwrap();
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_before_cluster_mode_are_pushed_at_the_first_resync() {
+    use gemini_meter::clock::Month;
+    use gemini_meter::ownership::Kind;
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Embedded: a user, an active key, a revoked key, an owned file.
+    let (key, revoked) = {
+        let app = open_in_process(mock.addr, &data, None).await;
+        let now = chrono::Utc::now();
+        app.registry
+            .create_user("old", "free", Some("old@example.com"), now, Month::of(now))
+            .unwrap();
+        let (key, _) = app.registry.create_key("old", now).unwrap();
+        let (revoked, revoked_id) = app.registry.create_key("old", now).unwrap();
+        app.registry.revoke(&revoked_id, now).unwrap();
+        app.proxy
+            .owners
+            .record(&std::sync::Arc::from("old"), Kind::File, "files/oldfile")
+            .await
+            .unwrap();
+        app.store.flush().await.unwrap();
+        (key, revoked)
+    };
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    // The same data in cluster mode: the first resync pushes what PostgreSQL lacks.
+    let app = open_in_process(mock.addr, &data, Some((&redis, &pg))).await;
+    let listener = gemini_meter::cluster::shared::start(&app).await.unwrap();
+    assert!(listener.is_some());
+    assert_eq!(
+        pg.query("SELECT id, tier, email, deleted FROM gm_users"),
+        vec![vec![
+            "old".to_string(),
+            "free".into(),
+            "old@example.com".into(),
+            "f".into()
+        ]]
+    );
+    let keys = pg.query("SELECT hash, revoked_at IS NULL FROM gm_keys ORDER BY 2");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let hex_of = |k: &str| hex::encode(gemini_meter::identity::hash_key(k));
+    assert_eq!(keys[0], vec![hex_of(&revoked), "f".to_string()]);
+    assert_eq!(keys[1], vec![hex_of(&key), "t".to_string()]);
+    let dump = pg.query("SELECT * FROM gm_keys").concat().join(" ");
+    assert!(!dump.contains(&key), "a plaintext key reached PostgreSQL");
+    assert_eq!(
+        pg.query("SELECT user_id FROM gm_resources WHERE name = 'files/oldfile'"),
+        vec![vec!["old".to_string()]]
+    );
+    // Another replica, started on the shared store, knows them.
+    let b = Replica::start(mock.addr, &redis.url(), &pg.url()).await;
+    assert_eq!(status_of_generate(&b, &key).await, 200);
+    assert_eq!(status_of_generate(&b, &revoked).await, 401);
+    let other = b.user_with_key("new", "free").await;
+    assert_eq!(get_file(&b, "files/oldfile", &other).await, 403);
+    drop(b);
+    drop(app);
 }

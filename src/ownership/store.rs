@@ -22,6 +22,9 @@ pub enum OwnershipError {
     /// A stored entry is not readable.
     #[error("ownership store: entry {0} is corrupt")]
     Corrupt(String),
+    /// Cluster mode: PostgreSQL failed.
+    #[error("ownership store (PostgreSQL): {0}")]
+    Shared(String),
 }
 
 /// One owned resource.
@@ -215,9 +218,34 @@ impl Owners {
         Ok(())
     }
 
+    /// [`Owners::claim_settlement`], across replicas in cluster mode: the claim is also taken
+    /// in PostgreSQL, so two replicas reading a finished batch at once bill it once.
+    pub async fn claim_settlement_shared(&self, name: &str) -> Result<bool, OwnershipError> {
+        if !self.claim_settlement(name)? {
+            return Ok(false);
+        }
+        let Some(shared) = self.shared.get() else {
+            return Ok(true);
+        };
+        match shared.claim(name).await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                self.settling.remove(name);
+                Ok(false)
+            }
+            Err(e) => {
+                self.settling.remove(name);
+                Err(OwnershipError::Shared(e.to_string()))
+            }
+        }
+    }
+
     /// Gives back a claim whose settlement failed, so a later read can try again.
     pub fn unclaim(&self, name: &str) {
         self.settling.remove(name);
+        if let Some(shared) = self.shared.get() {
+            shared.unclaim(name.to_string());
+        }
     }
 
     /// Keeps a small note about a resource (what a video generation asked for), on disk.

@@ -112,7 +112,7 @@ async fn forward_inner(
     if content_length(&parts.headers).is_some_and(|n| n > max) {
         return Err(ApiError::too_large(max));
     }
-    proxy.prefetch_shared(&route, path).await;
+    proxy.prefetch_shared(&route, path, &parts.headers, query).await;
     let (key, continued) = identify(proxy, &route, &parts.headers, query)?;
     let adopts = owned_phase(proxy, &decision, key, &mut parts, path)?;
     let tags = take_tags(&mut parts.headers);

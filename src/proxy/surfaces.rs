@@ -107,7 +107,7 @@ pub async fn bill_batch_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
         return;
     };
     let owners = &proxy.owners;
-    match owners.claim_settlement(name) {
+    match owners.claim_settlement_shared(name).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
@@ -243,7 +243,7 @@ pub async fn bill_video_read(proxy: &Proxy, key: KeyEntry, tags: Option<Arc<Tags
         .unwrap_or(DEFAULT_VIDEO_SECONDS)
         .saturating_mul(samples);
     let owners = &proxy.owners;
-    match owners.claim_settlement(name) {
+    match owners.claim_settlement_shared(name).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {

@@ -228,13 +228,25 @@ pub fn rewrite_upload_url(url: &str, public: &str, upstream_prefix: &str) -> Opt
 impl super::Proxy {
     /// Cluster mode: before a request is identified, what another replica may have recorded
     /// and this one not heard of yet is looked up in PostgreSQL: the upload session it
-    /// continues, the owner of the resource its path names. A no-op outside cluster mode and
-    /// on a local hit.
-    pub async fn prefetch_shared(&self, route: &super::route::Route, path: &str) {
+    /// continues, the owner of the resource its path names (only for a caller whose key is
+    /// known here, so requests without one cannot make this replica query PostgreSQL at will).
+    /// A no-op outside cluster mode and on a local hit.
+    pub async fn prefetch_shared(
+        &self,
+        route: &super::route::Route,
+        path: &str,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) {
         if let Some(upload_id) = route.upload_session() {
             self.uploads.fetch_shared(upload_id, &self.registry).await;
         }
-        if let Some((_, name)) = crate::ownership::resource_of(super::tenancy::rest_of(path)) {
+        if self.owners.shared().is_none() {
+            return;
+        }
+        if let Some((_, name)) = crate::ownership::resource_of(super::tenancy::rest_of(path))
+            && super::headers::caller_key(headers, query).is_some_and(|(k, _)| self.registry.identify(&k).is_some())
+        {
             self.owners.fetch_shared(&name).await;
         }
     }

@@ -112,6 +112,11 @@ async fn listen(app: &Weak<App>, cluster: &Cluster, mut l: Listener) -> bool {
                 if !matches!(alive, Ok(Ok(_))) {
                     return true;
                 }
+                if let Some(app) = app.upgrade()
+                    && let Err(e) = push_failed_writes(&app).await
+                {
+                    tracing::warn!(error = %e, "shared resources or uploads not pushed; retrying");
+                }
             }
         }
     }
@@ -192,8 +197,9 @@ async fn resync_resources(app: &App) -> Result<(), SharedError> {
     let Some(shared) = owners.shared() else { return Ok(()) };
     let local: HashMap<String, _> = owners.rows().into_iter().map(|r| (r.name.clone(), r)).collect();
     let rows = shared.all().await?;
-    let known: HashSet<String> = rows.iter().map(|r| r.name.clone()).collect();
+    let mut known: HashMap<String, (bool, bool)> = HashMap::with_capacity(rows.len());
     for r in rows {
+        known.insert(r.name.clone(), (r.settled, r.note.is_some()));
         let differs = local.get(&r.name).is_none_or(|l| {
             l.user != r.user || r.deleted || (r.settled && !l.settled) || (r.note.is_some() && l.note != r.note)
         });
@@ -202,10 +208,31 @@ async fn resync_resources(app: &App) -> Result<(), SharedError> {
             owners.mirror(&r).map_err(|e| SharedError::Local(e.to_string()))?;
         }
     }
+    // What PostgreSQL lacks: whole rows, or a settled mark or note whose write failed.
     for (name, l) in &local {
-        if !known.contains(name) {
-            shared.push(l).await?;
+        match known.get(name) {
+            None => shared.push(l).await?,
+            Some(&(settled, has_note)) => {
+                if l.settled && !settled {
+                    shared.settled(name).await?;
+                }
+                if let (Some(n), false) = (&l.note, has_note) {
+                    shared.set_note(name, n).await?;
+                }
+            }
         }
+    }
+    Ok(())
+}
+
+/// Pushes again what a failed write left only here (resources, upload sessions).
+async fn push_failed_writes(app: &App) -> Result<(), SharedError> {
+    if app.proxy.owners.shared().is_some_and(|s| s.take_dirty()) {
+        let _one = app.registry.changes().lock().await;
+        resync_resources(app).await?;
+    }
+    if app.proxy.uploads.shared().is_some_and(|s| s.take_dirty()) {
+        resync_uploads(app).await?;
     }
     Ok(())
 }

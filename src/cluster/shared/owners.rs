@@ -2,6 +2,7 @@
 //! note, so a resource created through one replica is its owner's through every replica.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_postgres::Row;
 
@@ -25,6 +26,9 @@ pub struct PgResource {
     pub note: Option<Vec<u8>>,
 }
 
+/// How long a replica's claim on a settlement holds (longer than any settlement takes).
+pub const CLAIM_EXPIRES: &str = "10 minutes";
+
 const COLS: &str = "name, user_id, created_ms, deleted, settled, note";
 
 fn of_row(r: &Row) -> Result<PgResource, SharedError> {
@@ -44,12 +48,17 @@ fn of_row(r: &Row) -> Result<PgResource, SharedError> {
 #[derive(Debug)]
 pub struct SharedOwners {
     cluster: Arc<Cluster>,
+    /// A write failed: the listener resyncs the resources at its next check.
+    dirty: AtomicBool,
 }
 
 impl SharedOwners {
     /// Ownership kept in `cluster`'s PostgreSQL.
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        SharedOwners { cluster }
+        SharedOwners {
+            cluster,
+            dirty: AtomicBool::new(false),
+        }
     }
 
     /// Runs one upsert-and-notify statement with `$1` the name.
@@ -58,10 +67,20 @@ impl SharedOwners {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<(), SharedError> {
-        let c = client(&self.cluster).await?;
         let q = format!("WITH r AS ({sql} RETURNING name) SELECT pg_notify('gm_changes', 'resource:' || name) FROM r");
-        c.execute(&q, params).await.map_err(|e| failed(&self.cluster, e))?;
-        Ok(())
+        let res = match client(&self.cluster).await {
+            Ok(c) => c.execute(&q, params).await.map_err(|e| failed(&self.cluster, e)),
+            Err(e) => Err(e),
+        };
+        if res.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        res.map(|_| ())
+    }
+
+    /// True once after a write failed (the caller resyncs the resources).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
     }
 
     /// Records `user` as the owner of `name` (the upstream's word wins, as locally).
@@ -87,11 +106,54 @@ impl SharedOwners {
         .await
     }
 
+    /// Claims `name`'s one-time settlement for this replica: true when no replica settled it
+    /// and none holds a live claim (one older than [`CLAIM_EXPIRES`] is taken over).
+    pub async fn claim(&self, name: &str) -> Result<bool, SharedError> {
+        let c = client(&self.cluster).await?;
+        let replica: &str = &self.cluster.replica;
+        let q = format!(
+            "INSERT INTO gm_resources (name, settling, settling_at) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET settling = EXCLUDED.settling, settling_at = now()
+             WHERE NOT gm_resources.settled AND (gm_resources.settling IS NULL
+                 OR gm_resources.settling_at < now() - interval '{CLAIM_EXPIRES}')
+             RETURNING name"
+        );
+        let row = c
+            .query_opt(&q, &[&name, &replica])
+            .await
+            .map_err(|e| failed(&self.cluster, e))?;
+        Ok(row.is_some())
+    }
+
+    /// Gives back this replica's claim on `name` (its settlement failed), in the background.
+    pub fn unclaim(self: &Arc<Self>, name: String) {
+        let me = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let replica: &str = &me.cluster.replica;
+            let res = match client(&me.cluster).await {
+                Ok(c) => c
+                    .execute(
+                        "UPDATE gm_resources SET settling = NULL WHERE name = $1 AND settling = $2",
+                        &[&name, &replica],
+                    )
+                    .await
+                    .map_err(|e| failed(&me.cluster, e)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "settlement claim not given back; it expires");
+            }
+        });
+    }
+
     /// Records that `name`'s one-time settlement is done.
     pub async fn settled(&self, name: &str) -> Result<(), SharedError> {
         self.change(
             "INSERT INTO gm_resources (name, settled) VALUES ($1, true)
-             ON CONFLICT (name) DO UPDATE SET settled = true",
+             ON CONFLICT (name) DO UPDATE SET settled = true, settling = NULL",
             &[&name],
         )
         .await

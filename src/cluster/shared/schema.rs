@@ -42,6 +42,10 @@ CREATE TABLE gm_resources (
     created_ms bigint NOT NULL DEFAULT 0,
     deleted boolean NOT NULL DEFAULT false,
     settled boolean NOT NULL DEFAULT false,
+    -- The replica billing it now (a one-time settlement), and since when: a claim left by a
+    -- replica that died expires, so the resource is billed on a later read, never lost.
+    settling text,
+    settling_at timestamptz,
     note bytea
 );
 CREATE INDEX gm_resources_user ON gm_resources (user_id);

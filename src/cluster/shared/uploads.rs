@@ -3,6 +3,7 @@
 //! caller gets the upload URL, looked up on a local miss.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{SharedError, client, failed};
 use crate::cluster::Cluster;
@@ -22,12 +23,17 @@ pub struct SharedSession {
 #[derive(Debug)]
 pub struct SharedUploads {
     cluster: Arc<Cluster>,
+    /// An insert failed: the listener pushes the local sessions at its next check.
+    dirty: AtomicBool,
 }
 
 impl SharedUploads {
     /// Upload sessions kept in `cluster`'s PostgreSQL.
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        SharedUploads { cluster }
+        SharedUploads {
+            cluster,
+            dirty: AtomicBool::new(false),
+        }
     }
 
     /// Stores a session (`upload_hash`: hex SHA-256 of the upload id). Idempotent.
@@ -38,7 +44,9 @@ impl SharedUploads {
         declared: Option<u64>,
         age_secs: u64,
     ) -> Result<(), SharedError> {
-        let c = client(&self.cluster).await?;
+        let c = client(&self.cluster)
+            .await
+            .inspect_err(|_| self.dirty.store(true, Ordering::Release))?;
         let declared = declared.and_then(|d| i64::try_from(d).ok());
         let age = i64::try_from(age_secs).unwrap_or(0);
         c.execute(
@@ -48,8 +56,16 @@ impl SharedUploads {
             &[&upload_hash, &key_id, &declared, &age],
         )
         .await
-        .map_err(|e| failed(&self.cluster, e))?;
+        .map_err(|e| {
+            self.dirty.store(true, Ordering::Release);
+            failed(&self.cluster, e)
+        })?;
         Ok(())
+    }
+
+    /// True once after an insert failed (the caller pushes the local sessions again).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
     }
 
     /// The session stored under `upload_hash`, if any.
