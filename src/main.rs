@@ -444,8 +444,6 @@ async fn run_gateway(
     }
     spawn_retention(app.clone());
     gemini_meter::alerts::spawn_delivery(&app);
-    // Cluster mode: the local record log shipped to PostgreSQL.
-    let shipper = gemini_meter::cluster::ledger::spawn_shipper(&app);
     tracing::info!(users = app.registry.user_count(), "gemini-meter listening on {addr}");
     gemini_meter::server::serve(app.clone(), listener, shutdown_signal()).await;
     tracing::info!("draining done; flushing usage records");

@@ -157,7 +157,20 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         (Method::DELETE, ["admin", "users", id]) => {
             let id = id.to_string();
             let removed = match &app.cluster {
-                Some(c) => shared::identity::delete_user(app, c, &id).await.map_err(shared_error)?,
+                Some(c) => {
+                    let local = shared::identity::delete_user(app, c, &id).await.map_err(shared_error)?;
+                    // The shared ledger and counters too: a user created again under this id
+                    // starts with nothing.
+                    let shipped = crate::cluster::ledger::delete_user(&c.pg, &id, app.clock.now())
+                        .await
+                        .map_err(|e| {
+                            ApiError::unavailable(format!("The usage ledger (PostgreSQL) could not be cleared: {e}"))
+                        })?;
+                    c.quotas
+                        .forget_user(&c.redis, &id, crate::clock::Month::of(app.clock.now()))
+                        .await;
+                    local.max(shipped)
+                }
                 None => {
                     let key_ids = app.registry.delete_user(&id).map_err(identity_error)?;
                     app.alerts.forget(&id);

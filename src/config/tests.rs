@@ -848,6 +848,10 @@ fn cluster_section_defaults_and_problems() {
         "cluster.on_redis_unavailable",
         "the only choice is \"deny\"",
     );
-    assert_problem("[cluster]\nredis_url_env = \"1X\"\n", "cluster.redis_url_env", "environment variable name");
+    assert_problem(
+        "[cluster]\nredis_url_env = \"1X\"\n",
+        "cluster.redis_url_env",
+        "environment variable name",
+    );
     assert_problem("[cluster]\nredis = \"x\"\n", "cluster.redis", "unknown field");
 }

@@ -470,6 +470,17 @@ impl Quotas {
         }
     }
 
+    /// Forgets a deleted user's counters of `month` and their watermarks (best effort: with
+    /// Redis down they stay until it is rebuilt, which no longer finds the user's records).
+    pub async fn forget_user(&self, redis: &redis::aio::ConnectionManager, user: &str, month: Month) {
+        let mut conn = redis.clone();
+        let keys = [q_key(user, month), w_key(user), rz_key(user), tpm_key(user)];
+        let r: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "a deleted user's counters stay in Redis until it is rebuilt");
+        }
+    }
+
     /// Sets `user`'s local counters to what Redis answered; returns them.
     fn mirror(&self, user: &User, month: Month, used: &[i64; 4], reserved: &[i64; 2]) -> (Totals, Reserved) {
         let mut t = user.usage.snapshot(month);

@@ -132,8 +132,10 @@ mod tests {
         let m = Money { scale: 2 };
         assert_eq!(m.units("0.011".parse().unwrap()), 2);
         let mut cfg = Config::default();
-        let mut t = crate::config::Tier::default();
-        t.cost = Some("100000000000000".parse().unwrap());
+        let t = crate::config::Tier {
+            cost: Some("100000000000000".parse().unwrap()),
+            ..Default::default()
+        };
         cfg.tiers.insert("big".into(), t);
         cfg.pricing.message_sent = "0.01".parse().unwrap();
         assert!(Money::for_config(&cfg).is_err());
