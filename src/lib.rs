@@ -31,6 +31,7 @@ pub mod ownership;
 pub mod percent;
 pub mod policy;
 pub mod proxy;
+pub mod replica;
 pub mod runtime;
 pub mod server;
 pub mod settle;

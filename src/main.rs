@@ -419,13 +419,13 @@ async fn run_gateway(
     let addr = listener.local_addr()?;
     let recorder_task = recorder.spawn().context("starting the recorder thread")?;
     // Cluster mode: users, keys, uploads, ownership copied from PostgreSQL before serving.
-    let _shared = gemini_meter::cluster::shared::start(&app)
+    let _shared = gemini_meter::replica::start_shared(&app)
         .await
         .context("cluster mode: cannot load the shared users and keys")?;
     // Cluster mode: the settlement pump, the Redis watcher and the heartbeat.
-    gemini_meter::cluster::start(&app).await;
+    gemini_meter::replica::start_counters(&app).await;
     // Cluster mode: the local record log is shipped to the PostgreSQL ledger.
-    let shipper = gemini_meter::cluster::ledger::spawn_shipper(&app);
+    let shipper = gemini_meter::replica::spawn_shipper(&app);
     if reloadable {
         app.live.spawn_watcher(Duration::from_millis(500), clock.clone());
         #[cfg(unix)]
@@ -451,7 +451,7 @@ async fn run_gateway(
     app.store.flush().await.context("flushing storage")?;
     if let Some(shipper) = shipper {
         // Bounded: with PostgreSQL down the records stay on disk and ship at the next start.
-        if let Err(e) = gemini_meter::cluster::ledger::flush(&app, Duration::from_secs(10)).await {
+        if let Err(e) = gemini_meter::replica::flush(&app, Duration::from_secs(10)).await {
             tracing::warn!(error = %e, "records not shipped to PostgreSQL yet; they ship at the next start");
         }
         shipper.stop().await;

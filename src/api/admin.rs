@@ -17,7 +17,7 @@ use super::{bounded, query_map, read_json};
 use crate::app::App;
 use crate::clock::{Month, rfc3339};
 use crate::cluster::ledger::reads as pg;
-use crate::cluster::shared::{self, SharedError};
+use crate::cluster::shared::SharedError;
 use crate::error::{ApiError, json_response};
 use crate::identity::{IdentityError, valid_user_id};
 use crate::ledger::store::{RecordFilter, parse_cursor};
@@ -145,7 +145,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
                 .ok_or_else(|| ApiError::bad_request("Body must name a tier."))?;
             known_tier(app, tier)?;
             let u = match &app.cluster {
-                Some(c) => shared::identity::set_tier(app, c, &id, tier)
+                Some(c) => crate::replica::identity::set_tier(app, c, &id, tier)
                     .await
                     .map_err(shared_error)?,
                 None => app.registry.set_tier(&id, tier).map_err(identity_error)?,
@@ -158,7 +158,9 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
             let id = id.to_string();
             let removed = match &app.cluster {
                 Some(c) => {
-                    let local = shared::identity::delete_user(app, c, &id).await.map_err(shared_error)?;
+                    let local = crate::replica::identity::delete_user(app, c, &id)
+                        .await
+                        .map_err(shared_error)?;
                     // The shared ledger and counters too: a user created again under this id
                     // starts with nothing.
                     let shipped = crate::cluster::ledger::delete_user(&c.pg, &id, app.clock.now())
@@ -198,7 +200,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         (Method::POST, ["admin", "users", id, "keys"]) => {
             let now = app.clock.now();
             let (key, key_id) = match &app.cluster {
-                Some(c) => shared::identity::create_key(app, c, id, now)
+                Some(c) => crate::replica::identity::create_key(app, c, id, now)
                     .await
                     .map_err(shared_error)?,
                 None => app.registry.create_key(id, now).map_err(identity_error)?,
@@ -228,7 +230,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         (Method::DELETE, ["admin", "keys", key_id]) => {
             let now = app.clock.now();
             match &app.cluster {
-                Some(c) => shared::identity::revoke(app, c, key_id, now)
+                Some(c) => crate::replica::identity::revoke(app, c, key_id, now)
                     .await
                     .map_err(shared_error)?,
                 None => app.registry.revoke(key_id, now).map_err(identity_error)?,
@@ -248,7 +250,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>, path: &str) -> Result<
         (Method::GET, ["admin", "analytics", "daily"]) => {
             let days = bounded(&query_map(&req), "days", 30, 366)?;
             if let Some(c) = &app.cluster {
-                let body = crate::cluster::ledger::api::daily_rows(app, c, None, days).await?;
+                let body = super::cluster_ledger::daily_rows(app, c, None, days).await?;
                 return Ok(json_response(StatusCode::OK, &body));
             }
             Ok(json_response(StatusCode::OK, &daily_rows(app, None, days)?))
@@ -425,7 +427,7 @@ async fn create_user(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
     };
     let now = app.clock.now();
     let u = match &app.cluster {
-        Some(c) => shared::identity::create_user(app, c, id, tier, email, now)
+        Some(c) => crate::replica::identity::create_user(app, c, id, tier, email, now)
             .await
             .map_err(shared_error)?,
         None => app
@@ -473,8 +475,8 @@ async fn admin_usage(app: &App, req: &Request<Incoming>) -> Result<Response<Prox
         cursor: None,
     };
     if let Some(c) = &app.cluster {
-        let f = crate::cluster::ledger::api::page_filter(f, q.get("cursor"))?;
-        let body = crate::cluster::ledger::api::records_page(c, &f, limit).await?;
+        let f = super::cluster_ledger::page_filter(f, q.get("cursor"))?;
+        let body = super::cluster_ledger::records_page(c, &f, limit).await?;
         return Ok(json_response(StatusCode::OK, &body));
     }
     f.cursor = match q.get("cursor").filter(|c| !c.is_empty()) {

@@ -5,6 +5,7 @@ pub mod admin;
 mod alerts;
 pub mod audit;
 pub mod cluster;
+pub mod cluster_ledger;
 pub mod current;
 mod listing;
 pub mod openapi;
@@ -13,6 +14,7 @@ pub mod resources;
 pub mod statement;
 pub mod stream;
 pub mod usage;
+pub mod usage_bodies;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! marks. Without `[cluster]` (or with its Redis variable unset) none of this runs.
 
 pub mod ledger;
+pub mod migration;
 pub mod pg;
 pub mod quota;
 pub mod schema;
@@ -185,28 +186,4 @@ async fn connect_redis(var: &str, url: &str) -> Result<redis::aio::ConnectionMan
     let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
     pong.map_err(|e| ClusterError::Redis(format!("PING failed ({var}): {e}")))?;
     Ok(conn)
-}
-
-/// Starts cluster mode's background tasks: the settlement pump and the Redis watcher (which
-/// also writes this replica's heartbeat). Waits (at most 30 s) until admission can run: the
-/// counters checked, rebuilt if Redis lost them, and this replica's log replayed.
-pub async fn start(app: &Arc<crate::app::App>) {
-    let Some(cluster) = app.cluster.clone() else { return };
-    let shared = Arc::new(quota::pump::Shared {
-        quotas: cluster.quotas.clone(),
-        redis: cluster.redis.clone(),
-        registry: app.registry.clone(),
-        live: app.live.clone(),
-        store: app.store.clone(),
-        recorder: app.recorder.clone(),
-    });
-    tokio::spawn(quota::pump::Pump { shared: shared.clone() }.run());
-    tokio::spawn(quota::watch::Watcher::new(shared, cluster.clone()).run());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !cluster.quotas.ready() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if !cluster.quotas.ready() {
-        tracing::warn!("the shared counters are not usable yet: metered requests get 503 until they are");
-    }
 }

@@ -4,16 +4,7 @@
 
 use super::{ClusterError, Pg};
 
-/// One step of the schema.
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    /// Its version: applied in order, each once.
-    pub version: i32,
-    /// What it does, in a few words.
-    pub name: &'static str,
-    /// The SQL (several statements).
-    pub sql: &'static str,
-}
+pub use super::migration::Migration;
 
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[super::ledger::MIGRATION, super::shared::schema::MIGRATION];

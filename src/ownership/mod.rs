@@ -13,59 +13,8 @@ mod store;
 
 pub use store::{OwnedEntry, Owners, OwnershipError};
 
-/// The kinds of upstream resources a user can own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    /// `files/{id}`.
-    File,
-    /// `cachedContents/{id}`.
-    CachedContent,
-    /// `batches/{id}`.
-    Batch,
-    /// `tunedModels/{id}`.
-    TunedModel,
-    /// `fileSearchStores/{id}` (its documents and operations go with it).
-    FileSearchStore,
-    /// `operations/{id}` or `models/{model}/operations/{id}`.
-    Operation,
-}
-
-impl Kind {
-    /// Every kind, in the order the admin API lists them.
-    pub const ALL: [Kind; 6] = [
-        Kind::File,
-        Kind::CachedContent,
-        Kind::Batch,
-        Kind::TunedModel,
-        Kind::FileSearchStore,
-        Kind::Operation,
-    ];
-
-    /// The collection segment of the kind's names.
-    pub fn collection(self) -> &'static str {
-        match self {
-            Kind::File => "files",
-            Kind::CachedContent => "cachedContents",
-            Kind::Batch => "batches",
-            Kind::TunedModel => "tunedModels",
-            Kind::FileSearchStore => "fileSearchStores",
-            Kind::Operation => "operations",
-        }
-    }
-
-    /// The kind of a collection segment.
-    pub fn of_collection(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.collection() == s)
-    }
-
-    /// The field Gemini's list answer puts the items in (batches are listed as operations).
-    pub fn list_field(self) -> &'static str {
-        match self {
-            Kind::Batch => "operations",
-            k => k.collection(),
-        }
-    }
-}
+/// The kinds of upstream resources (defined with the route policy, which names them).
+pub use crate::policy::kind::Kind;
 
 /// The owned resource a path (without version, with its `:verb` cut off) acts on: its kind and
 /// its name in the index (`files/abc`; nested names go with their parent, except operations of

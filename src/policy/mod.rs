@@ -6,11 +6,12 @@
 //! Paths are judged in their canonical spelling ([`path::canonical`]), and the upstream is sent
 //! that same spelling, so what is checked is what Gemini sees.
 
+pub mod kind;
 pub mod path;
 
 use http::Method;
 
-use crate::ownership::Kind;
+pub use kind::Kind;
 
 /// How the gateway treats a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

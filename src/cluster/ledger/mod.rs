@@ -8,7 +8,6 @@
 //! shipped afterwards ([`reads::delete_user`]). Retention drops whole monthly partitions
 //! ([`schema::drop_partitions_before`]).
 
-pub mod api;
 pub mod export;
 pub mod reads;
 pub mod schema;
@@ -75,13 +74,4 @@ pub async fn retention(
 ) -> Result<Vec<String>, LedgerError> {
     let client = cluster.pg.client().await?;
     schema::drop_partitions_before(&client, crate::clock::Month::of(cutoff)).await
-}
-
-/// Best effort before a caller's own read in cluster mode: ships what this replica wrote so
-/// far (bounded by `wait`), so the caller sees the records of the answers they already got
-/// from this replica. Records on other replicas follow within a shipping tick.
-pub async fn ship_written(app: &crate::app::App, wait: std::time::Duration) {
-    if let Err(e) = ship::flush(app, wait).await {
-        tracing::debug!(error = %e, "read before this replica's records were shipped");
-    }
 }

@@ -1,7 +1,7 @@
 //! The ledger's tables: migration 1, and the monthly partitions created on demand.
 
 use crate::clock::Month;
-use crate::cluster::schema::Migration;
+use crate::cluster::migration::Migration;
 
 use super::LedgerError;
 

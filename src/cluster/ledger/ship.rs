@@ -23,7 +23,6 @@ use tokio::sync::{Notify, watch};
 
 use super::LedgerError;
 use super::schema::ensure_partition;
-use crate::app::App;
 use crate::clock::{Month, SharedClock};
 use crate::cluster::Cluster;
 use crate::ledger::log::RecordLog;
@@ -166,15 +165,18 @@ impl ShipperHandle {
     }
 }
 
-/// Starts the shipper of this replica; `None` outside cluster mode. Call once, from
-/// `run_gateway`, after the recorder started.
-pub fn spawn_shipper(app: &Arc<App>) -> Option<ShipperHandle> {
-    let cluster = app.cluster.clone()?;
+/// Starts the shipper of this replica (once, after the recorder started).
+pub fn spawn_shipper(
+    cluster: Arc<Cluster>,
+    store: SledStore,
+    live: Arc<crate::runtime::Live>,
+    clock: crate::clock::SharedClock,
+) -> ShipperHandle {
     let (stop, stopped) = watch::channel(false);
     let shipper = Shipper {
-        store: app.store.clone(),
-        live: app.live.clone(),
-        clock: app.clock.clone(),
+        store,
+        live,
+        clock,
         cluster,
         pos: 0,
         counted_to: 0,
@@ -182,22 +184,26 @@ pub fn spawn_shipper(app: &Arc<App>) -> Option<ShipperHandle> {
         partitions: HashSet::new(),
         conn: None,
     };
-    Some(ShipperHandle {
+    ShipperHandle {
         stop,
         task: tokio::spawn(shipper.run(stopped)),
-    })
+    }
 }
 
 /// Ships everything written so far: waits until the recorder has applied every record handed
 /// to it, then until the shipper has shipped through that point. Fails after `timeout`
 /// (PostgreSQL down), with the records safe on disk.
-pub async fn flush(app: &App, timeout: Duration) -> Result<(), LedgerError> {
-    let Some(cluster) = &app.cluster else { return Ok(()) };
-    app.recorder
+pub async fn flush(
+    cluster: &Cluster,
+    recorder: &crate::ledger::RecorderHandle,
+    store: &SledStore,
+    timeout: Duration,
+) -> Result<(), LedgerError> {
+    recorder
         .sync()
         .await
         .map_err(|e| LedgerError::Invalid(format!("recorder: {e}")))?;
-    let target = app.store.record_log().visible();
+    let target = store.record_log().visible();
     let state = &cluster.shipping;
     let mut rx = state.position.subscribe();
     state.wake.notify_one();
@@ -211,9 +217,9 @@ pub async fn flush(app: &App, timeout: Duration) -> Result<(), LedgerError> {
 /// This replica's records not shipped yet (from the shipped position to the visible end), for
 /// rebuilding counters together with [`super::reads::month_totals_with`]. Blocking: reads the
 /// log.
-pub fn unshipped_records(app: &App) -> Result<Vec<Record>, LedgerError> {
-    let from = stored_position(&app.store)?;
-    let log = app.store.record_log();
+pub fn unshipped_records(store: &SledStore) -> Result<Vec<Record>, LedgerError> {
+    let from = stored_position(store)?;
+    let log = store.record_log();
     let mut out = Vec::new();
     log.scan(from, u64::MAX, |f| {
         if !f.erased

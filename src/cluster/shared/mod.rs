@@ -12,22 +12,17 @@
 //! connection drops (when notifications may have been missed) a full resync reads every row.
 //!
 //! Writes: an admin change goes to PostgreSQL first (with its `NOTIFY`), then to the local
-//! registry, under [`crate::identity::Registry::changes`] so the listener applies the same row
+//! registry, under [`crate::identity::Registry::changes`] (see `crate::replica`) so the listener applies the same row
 //! after it, idempotently. PostgreSQL unreachable: the admin call answers 503, nothing changed.
 
 pub mod alerts;
-pub mod identity;
-mod listen;
 pub mod owners;
 pub mod schema;
 pub mod uploads;
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
-
 use super::{Cluster, ClusterError};
-use crate::app::App;
 use crate::identity::IdentityError;
 
 /// The `LISTEN/NOTIFY` channel of changes; payloads are `user:<id>`, `key:<key id>`,
@@ -63,23 +58,8 @@ impl From<ClusterError> for SharedError {
     }
 }
 
-/// Starts sharing (cluster mode only; `Ok(None)` otherwise): attaches PostgreSQL to the upload
-/// sessions and the ownership index, listens for changes and resyncs everything once before
-/// returning, then keeps listening (resyncing after every reconnection) in the returned task.
-/// Call it from `run_gateway` before serving.
-pub async fn start(app: &Arc<App>) -> Result<Option<JoinHandle<()>>, SharedError> {
-    let Some(cluster) = app.cluster.clone() else {
-        return Ok(None);
-    };
-    app.proxy.uploads.attach(uploads::SharedUploads::new(cluster.clone()));
-    app.proxy.owners.attach(owners::SharedOwners::new(cluster.clone()));
-    let first = listen::Listener::connect(&cluster).await?;
-    listen::resync(app, &cluster).await?;
-    Ok(Some(tokio::spawn(listen::run(Arc::downgrade(app), cluster, first))))
-}
-
 /// The cluster's PostgreSQL client.
-async fn client(cluster: &Cluster) -> Result<Arc<tokio_postgres::Client>, SharedError> {
+pub async fn client(cluster: &Cluster) -> Result<Arc<tokio_postgres::Client>, SharedError> {
     match cluster.pg.client().await {
         Ok(c) => Ok(c),
         Err(e) => {
@@ -90,7 +70,7 @@ async fn client(cluster: &Cluster) -> Result<Arc<tokio_postgres::Client>, Shared
 }
 
 /// Maps a query's failure to [`SharedError::Unavailable`], forgetting a broken client.
-fn failed(cluster: &Cluster, e: tokio_postgres::Error) -> SharedError {
+pub fn failed(cluster: &Cluster, e: tokio_postgres::Error) -> SharedError {
     if e.is_closed() || e.as_db_error().is_none() {
         cluster.pg.reset();
     }

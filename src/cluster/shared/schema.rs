@@ -1,6 +1,6 @@
 //! Version 2 of the PostgreSQL schema: what replicas share besides the ledger.
 
-use crate::cluster::schema::Migration;
+use crate::cluster::migration::Migration;
 
 /// Users, keys (hashes only), upload sessions, resource ownership and alert marks.
 pub const MIGRATION: Migration = Migration {

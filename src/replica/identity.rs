@@ -4,10 +4,10 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 
-use super::{SharedError, client, failed};
 use crate::app::App;
 use crate::clock::Month;
 use crate::cluster::Cluster;
+use crate::cluster::shared::{SharedError, client, failed};
 use crate::identity::{IdentityError, KeyRow, User, UserRow, new_key};
 
 /// A user as PostgreSQL has it (a deleted one is a tombstone).

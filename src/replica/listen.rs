@@ -1,4 +1,4 @@
-//! The change listener: one connection of its own that `LISTEN`s on [`super::CHANNEL`] and
+//! The change listener: one connection of its own that `LISTEN`s on [`crate::cluster::shared::CHANNEL`] and
 //! applies each change to the local copy, and the full resync run at start and after every
 //! reconnection (notifications sent while it was away are lost, the rows are not).
 
@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{SharedError, identity};
+use super::identity;
 use crate::app::App;
+use crate::cluster::shared::SharedError;
 use crate::cluster::{CONNECT_TIMEOUT, Cluster};
 use crate::identity::KeyRow;
 
@@ -50,7 +51,9 @@ impl Listener {
                 }
             }
         });
-        client.batch_execute(&format!("LISTEN {}", super::CHANNEL)).await?;
+        client
+            .batch_execute(&format!("LISTEN {}", crate::cluster::shared::CHANNEL))
+            .await?;
         Ok(Listener { client, changes })
     }
 }

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Value, json};
 
-use super::reads::{self, PageFilter, format_cursor, parse_cursor};
-use crate::api::usage::{ByModel, MODEL_SCAN_LIMIT, render_daily};
+use crate::api::usage_bodies::{ByModel, MODEL_SCAN_LIMIT, render_daily};
 use crate::app::App;
 use crate::clock::Month;
 use crate::cluster::Cluster;
+use crate::cluster::ledger::reads::{self, PageFilter, format_cursor, parse_cursor};
 use crate::error::ApiError;
 use crate::ledger::Totals;
 use crate::ledger::store::RecordFilter;
@@ -93,4 +93,15 @@ pub async fn breakdown(c: &Cluster, user: &str, month: Month) -> Result<Value, A
         }
     };
     Ok(by_model.body(month, &by_type, complete))
+}
+
+/// Best effort before a caller's own read in cluster mode: ships what this replica wrote so
+/// far (bounded by `wait`), so the caller sees the records of the answers they already got
+/// from this replica. Records on other replicas follow within a shipping tick.
+pub async fn ship_written(app: &App, wait: std::time::Duration) {
+    if let Some(c) = &app.cluster
+        && let Err(e) = crate::cluster::ledger::flush(c, &app.recorder, &app.store, wait).await
+    {
+        tracing::debug!(error = %e, "read before this replica's records were shipped");
+    }
 }
