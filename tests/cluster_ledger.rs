@@ -62,7 +62,7 @@ async fn node(dir: &std::path::Path, engines: Option<(&Redis, &Postgres)>) -> No
     let clock = Arc::new(SystemClock::default());
     let (app, recorder) = App::open_with(cfg, Some(path), clock, env, cluster).unwrap();
     recorder.spawn().unwrap();
-    let shipper = ledger::spawn_shipper(&app);
+    let shipper = gemini_meter::replica::spawn_shipper(&app);
     let server = Server::start(app.clone(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -220,7 +220,7 @@ async fn every_record_is_shipped_once_across_a_lost_position_and_postgres_stoppe
     let ids = RecordIds::new();
 
     write_records(&n.app, &["carol", "dan"], 300, &ids);
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (300, 300));
     let shipped = pg.query("SELECT count(*) FROM gm_replicas_shipped");
     assert_eq!(shipped, vec![vec!["1".to_string()]]);
@@ -229,9 +229,9 @@ async fn every_record_is_shipped_once_across_a_lost_position_and_postgres_stoppe
     pg.stop();
     write_records(&n.app, &["carol", "dan"], 200, &ids);
     n.app.recorder.sync().await.unwrap();
-    let err = ledger::flush(&n.app, Duration::from_millis(300)).await;
+    let err = gemini_meter::replica::flush(&n.app, Duration::from_millis(300)).await;
     assert!(err.is_err(), "flushed with PostgreSQL stopped");
-    assert_eq!(ledger::unshipped_records(&n.app).unwrap().len(), 200);
+    assert_eq!(ledger::unshipped_records(&n.app.store).unwrap().len(), 200);
     let state = n.app.cluster.as_ref().unwrap().shipping.clone();
     let deadline = std::time::Instant::now() + FLUSH;
     while state.backlog() != 200 || state.last_error().is_none() {
@@ -249,7 +249,7 @@ async fn every_record_is_shipped_once_across_a_lost_position_and_postgres_stoppe
     assert!(body.contains("PostgreSQL"), "{body}");
 
     pg.start_again();
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (500, 500));
     assert_eq!(state.backlog(), 0);
 
@@ -257,8 +257,8 @@ async fn every_record_is_shipped_once_across_a_lost_position_and_postgres_stoppe
     // primary key absorbs it.
     n.shipper.take().unwrap().stop().await;
     n.app.store.meta().remove(ledger::ship::POSITION_KEY).unwrap();
-    n.shipper = ledger::spawn_shipper(&n.app);
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    n.shipper = gemini_meter::replica::spawn_shipper(&n.app);
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (500, 500));
 
     // Month totals (what counters are rebuilt from) equal the local aggregates; the unshipped
@@ -282,15 +282,15 @@ async fn a_deleted_users_records_waiting_in_the_log_are_not_shipped_after_the_de
     let mut n = node(dir.path(), Some((&redis, &pg))).await;
     let ids = RecordIds::new();
     write_records(&n.app, &["erin", "fay"], 40, &ids);
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     n.shipper.take().unwrap().stop().await;
     write_records(&n.app, &["erin", "fay"], 20, &ids);
     n.app.recorder.sync().await.unwrap();
     let pgc = &n.app.cluster.as_ref().unwrap().pg;
     let deleted = reads::delete_user(pgc, "erin", Utc::now()).await.unwrap();
     assert_eq!(deleted, 20);
-    n.shipper = ledger::spawn_shipper(&n.app);
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    n.shipper = gemini_meter::replica::spawn_shipper(&n.app);
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, "WHERE user_id = 'erin'"), (0, 0));
     assert_eq!(pg_count(&pg, "WHERE user_id = 'fay'"), (30, 30));
     // A user of the same id made again later is shipped.
@@ -298,7 +298,7 @@ async fn a_deleted_users_records_waiting_in_the_log_are_not_shipped_after_the_de
     let mut r = record(1, "erin", RecordKind::AiResponse, Utc::now());
     r.id = ids.next(r.created_at);
     n.app.recorder.record(r);
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, "WHERE user_id = 'erin'"), (1, 1));
 
     // Retention drops the partitions of whole months before the cutoff.
@@ -379,7 +379,7 @@ async fn reads_from_postgres_equal_the_embedded_reads_of_the_same_records() {
     let key = n.user_with_key("gus").await;
     n.user_with_key("hal").await;
     write_records(&n.app, &["gus", "hal"], 240, &RecordIds::new());
-    ledger::flush(&n.app, FLUSH).await.unwrap();
+    gemini_meter::replica::flush(&n.app, FLUSH).await.unwrap();
     assert_eq!(pg_count(&pg, ""), (240, 240));
     let from_pg = collect(&n, &key).await;
     let bad = n.get("/api/usage/history?cursor=0000000000000001", Some(&key)).await;

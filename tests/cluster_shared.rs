@@ -617,7 +617,7 @@ async fn rows_from_before_cluster_mode_are_pushed_at_the_first_resync() {
     let pg = Postgres::start();
     // The same data in cluster mode: the first resync pushes what PostgreSQL lacks.
     let app = open_in_process(mock.addr, &data, Some((&redis, &pg))).await;
-    let listener = gemini_meter::cluster::shared::start(&app).await.unwrap();
+    let listener = gemini_meter::replica::start_shared(&app).await.unwrap();
     assert!(listener.is_some());
     assert_eq!(
         pg.query("SELECT id, tier, email, deleted FROM gm_users"),
