@@ -49,8 +49,13 @@ pub struct EngineUse {
     pub redis_cpu: Duration,
     /// CPU time of the postmaster and its backends.
     pub postgres_cpu: Duration,
-    /// Commands Redis processed (INFO's own included, one per reading).
+    /// Commands Redis processed (INFO's own included, one per reading; the commands the
+    /// gateway's scripts run count one each).
     pub redis_commands: u64,
+    /// Round trips to Redis the replicas' admissions made (their `/metrics`).
+    pub admit_trips: u64,
+    /// Round trips (pipelines) to Redis the replicas' settlement made.
+    pub settle_trips: u64,
 }
 
 impl EngineUse {
@@ -64,6 +69,8 @@ impl EngineUse {
         self.redis_cpu += o.redis_cpu;
         self.postgres_cpu += o.postgres_cpu;
         self.redis_commands += o.redis_commands;
+        self.admit_trips += o.admit_trips;
+        self.settle_trips += o.settle_trips;
     }
 }
 
@@ -203,7 +210,18 @@ impl Cluster {
             redis_cpu: tree(self.engines.redis_pid()),
             postgres_cpu: self.engines.postgres_pid().map(tree).unwrap_or_default(),
             redis_commands: self.engines.redis_commands().await.unwrap_or(0),
+            admit_trips: self.metric_sum("gm_cluster_admission_round_trips_total").await,
+            settle_trips: self.metric_sum("gm_cluster_settlement_round_trips_total").await,
         }
+    }
+
+    /// The sum over the replicas of one counter of their `/metrics` (0 when unreadable).
+    async fn metric_sum(&self, name: &str) -> u64 {
+        let mut sum = 0;
+        for (_, addr) in &self.replicas {
+            sum += metric(*addr, name).await.unwrap_or(0);
+        }
+        sum
     }
 
     /// Waits until PostgreSQL's ledger holds `records` usage records; returns how long that
@@ -233,6 +251,25 @@ impl Cluster {
         self.engines.stop().await;
         clean
     }
+}
+
+/// One counter of a replica's `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    use http_body_util::BodyExt;
+    let mut sender = connect(addr).await.ok()?;
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri("/metrics")
+        .header(http::header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
 /// Whether `addr` accepts `key` (`GET /api/usage/current` answers 200).
@@ -284,12 +321,20 @@ impl ClusterKind {
             postgres_cpu: after.postgres_cpu.saturating_sub(before.postgres_cpu),
             // Less the INFO that took the `after` reading.
             redis_commands: after.redis_commands.saturating_sub(before.redis_commands + 1),
+            admit_trips: after.admit_trips.saturating_sub(before.admit_trips),
+            settle_trips: after.settle_trips.saturating_sub(before.settle_trips),
         });
     }
 
     /// `d` per request.
     pub fn per_request(&self, d: Duration) -> Option<Duration> {
         (self.requests > 0).then(|| d / u32::try_from(self.requests).unwrap_or(u32::MAX))
+    }
+
+    /// Redis round trips per request: (admission, settlement).
+    pub fn trips_per_request(&self) -> Option<(f64, f64)> {
+        let n = self.requests as f64;
+        (self.requests > 0).then(|| (self.used.admit_trips as f64 / n, self.used.settle_trips as f64 / n))
     }
 
     /// Redis commands per request.

@@ -178,11 +178,15 @@ impl ClusterReport {
             let per = |d: Duration| opt_us(k.per_request(d));
             let _ = writeln!(
                 s,
-                "  {:<6} per request: replicas {} µs, redis {} µs, postgres {} µs; redis commands {}",
+                "  {:<6} per request: replicas {} µs, redis {} µs, postgres {} µs; redis round trips {} (admission), {} (settlement); redis commands {} (scripts' included)",
                 k.kind.as_str(),
                 per(k.used.replicas_cpu),
                 per(k.used.redis_cpu),
                 per(k.used.postgres_cpu),
+                k.trips_per_request()
+                    .map_or_else(|| "-".into(), |t| format!("{:.2}", t.0)),
+                k.trips_per_request()
+                    .map_or_else(|| "-".into(), |t| format!("{:.3}", t.1)),
                 k.redis_per_request().map_or_else(|| "-".into(), |r| format!("{r:.2}")),
             );
         }
@@ -228,6 +232,7 @@ impl ClusterReport {
                         "postgres": us(k.used.postgres_cpu), "total": us(k.used.total_cpu()),
                     },
                     "redis_commands_per_request": k.redis_per_request(),
+                    "redis_round_trips_per_request": k.trips_per_request().map(|t| json!({"admission": t.0, "settlement": t.1})),
                 })
             })
             .collect();

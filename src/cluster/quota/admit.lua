@@ -41,7 +41,9 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', rz, id)
 end
 
-local m, t, b, c, rt, rc = field('m'), field('t'), field('b'), field('c'), field('rt'), field('rc')
+local h = redis.call('HMGET', q, 'm', 't', 'b', 'c', 'rt', 'rc')
+local m, t, b, c = tonumber(h[1] or 0), tonumber(h[2] or 0), tonumber(h[3] or 0), tonumber(h[4] or 0)
+local rt, rc = tonumber(h[5] or 0), tonumber(h[6] or 0)
 local function reply(status, why, cap, retry, ht, hc)
   return {status, why, cap, m, t, b, c, rt, rc, retry, ht, hc}
 end

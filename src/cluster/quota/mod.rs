@@ -60,6 +60,8 @@ pub struct Quotas {
     pub settle_trips: AtomicU64,
     /// Settlements applied to Redis.
     pub settled: AtomicU64,
+    /// Whether the settlement script is loaded in Redis (as far as the pump knows).
+    settle_loaded: std::sync::atomic::AtomicBool,
     /// The Redis `run_id` the counters were last found good under.
     run_id: parking_lot::Mutex<Option<String>>,
 }
@@ -155,6 +157,7 @@ impl Quotas {
             settle_trips: AtomicU64::new(0),
             settled: AtomicU64::new(0),
             run_id: parking_lot::Mutex::new(None),
+            settle_loaded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -130,7 +130,12 @@ impl Shared {
         let q = &self.quotas;
         let rt = self.live.load();
         let mut pipe = redis::pipe();
-        pipe.load_script(&q.settle).ignore();
+        // Loaded once per connection's life (again after any failure: Redis may have
+        // restarted and forgotten it), not with every batch.
+        let load = !q.settle_loaded.load(Ordering::Acquire);
+        if load {
+            pipe.load_script(&q.settle).ignore();
+        }
         let mut invs = Vec::with_capacity(items.len());
         for s in items {
             let tpm = self
@@ -150,7 +155,16 @@ impl Shared {
         }
         let mut conn = self.redis.clone();
         q.settle_trips.fetch_add(1, Ordering::Relaxed);
-        let replies: Vec<(i64, i64, i64, i64, i64, i64, i64)> = pipe.query_async(&mut conn).await?;
+        let replies: Vec<(i64, i64, i64, i64, i64, i64, i64)> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                q.settle_loaded.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        if load {
+            q.settle_loaded.store(true, Ordering::Release);
+        }
         for (s, r) in items.iter().zip(replies) {
             if let Some(user) = self.registry.user(&s.user_id) {
                 let used = [r.1, r.2, r.3, r.4];
