@@ -237,15 +237,14 @@ impl Live {
         }
     }
 
-    /// SHA-256 of the config file as last read (hex; empty without a file): replicas whose
-    /// TOML differs show different hashes on the cluster status.
+    /// SHA-256 (hex) of the running config, less what each replica sets for itself (its
+    /// listen address and storage path): replicas whose configs mean different things show
+    /// different hashes on the cluster status.
     pub fn config_hash(&self) -> String {
-        self.fingerprint
-            .lock()
-            .ok()
-            .and_then(|g| *g)
-            .map(hex::encode)
-            .unwrap_or_default()
+        let mut c = (*self.load().config).clone();
+        c.server.listen = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        c.storage.path = PathBuf::new();
+        hex::encode(Sha256::digest(format!("{c:?}").as_bytes()))
     }
 
     /// Sets what is told of reloads the file watcher starts (once; later calls are ignored).

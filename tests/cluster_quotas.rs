@@ -348,3 +348,62 @@ fn the_admission_script_answers_a_retry_with_the_same_verdict() {
     // The third call is refused: two is the limit.
     assert_eq!(call(&mut conn, "r3")[0], redis::Value::Int(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_status_lists_live_replicas_and_a_config_that_differs() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let mock = mock().await;
+    let (a, mut b) = two(&mock, &redis.url(), &pg).await;
+    let status = |r: &Replica| {
+        let req = r.admin(reqwest::Method::GET, "/admin/cluster");
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let v = status(&a).await;
+        if v["replicas"].as_array().is_some_and(|r| r.len() == 2) || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["redis"]["status"], "ok", "{v}");
+    assert_eq!(v["postgres"]["status"], "ok", "{v}");
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["config_hashes_differ"], false, "{v}");
+    assert!(v["replicas"].as_array().unwrap().iter().any(|r| r["this"] == true));
+
+    // B's TOML changes (a new tier): its heartbeat shows another hash.
+    b.write_config_extra(&format!("{TIERS}\n[tiers.extra]\nmessages = 1\n"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = status(&a).await;
+        if v["config_hashes_differ"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the differing config never showed: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The admin command line prints it; a killed replica leaves the list once its heartbeat expires.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gemini-meter"))
+        .args(["admin", "--addr", &a.base(), "--token", common::ADMIN_TOKEN, "cluster"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("REPLICA") && text.contains("config hashes differ"),
+        "{text}"
+    );
+    b.kill9();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = status(&a).await;
+        if v["replicas"].as_array().is_some_and(|r| r.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a dead replica stays listed: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

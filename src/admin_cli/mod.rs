@@ -129,6 +129,9 @@ enum AdminCommand {
     Reload,
     /// When the running config (and certificate) was loaded, and the last reload error.
     Status,
+    /// Cluster mode: the live replicas (version, config hash, shipping backlog) and the health
+    /// of Redis and PostgreSQL; exit 3 when the gateway runs alone.
+    Cluster,
     /// The audit trail of admin actions, newest first.
     Audit {
         /// Entries per page (at most 500).
@@ -355,6 +358,10 @@ async fn execute(args: AdminArgs) -> Result<(), CliError> {
         AdminCommand::Status => {
             let v = c.json(Method::GET, "/admin/config/status", None).await?;
             emit(json, &v, out::status)
+        }
+        AdminCommand::Cluster => {
+            let v = c.json(Method::GET, "/admin/cluster", None).await?;
+            emit(json, &v, out::cluster)
         }
         AdminCommand::Audit { limit, cursor, all } => audit(&c, limit, cursor, all, json).await,
     }

@@ -161,6 +161,42 @@ pub fn status(v: &Value) -> String {
     pairs(&items)
 }
 
+/// `cluster`: this replica's view of the engines, then one row per live replica.
+pub fn cluster(v: &Value) -> String {
+    let mut s = pairs(&[
+        ("replica", cell(&v["replica"])),
+        ("redis", cell(&v["redis"]["status"])),
+        ("postgres", cell(&v["postgres"]["status"])),
+        ("shipping backlog", cell(&v["shipping_backlog"])),
+        ("config hashes differ", cell(&v["config_hashes_differ"])),
+    ]);
+    let rows: Vec<Vec<String>> = v["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let hash = r["config_hash"].as_str().unwrap_or("-");
+                    vec![
+                        cell(&r["replica"]),
+                        cell(&r["version"]),
+                        hash.get(..12).unwrap_or(hash).to_string(),
+                        cell(&r["shipping_backlog"]),
+                        cell(&r["redis"]),
+                        cell(&r["postgres"]),
+                        cell(&r["seen_at"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    s.push('\n');
+    s.push_str(&table(
+        &["REPLICA", "VERSION", "CONFIG", "BACKLOG", "REDIS", "POSTGRES", "SEEN"],
+        &rows,
+    ));
+    s
+}
+
 /// `audit`.
 pub fn audit(v: &Value) -> String {
     let rows: Vec<Vec<String>> = v["data"]
