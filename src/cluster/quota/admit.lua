@@ -129,8 +129,8 @@ m = m + held_m
 rt = rt + held_t
 rc = rc + held_c
 redis.call('HINCRBY', q, 'm', i(held_m))
-redis.call('HINCRBY', q, 'rt', i(held_t))
-redis.call('HINCRBY', q, 'rc', i(held_c))
+if held_t ~= 0 then redis.call('HINCRBY', q, 'rt', i(held_t)) end
+if held_c ~= 0 then redis.call('HINCRBY', q, 'rc', i(held_c)) end
 redis.call('EXPIRE', q, ARGV[17])
 if tpm > 0 and held_t > 0 then
   local tat = math.max(tonumber(redis.call('GET', KEYS[5]) or now), now)

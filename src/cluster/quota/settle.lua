@@ -19,32 +19,36 @@ if id ~= '' then
   -- watermark was settled already (a retry, or a replay after a crash).
   local last = redis.call('HGET', w, ARGV[1])
   if last and last >= id then return state(0) end
-  redis.call('HSET', w, ARGV[1], id)
-  redis.call('EXPIRE', w, 3456000)
-end
-if ARGV[14] ~= '' and redis.call('HGET', r, 's') == 'h' then
-  local h = redis.call('HMGET', r, 'm', 't', 'c')
-  local hm, ht, hc = tonumber(h[1] or 0), tonumber(h[2] or 0), tonumber(h[3] or 0)
-  local gm, gt, gc = hm, ht, hc
-  if ARGV[7] ~= '1' then
-    gm = math.min(tonumber(ARGV[4]), hm)
-    gt = math.min(tonumber(ARGV[5]), ht)
-    gc = math.min(tonumber(ARGV[6]), hc)
-  end
-  redis.call('HINCRBY', q, 'm', i(-gm))
-  redis.call('HINCRBY', q, 'rt', i(-gt))
-  redis.call('HINCRBY', q, 'rc', i(-gc))
-  if ARGV[7] == '1' then
-    redis.call('DEL', r)
-    redis.call('ZREM', rz, ARGV[14])
-  else
-    redis.call('HINCRBY', r, 'm', i(-gm))
-    redis.call('HINCRBY', r, 't', i(-gt))
-    redis.call('HINCRBY', r, 'c', i(-gc))
+  if redis.call('HSET', w, ARGV[1], id) == 1 then
+    redis.call('EXPIRE', w, 3456000)
   end
 end
-local add = {m = tonumber(ARGV[8]), t = tonumber(ARGV[9]), b = tonumber(ARGV[10]), c = tonumber(ARGV[11])}
-for f, v in pairs(add) do
+-- What changes in the month's counters, netted per field (a message that replaces the held
+-- one changes nothing), so each field is written at most once.
+local d = {m = tonumber(ARGV[8]), t = tonumber(ARGV[9]), b = tonumber(ARGV[10]), c = tonumber(ARGV[11]),
+           rt = 0, rc = 0}
+if ARGV[14] ~= '' then
+  local h = redis.call('HMGET', r, 's', 'm', 't', 'c')
+  if h[1] == 'h' then
+    local hm, ht, hc = tonumber(h[2] or 0), tonumber(h[3] or 0), tonumber(h[4] or 0)
+    local gm, gt, gc = hm, ht, hc
+    if ARGV[7] ~= '1' then
+      gm = math.min(tonumber(ARGV[4]), hm)
+      gt = math.min(tonumber(ARGV[5]), ht)
+      gc = math.min(tonumber(ARGV[6]), hc)
+    end
+    d.m = d.m - gm
+    d.rt = -gt
+    d.rc = -gc
+    if ARGV[7] == '1' then
+      redis.call('DEL', r)
+      redis.call('ZREM', rz, ARGV[14])
+    else
+      redis.call('HSET', r, 'm', i(hm - gm), 't', i(ht - gt), 'c', i(hc - gc))
+    end
+  end
+end
+for f, v in pairs(d) do
   if v ~= 0 then redis.call('HINCRBY', q, f, i(v)) end
 end
 redis.call('EXPIRE', q, ARGV[3])
