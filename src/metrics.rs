@@ -155,7 +155,7 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            series(&mut out, name, "counter", help, v);
         }
         let _ = writeln!(
             out,
@@ -210,8 +210,14 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            series(&mut out, name, "gauge", help, v);
         }
         out
     }
+}
+
+/// Appends one Prometheus series (its `# HELP` and `# TYPE` lines, then its value) to `out`.
+pub fn series(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }

@@ -500,14 +500,6 @@ async fn two_replicas_ship_to_one_ledger_and_each_reads_all_of_it() {
         assert_eq!(top["data"][1]["messages"], 15);
     }
     // A caller's own history on the replica they used: every one of their records.
-    let mine: Value = reqwest::Client::new()
-        .get(a.url("/api/usage/history?limit=500"))
-        .header("x-goog-api-key", &ka)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = a.user_json("/api/usage/history?limit=500", &ka).await;
     assert_eq!(mine["data"].as_array().unwrap().len(), 30);
 }

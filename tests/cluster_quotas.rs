@@ -119,18 +119,6 @@ fn tail(r: &Replica) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-async fn current(r: &Replica, key: &str) -> Value {
-    reqwest::Client::new()
-        .get(r.url("/api/usage/current"))
-        .header("x-goog-api-key", key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_exactly_fifty_of_four_hundred_every_round() {
     let redis = Redis::start();
@@ -183,7 +171,7 @@ async fn a_hard_cost_limit_is_never_overshot_across_replicas() {
         for r in [&a, &b] {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
-                let c = current(r, &key).await;
+                let c = r.user_json("/api/usage/current", &key).await;
                 let shown: rust_decimal::Decimal = c["current_month"]["cost"].as_str().unwrap_or("0").parse().unwrap();
                 if shown == cost || Instant::now() > deadline {
                     assert_eq!(shown, cost, "round {round}: {c}");
@@ -264,7 +252,7 @@ async fn redis_killed_refuses_with_503_and_restarted_empty_is_rebuilt_from_the_l
     assert_eq!(messages, 50);
     for r in [&a, &b] {
         assert_eq!(
-            current(r, &key).await["current_month"]["messages"],
+            r.user_json("/api/usage/current", &key).await["current_month"]["messages"],
             50,
             "totals equal the ledger"
         );

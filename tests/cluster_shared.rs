@@ -314,15 +314,7 @@ async fn uploads_and_resources_are_shared() {
     assert_eq!(s.mock.stats.snapshot()["upload_bytes"], 2000);
     // The bytes were billed to the user on B (settled into shared counters asynchronously).
     eventually(&s, "upload bytes billed", || async {
-        let cur: Value = http()
-            .get(s.b.url("/api/usage/current"))
-            .header("x-goog-api-key", &key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let cur: Value = s.b.user_json("/api/usage/current", &key).await;
         cur["current_month"]["bytes"] == 2000
     })
     .await;
@@ -467,15 +459,7 @@ async fn history(r: &Replica, key: &str) -> Vec<Value> {
             Some(c) => format!("/api/usage/history?limit=500&cursor={c}"),
             None => "/api/usage/history?limit=500".to_string(),
         };
-        let page: Value = http()
-            .get(r.url(&path))
-            .header("x-goog-api-key", key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = r.user_json(&path, key).await;
         out.extend(page["data"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_string()),

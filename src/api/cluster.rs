@@ -5,12 +5,10 @@
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::app::App;
 use crate::body::ProxyBody;
-use crate::cluster::Cluster;
-use crate::cluster::quota::watch::{REPLICAS, heartbeat_key};
 use crate::error::{ApiError, json_response};
 
 /// The cluster status (404 outside cluster mode).
@@ -21,7 +19,7 @@ pub async fn status(app: &Arc<App>) -> Result<Response<ProxyBody>, ApiError> {
         ));
     };
     c.check_postgres().await;
-    let replicas = match replicas(c).await {
+    let replicas = match crate::cluster::heartbeat::live(c).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cluster status: Redis unreachable");
@@ -39,39 +37,4 @@ pub async fn status(app: &Arc<App>) -> Result<Response<ProxyBody>, ApiError> {
         "replicas": replicas,
     });
     Ok(json_response(StatusCode::OK, &v))
-}
-
-/// Every live replica's heartbeat; replicas whose heartbeat expired leave the set.
-async fn replicas(c: &Cluster) -> Result<Vec<Value>, redis::RedisError> {
-    let mut conn = c.redis.clone();
-    let names: Vec<String> = redis::cmd("SMEMBERS").arg(REPLICAS).query_async(&mut conn).await?;
-    let mut out = Vec::with_capacity(names.len());
-    for name in names {
-        let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(heartbeat_key(&name))
-            .query_async(&mut conn)
-            .await?;
-        if h.is_empty() {
-            let _: i64 = redis::cmd("SREM")
-                .arg(REPLICAS)
-                .arg(&name)
-                .query_async(&mut conn)
-                .await?;
-            continue;
-        }
-        let get = |k: &str| h.get(k).cloned().unwrap_or_default();
-        out.push(json!({
-            "replica": name,
-            "this": name == *c.replica,
-            "version": get("version"),
-            "config_hash": get("config_hash"),
-            "started_at": get("started_at"),
-            "seen_at": get("seen_at"),
-            "shipping_backlog": get("shipping_backlog").parse::<u64>().unwrap_or(0),
-            "redis": get("redis"),
-            "postgres": get("postgres"),
-        }));
-    }
-    out.sort_by(|a, b| a["replica"].as_str().cmp(&b["replica"].as_str()));
-    Ok(out)
 }

@@ -126,7 +126,7 @@ fn metrics(app: &App) -> Response<ProxyBody> {
             load(&a.pending),
         ),
     ] {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        crate::metrics::series(&mut text, name, kind, help, v);
     }
     if let Some(c) = &app.cluster {
         c.shipping.render_metrics(&mut text, app.clock.now());

@@ -4,6 +4,7 @@
 //! replica's local record log), users, keys, upload sessions, resource ownership and alert
 //! marks. Without `[cluster]` (or with its Redis variable unset) none of this runs.
 
+pub mod heartbeat;
 pub mod ledger;
 pub mod migration;
 pub mod pg;

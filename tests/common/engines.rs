@@ -982,6 +982,19 @@ impl Replica {
         self.create_key(id).await
     }
 
+    /// GETs `path` with a user's key in the header and reads the JSON answer.
+    pub async fn user_json(&self, path: &str, key: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .header("x-goog-api-key", key)
+            .send()
+            .await
+            .expect("GET with a user's key")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     /// POSTs a native generate call with the key in the header.
     pub async fn generate(&self, key: &str, model: &str) -> reqwest::Response {
         self.http

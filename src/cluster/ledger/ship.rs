@@ -138,7 +138,7 @@ impl ShipState {
                 self.failures.load(Relaxed) as f64,
             ),
         ] {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            crate::metrics::series(out, name, kind, help, v);
         }
     }
 }

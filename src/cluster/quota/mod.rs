@@ -11,6 +11,7 @@
 
 pub mod money;
 pub mod pump;
+pub mod rebuild;
 pub mod watch;
 
 use std::sync::Arc;
@@ -267,7 +268,7 @@ impl Quotas {
                 load(&self.settled),
             ),
         ] {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            crate::metrics::series(out, name, kind, help, v);
         }
     }
 

@@ -11,25 +11,15 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use redis::aio::ConnectionManager;
 
-use super::pump::{Shared, applied_key};
-use super::{DOWN, MONTH_TTL_SECS, READY, REBUILDING, q_key, w_key};
-use crate::clock::Month;
+use super::pump::Shared;
+use super::rebuild::META;
+use super::{DOWN, READY, REBUILDING};
 use crate::cluster::Cluster;
 
 /// How often Redis is checked.
 const EVERY: Duration = Duration::from_millis(200);
-/// How long a heartbeat stays visible.
-const HEARTBEAT_TTL_SECS: u64 = 5;
-/// The set of replicas that sent a heartbeat.
-pub const REPLICAS: &str = "gm:replicas";
-/// What the counters were built for: `run_id` and a generation.
-const META: &str = "gm:meta";
+/// Held by the replica that rebuilds the counters.
 const LOCK: &str = "gm:rebuild:lock";
-
-/// The key of a replica's heartbeat.
-pub fn heartbeat_key(replica: &str) -> String {
-    format!("gm:replica:{replica}")
-}
 
 /// The watcher's task.
 pub struct Watcher {
@@ -66,7 +56,15 @@ impl Watcher {
             }
             if beat.elapsed() >= Duration::from_secs(1) {
                 beat = Instant::now();
-                self.heartbeat().await;
+                let (c, q) = (&self.cluster, &self.shared.quotas);
+                crate::cluster::heartbeat::beat(
+                    c,
+                    &self.shared.redis,
+                    &self.shared.live,
+                    q.health_name(),
+                    self.started,
+                )
+                .await;
             }
         }
     }
@@ -124,7 +122,7 @@ impl Watcher {
         tracing::warn!(
             "Redis does not hold counters built for its run id (restarted empty or failed over): rebuilding this month's from the ledger"
         );
-        let result = self.rebuild(conn, run_id).await;
+        let result = super::rebuild::rebuild(&self.cluster, &self.shared.quotas.money, conn, run_id).await;
         let _: Result<i64, _> = redis::cmd("DEL").arg(LOCK).query_async(conn).await;
         match result {
             Ok(users) => {
@@ -136,106 +134,6 @@ impl Watcher {
                 false
             }
         }
-    }
-
-    /// This month's counters from PostgreSQL, and per user and replica the last record id it
-    /// holds (the watermarks replays are checked against).
-    async fn rebuild(&self, conn: &mut ConnectionManager, run_id: &str) -> Result<usize, String> {
-        let month = Month::of(Utc::now());
-        let (from, to) = (month.start(), month.next().start());
-        let pg = self.cluster.pg.client().await.map_err(|e| e.to_string())?;
-        let sums = pg
-            .query(
-                "SELECT user_id, sum(messages)::bigint, sum(tokens)::bigint, sum(bytes)::bigint, sum(cost)::text
-                 FROM gm_usage_records WHERE created_at >= $1 AND created_at < $2 GROUP BY user_id",
-                &[&from, &to],
-            )
-            .await
-            .map_err(|e| crate::cluster::pg::describe(&e))?;
-        let marks = pg
-            .query(
-                "SELECT user_id, replica, max(id) FROM gm_usage_records
-                 WHERE created_at >= $1 AND created_at < $2 GROUP BY user_id, replica",
-                &[&from, &to],
-            )
-            .await
-            .map_err(|e| crate::cluster::pg::describe(&e))?;
-        let last = pg
-            .query(
-                "SELECT replica, max(id) FROM gm_usage_records WHERE created_at >= $1 AND created_at < $2 GROUP BY replica",
-                &[&from, &to],
-            )
-            .await
-            .map_err(|e| crate::cluster::pg::describe(&e))?;
-        let money = &self.shared.quotas.money;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for row in &sums {
-            let (user, m, t, b, c): (String, i64, i64, i64, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            let cost = c.parse::<rust_decimal::Decimal>().map_err(|e| e.to_string())?;
-            let key = q_key(&user, month);
-            pipe.cmd("DEL").arg(&key).ignore();
-            pipe.cmd("HSET")
-                .arg(&key)
-                .arg("m")
-                .arg(m)
-                .arg("t")
-                .arg(t)
-                .arg("b")
-                .arg(b)
-                .arg("c")
-                .arg(money.units(cost))
-                .ignore();
-            pipe.cmd("EXPIRE").arg(&key).arg(MONTH_TTL_SECS).ignore();
-        }
-        for row in &marks {
-            let (user, replica, id): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-            pipe.cmd("HSET").arg(w_key(&user)).arg(replica).arg(id).ignore();
-        }
-        for row in &last {
-            let (replica, id): (String, String) = (row.get(0), row.get(1));
-            pipe.cmd("SET").arg(applied_key(&replica)).arg(id).ignore();
-        }
-        let generation = crate::identity::keys::random_base62(8).unwrap_or_default();
-        pipe.cmd("HSET")
-            .arg(META)
-            .arg("run_id")
-            .arg(run_id)
-            .arg("gen")
-            .arg(generation)
-            .ignore();
-        let () = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
-        Ok(sums.len())
-    }
-
-    async fn heartbeat(&self) {
-        let c = &self.cluster;
-        c.check_postgres().await;
-        let q = &self.shared.quotas;
-        let key = heartbeat_key(&q.replica);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("version")
-            .arg(env!("CARGO_PKG_VERSION"))
-            .arg("config_hash")
-            .arg(self.shared.live.config_hash())
-            .arg("started_at")
-            .arg(crate::clock::rfc3339(self.started))
-            .arg("seen_at")
-            .arg(crate::clock::rfc3339(Utc::now()))
-            .arg("shipping_backlog")
-            .arg(c.shipping_backlog())
-            .arg("postgres")
-            .arg(if c.postgres_ok() { "ok" } else { "down" })
-            .arg("redis")
-            .arg(q.health_name())
-            .ignore();
-        pipe.cmd("EXPIRE").arg(&key).arg(HEARTBEAT_TTL_SECS).ignore();
-        pipe.cmd("SADD").arg(REPLICAS).arg(&*q.replica).ignore();
-        let mut conn = self.shared.redis.clone();
-        let _: Result<(), _> = pipe.query_async(&mut conn).await;
     }
 }
 
