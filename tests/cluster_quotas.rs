@@ -395,3 +395,37 @@ async fn the_cluster_status_lists_live_replicas_and_a_config_that_differs() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_requests_per_minute_hold_across_replicas() {
+    let redis = Redis::start();
+    let pg = Postgres::start();
+    let mock = mock().await;
+    let o = ReplicaOptions::new(mock.addr, &redis.url(), &pg.url()).extra("[tiers.slow]\nrequests_per_minute = 3\n");
+    let (a, b) = tokio::join!(Replica::start_with(o.clone()), Replica::start_with(o));
+    let key = a.user_with_key("paced", "slow").await;
+    known(&b, &key).await;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let base = if i % 2 == 0 { a.base() } else { b.base() };
+        let r = call(&http, &base, &key).await;
+        if r.status() == 429 {
+            assert!(r.headers().get("retry-after").is_some(), "429 without Retry-After");
+        }
+        statuses.push(r.status().as_u16());
+    }
+    // One limiter for the key on both replicas: three calls a minute, not three per replica.
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429, 429], "{statuses:?}");
+    // Each admission was one Redis round trip, as the replicas' metrics count them.
+    let mut trips = 0u64;
+    for r in [&a, &b] {
+        let text = reqwest::get(r.url("/metrics")).await.unwrap().text().await.unwrap();
+        trips += text
+            .lines()
+            .find_map(|l| l.strip_prefix("gm_cluster_admission_round_trips_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("the admission round trips in /metrics");
+    }
+    assert!(trips >= 6, "{trips} round trips for 6 admissions");
+}
